@@ -1,0 +1,2 @@
+"""longtail: long-tailed visual recognition in PyTorch."""
+__version__ = "0.1.0"

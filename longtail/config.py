@@ -1,0 +1,240 @@
+"""Recipes are data: YAML validated against typed schemas (pydantic), with ``key.sub=value``
+overrides from the command line. A wrong key or value fails naming the key and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longtail.registry import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    """Augmentation applied batched on the training device (see longtail.data.augment)."""
+
+    crop_padding: int = Field(4, ge=0, description="random crop after zero padding (CIFAR style); 0 disables")
+    random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
+    flip: bool = True
+    autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
+    randaugment: bool = False
+    randaugment_ops: int = Field(2, ge=1)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    cutout: int = Field(0, ge=0, description="side of the square Cutout hole in pixels; 0 disables")
+    mixup_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) mixup; 0 disables")
+    remix: bool = Field(False, description="Remix labels (Chou et al. 2020) instead of mixup's")
+    remix_kappa: float = Field(3.0, gt=0.0)
+    remix_tau: float = Field(0.5, ge=0.0, le=1.0)
+    mix_until_epoch: int | None = Field(None, description="stop mixing after this epoch (None: always)")
+
+
+class DataConfig(Section):
+    dataset: str = "digits_lt"
+    root: str | None = Field(None, description="folder, archive or list-file root of the dataset")
+    train_list: str | None = None
+    val_list: str | None = None
+    test_list: str | None = None
+    download: bool = False
+    imbalance_factor: float = 10.0
+    profile: Literal["exp", "step"] = "exp"
+    max_count: int | None = Field(None, description="images of the largest class (default: all it has)")
+    selection: Literal["random", "first"] = Field(
+        "random", description="which images a class keeps: a seeded shuffle (Cao et al.) or the first n (SHIKE's code)")
+    selection_seed: int = 0
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="stratified validation split of the LT training set")
+    val_source: Literal["train", "test"] = Field(
+        "train", description="where the validation split comes from: the LT training set, or a balanced split of the test set")
+    image_size: int | None = Field(None, description="resize file images to this side (default: dataset's own)")
+    in_memory: Literal["auto", "yes", "no"] = Field(
+        "auto", description="keep decoded uint8 images in one tensor on the training device")
+    cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    num_workers: int = Field(4, ge=0)
+    sampler: str = "instance"
+    sampler_params: dict[str, Any] = Field(default_factory=dict)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("imbalance_factor")
+    @classmethod
+    def _imbalance_at_least_one(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"imbalance factor is max/min class size and must be >= 1, got {value}; "
+                             "use 1 for a balanced set")
+        return value
+
+
+class ModelConfig(Section):
+    name: str = "mlp"
+    params: dict[str, Any] = Field(default_factory=dict)
+    pretrained_path: str | None = Field(None, description="local weights file; nothing is downloaded")
+
+
+class LossConfig(Section):
+    name: str = "ce"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "step", "linear", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0,
+                                       description="lr at the start of warm-up, as a fraction of lr")
+    milestones: list[int] = Field(default_factory=list, description="epochs of the step schedule")
+    gamma: float = 0.1
+    final_lr_factor: float = Field(0.0, ge=0.0, description="lr at the end of cosine/linear, as a fraction")
+    per_step: bool = Field(True, description="update the lr every step (True) or every epoch")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(200, ge=1)
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, none on CPU")
+    channels_last: Literal["auto", "yes", "no"] = "auto"
+    compile: bool = False
+    grad_clip: float | None = None
+    log_interval: int = Field(50, ge=1, description="steps between log lines / device syncs")
+    eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
+    select: Literal["last", "val", "test"] = Field(
+        "last", description="which checkpoint is 'best': last (always), val (needs a validation split), "
+                            "or test (the seeds' practice; marked in the metrics, never the default)")
+    checkpoint_every: int = Field(1, ge=1)
+    deterministic: bool = False
+    ikl: dict[str, Any] | None = Field(None, description="IKL plug-in parameters (None: off)")
+
+
+class Stage2Config(Section):
+    method: str = "crt"
+    params: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(10, ge=0)
+    from_checkpoint: Literal["last", "best"] | str = "last"
+    sampler: str | None = "class_balanced"
+    sampler_params: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int | None = None
+    loss: LossConfig | None = None
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.1, weight_decay=5e-4))
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    augment: AugmentConfig | None = None
+
+
+class CalibrateConfig(Section):
+    method: str = "ts"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(Section):
+    name: str = "digits_lt_ce"
+    seed: int = 0
+    output_dir: str = "runs"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stage2: Stage2Config | None = None
+    calibrate: CalibrateConfig | None = None
+
+    @model_validator(mode="after")
+    def _selection_needs_validation(self) -> "Config":
+        if self.train.select == "val" and self.data.val_fraction == 0:
+            raise ValueError("train.select=val needs a validation split: set data.val_fraction (e.g. 0.1)")
+        return self
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = _section_at(item["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"  unknown key {key!r}; allowed here: {allowed}")
+        elif item["type"] == "literal_error":
+            lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    section: type[BaseModel] = Config
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        section = nested[0]
+    return section
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as YAML, so ``1e-3``, ``true``, ``[1, 2]`` and ``null`` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (creating sections as needed)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, value = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the built-in Digits-LT default when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "<default Digits-LT>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        source = str(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, source)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

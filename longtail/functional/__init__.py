@@ -1,0 +1,10 @@
+"""Pure tensor functions, one per formula of the seeds (``torch.nn.functional`` style).
+
+Every function's docstring names the seed file and equation it implements. Modules in
+``longtail.losses``, ``longtail.calibration`` and ``longtail.stage2`` only hold state and call these.
+"""
+from longtail.functional.data import *  # noqa: F401,F403
+from longtail.functional.losses import *  # noqa: F401,F403
+from longtail.functional.calibration import *  # noqa: F401,F403
+from longtail.functional.experts import *  # noqa: F401,F403
+from longtail.functional.transfer import *  # noqa: F401,F403

@@ -1,0 +1,47 @@
+"""The small data types every part shares, so losses never depend on a model class."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    logits: (B, C) the prediction used for evaluation (for multi-expert models the sum or mean
+        of the expert logits, as the model is configured).
+    features: (B, D) pooled features in front of the classifier (for multi-expert models the
+        experts' features concatenated, or averaged, as the model documents).
+    expert_logits: (M, B, C) per-expert logits of multi-expert models.
+    expert_features: (M, B, D) per-expert pooled features.
+    intermediate: per-stage feature maps (shallow to deep), for methods that distil or fuse them.
+    extras: anything method-specific (e.g. BBN's per-branch logits).
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    expert_logits: torch.Tensor | None = None
+    expert_features: torch.Tensor | None = None
+    intermediate: list[torch.Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One training batch after augmentation, on the training device.
+
+    images: (B, C, H, W) float, normalised.
+    targets: (B,) int64 labels.
+    indices: (B,) int64 positions of the samples in the training set (IKL keeps per-sample state).
+    mix_targets / mix_weight: set when the batch is mixed (mixup, Remix, BBN): the loss is
+        ``mix_weight * L(targets) + (1 - mix_weight) * L(mix_targets)`` per sample; mix_weight is (B,).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    mix_targets: torch.Tensor | None = None
+    mix_weight: torch.Tensor | None = None
