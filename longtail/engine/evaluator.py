@@ -1,0 +1,55 @@
+"""``longtail eval``: evaluate a saved checkpoint with the config it was trained with."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from longtail.config import apply_overrides, config_from_dict
+from longtail.engine import builders
+from longtail.engine.checkpoint import load_checkpoint
+from longtail.engine.distributed import init_distributed
+from longtail.engine.evaluate import compute_metrics, predict, summary
+from longtail.engine.rundir import new_run_dir
+
+
+def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) from a run directory + name, or a checkpoint file."""
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, path
+    file = path / "checkpoints" / (checkpoint if checkpoint.endswith(".pt") else f"{checkpoint}.pt")
+    if not file.is_file():
+        available = sorted(p.name for p in (path / "checkpoints").glob("*.pt"))
+        raise FileNotFoundError(f"no checkpoint {file}; available in {path}: {', '.join(available) or 'none'}"
+                                + (" ('best' exists only for runs with train.select=val or test)"
+                                   if checkpoint == "best" else ""))
+    return path, file
+
+
+def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test",
+                        overrides: list[str] | None = None) -> Path:
+    run_dir, file = resolve_checkpoint(path, checkpoint)
+    dist_info = init_distributed("auto")
+    state = load_checkpoint(file, map_location=dist_info.device)
+    config = config_from_dict(apply_overrides(state["config"], list(overrides or [])), f"{file} (+ overrides)")
+    bundle = builders.build_bundle(config)
+    imageset = getattr(bundle, split)
+    if imageset is None:
+        raise FileNotFoundError(f"the run has no {split} split; it was trained with data.val_fraction=0 "
+                                "(pass data.val_fraction=... to carve one, or use --split test)")
+    model = builders.build_model(config, bundle, dist_info.device)
+    model.load_state_dict(state["model"])
+    augment = builders.build_augment(config, bundle)
+    loader = builders.eval_loader(config, imageset, augment, dist_info)
+    outputs = predict(model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
+    metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
+                                              outputs.get("expert_logits"))
+    out_dir = new_run_dir(run_dir / "evals", f"{file.stem}_{split}")
+    from longtail.engine.trainer import write_results
+    write_results(out_dir, {"selection": "evaluated", "checkpoint": str(file),
+                            "last": {"epoch": int(state["epoch"]) + 1, split: metrics}},
+                  outputs, bundle.train_counts, metrics)
+    (out_dir / "summary.txt").write_text(summary(metrics) + "\n")
+    print(summary(metrics))
+    return out_dir
+
