@@ -2,6 +2,7 @@
 overrides from the command line. A wrong key or value fails naming the key and what is allowed."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,8 +154,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> "Config":
-        if self.train.select == "val" and self.data.val_fraction == 0:
-            raise ValueError("train.select=val needs a validation split: set data.val_fraction (e.g. 0.1)")
+        if self.train.select == "val" and self.data.val_fraction == 0 and self.data.val_list is None:
+            raise ValueError("train.select=val needs a validation split: set data.val_fraction (e.g. 0.1) "
+                             "or data.val_list")
         return self
 
 
@@ -164,12 +166,16 @@ def _format_error(error: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             section = _section_at(item["loc"][:-1])
-            allowed = ", ".join(section.model_fields) if section else "?"
-            lines.append(f"  unknown key {key!r}; allowed here: {allowed}")
+            allowed = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  unknown key {key!r}{hint}; allowed here: {', '.join(allowed) or '?'}")
         elif item["type"] == "literal_error":
             lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
+        elif not item["loc"]:  # a check across sections: the input is the whole config
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return "\n".join(lines)
 
 
