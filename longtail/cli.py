@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = _run_dir_of(resume_from)
         if config_path is not None:
             raise UserError("--resume continues a run with its own config.yaml; give overrides only")
+        if not any(o.startswith("train.stop_at_epoch=") for o in overrides):
+            overrides.append("train.stop_at_epoch=null")  # the earlier job's stop point is behind us
         config = load_config(run_dir / "config.yaml", overrides)
         if resume_from.is_dir():
             resume_from = run_dir / "checkpoints" / "last.pt"
@@ -59,12 +61,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = new_run_dir(config.output_dir, config.name) if dist_info.is_main else None
             run_dir = distributed.broadcast_object(run_dir)
         setup_text_log(run_dir, dist_info.is_main)
-        if dist_info.is_main:
+        if dist_info.is_main and not args.resume:
             write_run_record(run_dir, config, dist_info.device, dist_info.world_size)
-        if args.resume and resume_from is not None and resume_from.exists():
-            results = Trainer(config, run_dir, dist_info, resume_from=resume_from).fit()
-        else:
-            results = Trainer(config, run_dir, dist_info).fit()
+        results = Trainer(config, run_dir, dist_info, resume_from=resume_from).fit()
+        if "stopped_at_epoch" in results:
+            return 0
         if config.stage2 is not None:
             from longtail.stage2.runner import run_stage2
             run_stage2(config, run_dir, dist_info)

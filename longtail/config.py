@@ -115,6 +115,9 @@ class TrainConfig(Section):
         "last", description="which checkpoint is 'best': last (always), val (needs a validation split), "
                             "or test (the seeds' practice; marked in the metrics, never the default)")
     checkpoint_every: int = Field(1, ge=1)
+    stop_at_epoch: int | None = Field(
+        None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
+                                "`longtail train --resume RUN` continues exactly")
     deterministic: bool = False
     ikl: dict[str, Any] | None = Field(None, description="IKL plug-in parameters (None: off)")
 

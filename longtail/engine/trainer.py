@@ -279,6 +279,14 @@ class Trainer:
             if "val" in scores:
                 line += f" | val top-1 {100 * scores['val']['top1']:.2f}"
             LOG.info(line)
+            if cfg.train.stop_at_epoch is not None and epoch + 1 >= cfg.train.stop_at_epoch < cfg.train.epochs:
+                if (epoch + 1) % cfg.train.checkpoint_every:
+                    self._save(epoch, False)
+                LOG.info(f"stopped after epoch {epoch + 1} as train.stop_at_epoch asks; continue with "
+                         f"`longtail train --resume {self.run_dir}`")
+                barrier()
+                self.logger.close()
+                return {"stopped_at_epoch": epoch + 1}
         barrier()
         return self.finish()
 
