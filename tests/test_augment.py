@@ -16,7 +16,8 @@ from scipy import stats
 from torchvision.transforms.v2 import AutoAugment, AutoAugmentPolicy, InterpolationMode, RandAugment
 
 from longtail.config import AugmentConfig
-from longtail.data.augment import AugmentParams, BatchAugment, remix_label_weight
+from longtail.data.augment import AugmentParams, BatchAugment
+from longtail.functional import remix_label_weight
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpg.tar.gz"
 MEAN = (0.4914, 0.4822, 0.4465)
