@@ -1,2 +1,100 @@
-"""(being written)"""
-__all__: list[str] = []
+"""Losses between the experts of a multi-expert model: SHIKE's distillation (seed 003) and RIDE's
+diversity term (seed 000's slides). ``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longtail.functional.losses import _reduce, _upcast
+
+__all__ = ["shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss", "ride_diversity_loss"]
+
+
+def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
+    if expert_logits.ndim != 3 or expert_logits.shape[0] < minimum:
+        raise ValueError(f"expert_logits must be (M, B, C) with M >= {minimum} experts, "
+                         f"got shape {tuple(expert_logits.shape)}")
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities, summed over the last dimension."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def shike_mutual_loss(expert_logits: torch.Tensor, temperature: float = 1.0,
+                      reduction: str = "mean") -> torch.Tensor:
+    """SHIKE's mutual knowledge distillation ``L_mu = sum_j sum_{k != j} KL(p^j || p^k)``.
+
+    Seed 003_c38ed24e8c8e66ce.txt, eq. 4, over all M(M-1) ordered pairs of experts. Teachers are not
+    detached: the authors' code (jinyan-06/SHIKE, ``mix_outputs``) back-propagates through both sides
+    of every pair, so each expert is pulled towards the others and the others towards it.
+    ``p = softmax(z / temperature)``; the KL is multiplied by ``temperature^2`` (Hinton et al.) so the
+    gradient scale does not depend on it — the paper uses T = 1, where this is the plain KL.
+    Per sample: the KL is summed over classes (the authors' ``F.kl_div(reduction="mean")`` also
+    divides by C; see DESIGN.md "Recipes").
+    """
+    _check_experts(expert_logits, 2)
+    log_probs = F.log_softmax(_upcast(expert_logits) / temperature, dim=-1)
+    num_experts = len(log_probs)
+    loss = sum(_kl_rows(log_probs[j], log_probs[k])
+               for j in range(num_experts) for k in range(num_experts) if k != j)
+    return _reduce(loss * temperature ** 2, reduction)
+
+
+def _non_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(..., B, C) -> (..., B, C-1): drop each sample's target column, keeping class order."""
+    keep = F.one_hot(targets, logits.shape[-1]).logical_not()
+    return logits[..., keep].reshape(*logits.shape[:-1], logits.shape[-1] - 1)
+
+
+def shike_grand_teacher(expert_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """SHIKE's grand teacher over the non-target logits (seed 003_c38ed24e8c8e66ce.txt, eq. 5-7).
+
+    For each sample the target column is removed (the ``I_1..I_{C-1}`` of eq. 5, classes kept in
+    order). The teacher takes, for every non-target class, the largest logit over the experts
+    (eq. 6), except at the consensus hardest negative — the non-target class with the largest
+    expert-mean logit (eq. 5) — where it takes that mean (eq. 7). Returns (B, C-1) logits, not
+    detached (as the authors' code). The authors' code keeps the target column in the teacher's
+    softmax with logit 0; we follow the paper and leave it out.
+    """
+    _check_experts(expert_logits, 1)
+    non_target = _non_target(_upcast(expert_logits), targets)
+    mean = non_target.mean(dim=0)
+    teacher = non_target.max(dim=0).values
+    hardest = mean.argmax(dim=-1, keepdim=True)
+    return teacher.scatter(-1, hardest, mean.gather(-1, hardest))
+
+
+def shike_dkt_loss(expert_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   reduction: str = "mean") -> torch.Tensor:
+    """SHIKE's Dynamic Knowledge Transfer ``L_nt = sum_m KL(p~^T || p~^m)`` (seed 003, eq. 5-9).
+
+    ``p~`` are softmaxes over the C-1 non-target logits only (eq. 8) of the grand teacher
+    (``shike_grand_teacher``, eq. 5-7) and of each expert m. The teacher is not detached (as the
+    authors' code). With ``temperature`` T both sides use ``z / T`` and the KL is scaled by T^2
+    (the paper: T = 1). Per sample the KL is summed over the non-target classes.
+    """
+    _check_experts(expert_logits, 1)
+    teacher = F.log_softmax(shike_grand_teacher(expert_logits, targets) / temperature, dim=-1)
+    students = F.log_softmax(_non_target(_upcast(expert_logits), targets) / temperature, dim=-1)
+    loss = sum(_kl_rows(teacher, student) for student in students)
+    return _reduce(loss * temperature ** 2, reduction)
+
+
+def ride_diversity_loss(expert_logits: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """RIDE's diversity term: ``sum_m T^2 KL(softmax(z_mean / T) || softmax(z_m / T))``.
+
+    RIDE (Wang et al. 2021; seed 000_aa1c4ab53dd5e13c.txt, the RIDE slides), as its code
+    (frank-xwang/RIDE-LongTailRecognition, ``RIDELoss``): ``z_mean`` is the mean of the expert
+    logits (the RIDE model's output) and is detached; ``temperature`` is a number or a per-class (C,)
+    tensor (RIDE's class-dependent temperature after re-weighting), and the KL is scaled by the
+    square of its mean. RIDE *subtracts* this term (its factor is -0.2) to make experts differ.
+    """
+    _check_experts(expert_logits, 1)
+    logits = _upcast(expert_logits)
+    temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    with torch.no_grad():
+        ensemble = F.log_softmax(logits.mean(dim=0) / temperature, dim=-1)
+    loss = sum(_kl_rows(ensemble, F.log_softmax(expert / temperature, dim=-1)) for expert in logits)
+    return _reduce(loss * temperature.mean() ** 2, reduction)

@@ -1,2 +1,242 @@
-"""(being written)"""
-__all__: list[str] = []
+"""Classification losses for long-tailed training, and IKL's terms (seed 004).
+
+Every loss takes ``reduction`` as its last keyword: ``"none"`` gives the per-sample loss (B,),
+``"sum"`` its sum, ``"mean"`` the batch mean. Where a class ``weight`` is given, ``"mean"`` follows
+``torch.nn.functional.cross_entropy``: ``sum(w_y * loss) / sum(w_y)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "balanced_softmax_loss",
+    "logit_adjusted_loss",
+    "ldam_margins",
+    "ldam_loss",
+    "focal_loss",
+    "class_balanced_weights",
+    "label_smoothing_loss",
+    "soft_target_cross_entropy",
+    "ikl_uncertainty_loss",
+    "ikl_class_medians",
+    "ikl_correlation_labels",
+    "ikl_alpha",
+]
+
+Counts = Sequence[int] | torch.Tensor
+
+
+def _reduce(values: torch.Tensor, reduction: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-sample values; a weighted mean divides by the summed weights, as torch's CE does."""
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.mean() if weights is None else values.sum() / weights.sum()
+    raise ValueError(f"unknown reduction {reduction!r}; allowed: none, mean, sum")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (autocast) to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _counts(class_counts: Counts, num_classes: int | None = None, device: torch.device | None = None,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Class counts as a float tensor with one entry per logit column.
+
+    Positivity is checked on host inputs only: counts already on an accelerator are trusted (the
+    loss modules check them once when built), so a training step never waits on the device.
+    """
+    counts = torch.as_tensor(class_counts, dtype=dtype, device=device)
+    if counts.ndim != 1 or (num_classes is not None and counts.shape != (num_classes,)):
+        expected = f"({num_classes},)" if num_classes is not None else "(C,)"
+        raise ValueError(f"class_counts must hold one count per class, shape {expected}; "
+                         f"got shape {tuple(counts.shape)}")
+    if counts.device.type == "cpu" and bool((counts <= 0).any()):
+        empty = torch.nonzero(counts <= 0).flatten().tolist()
+        raise ValueError(f"class_counts must be positive; classes {empty} have no training images. "
+                         "Remove empty classes from the dataset or merge them")
+    return counts
+
+
+def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
+                          reduction: str = "mean") -> torch.Tensor:
+    """Balanced softmax cross-entropy (Ren et al. 2020): CE on ``logits + log n_y``.
+
+    Seed 003_c38ed24e8c8e66ce.txt, eq. 11 (SHIKE's classifier retraining loss, one expert).
+    Adding the log class counts makes the softmax model the long-tailed training distribution,
+    so the raw logits estimate the balanced one.
+    """
+    counts = _counts(class_counts, logits.shape[-1], logits.device)
+    return F.cross_entropy(logits + counts.log(), targets, reduction=reduction)
+
+
+def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
+                        tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Logit-adjusted cross-entropy (Menon et al. 2021): CE on ``logits + tau * log(prior)``.
+
+    A baseline in the tables of seeds 003 and 004; ``tau=1`` equals the balanced softmax
+    (the priors differ from the counts by a constant shift).
+    """
+    counts = _counts(class_counts, logits.shape[-1], logits.device)
+    prior = counts / counts.sum()
+    return F.cross_entropy(logits + tau * prior.log(), targets, reduction=reduction)
+
+
+def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
+    """LDAM's per-class margins (Cao et al. 2019): ``∝ n_j^(-1/4)``, the largest equal to ``max_margin``."""
+    margins = _counts(class_counts, dtype=torch.float64).pow(-0.25)
+    return (margins * (max_margin / margins.max())).float()
+
+
+def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
+              scale: float = 30.0, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Label-distribution-aware margin loss (Cao et al. 2019), a baseline of seeds 003 and 004.
+
+    As Cao et al.'s code (kaidic/LDAM-DRW): the class margin ``m_y ∝ n_y^(-1/4)`` is subtracted
+    from the target logit, then CE on ``scale * logits``. ``logits`` are cosine similarities there;
+    for logits already multiplied by s, use ``scale=1`` and ``max_margin = s * 0.5`` (RIDE's form).
+    """
+    margins = ldam_margins(_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
+    shifted = logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1)
+    return F.cross_entropy(scale * shifted, targets, weight=weight, reduction=reduction)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
+               weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Focal loss (Lin et al. 2017): ``-w_y (1 - p_y)^gamma log p_y``, a baseline of seeds 003 and 004.
+
+    ``p_y`` is the plain softmax probability of the target (the class weight does not enter it,
+    unlike Cao et al.'s code); ``gamma=0`` is cross-entropy.
+    """
+    log_pt = F.log_softmax(_upcast(logits), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    loss = -(1 - log_pt.exp()).pow(gamma) * log_pt
+    sample_weight = None
+    if weight is not None:
+        sample_weight = weight.to(loss)[targets]
+        loss = loss * sample_weight
+    return _reduce(loss, reduction, sample_weight)
+
+
+def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.Tensor:
+    """Class-balanced weights from the effective number of samples (Cui et al. 2019).
+
+    ``w_j = (1 - beta) / (1 - beta^n_j)``, normalised so the weights sum to the number of classes
+    (as Cui et al.'s and Cao et al.'s code). ``beta=0`` gives uniform weights, ``beta -> 1`` inverse frequency.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}; 0.9999 is the usual choice")
+    counts = _counts(class_counts, dtype=torch.float64)
+    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return (weights / weights.sum() * len(counts)).float()
+
+
+def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.1,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy with uniform label smoothing (Szegedy et al. 2016), as MiSLAS's baseline (seed 001).
+
+    The target gets ``1 - epsilon + epsilon / C`` and every other class ``epsilon / C`` (torch's rule).
+    """
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    return F.cross_entropy(logits, targets, label_smoothing=epsilon, reduction=reduction)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
+                              reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against a target distribution per sample: ``-sum_c q_c log softmax(z)_c``.
+
+    Used for soft labels (SHIKE's soft CE, seed 003 eq. 10; IKL's ICL, seed 004 eq. 8; MiSLAS's smoothing).
+    """
+    if soft_targets.shape != logits.shape:
+        raise ValueError(f"soft_targets {tuple(soft_targets.shape)} must have the logits' shape {tuple(logits.shape)}")
+    loss = -(soft_targets * F.log_softmax(_upcast(logits), dim=-1)).sum(dim=-1)
+    return _reduce(loss, reduction)
+
+
+# --------------------------------------------------------------------------------------- IKL (seed 004)
+
+def ikl_uncertainty_loss(prev_probs: torch.Tensor, logits: torch.Tensor, targets_prev_correct: torch.Tensor,
+                         tau: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+    """IKL's Implicit Uncertainty Regularization with Confidence Knowledge Selection.
+
+    Seed 004_8d58af53471ab459.txt, eq. 2-5: ``tau^2 * KL(p_{t-1} || p_t)`` where ``p_t =
+    softmax(logits / tau)`` (eq. 1) and ``prev_probs`` are last epoch's predictions softened with the
+    same ``tau``. Only samples whose previous prediction was right (``targets_prev_correct``, the CKS
+    set of eq. 4) count: ``"none"`` gives 0 for the others, ``"mean"`` divides by the number of
+    selected samples as eq. 5 (0 when none is selected).
+    """
+    mask = targets_prev_correct.to(device=logits.device, dtype=torch.bool)
+    log_current = F.log_softmax(_upcast(logits) / tau, dim=-1)
+    prev = prev_probs.to(log_current)
+    kl = (torch.xlogy(prev, prev) - prev * log_current).sum(dim=-1) * tau ** 2
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    if reduction == "mean":
+        return kl.sum() / mask.sum().clamp_min(1)
+    return _reduce(kl, reduction)
+
+
+def ikl_class_medians(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class centres as the element-wise median of each class's features (seed 004, eq. 6).
+
+    The median of an even number of values is the mean of the two middle ones (numpy's rule).
+    A class without samples gets the zero vector, which ``ikl_correlation_labels`` maps to its
+    plain one-hot label. Returns (C, D) in float32 (or float64 for float64 features).
+    """
+    features = _upcast(features)
+    order = torch.argsort(labels)
+    counts = torch.bincount(labels, minlength=num_classes)
+    if counts.numel() > num_classes:
+        raise ValueError(f"labels go up to {int(labels.max())} but num_classes is {num_classes}")
+    centers = features.new_zeros(num_classes, features.shape[1])
+    for cls, chunk in enumerate(torch.split(features[order], counts.tolist())):
+        if len(chunk):
+            ordered = chunk.sort(dim=0).values
+            centers[cls] = (ordered[(len(chunk) - 1) // 2] + ordered[len(chunk) // 2]) / 2
+    return centers
+
+
+def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
+    """IKL's Implicit Correlation Labels: row y is the soft label of class y (seed 004, eq. 7).
+
+    ``M`` is the cosine similarity of the class centres (eq. 6-7), with its diagonal 1. The paper
+    adds ``M`` to the one-hot label ``Y`` without saying how the result becomes a distribution;
+    taken literally, with C classes of similar features the target keeps ~2/C of the mass. We
+    normalise each part on its own and give them equal weight (the paper's "integrating these soft
+    labels with one-hot labels in a weighted manner"): ``y_hat = (Y + M'/rowsum(M')) / 2`` with
+    ``M' = max(M, 0)`` (a negative similarity means unrelated, not anti-correlated). So the target
+    keeps at least half the mass and the rest follows feature similarity. Returns (C, C), rows sum to 1.
+    """
+    normalized = F.normalize(_upcast(class_centers), dim=1)
+    similarity = normalized @ normalized.T
+    similarity.fill_diagonal_(1.0)
+    similarity = similarity.clamp_min(0.0)
+    correlation = similarity / similarity.sum(dim=1, keepdim=True)
+    eye = torch.eye(len(class_centers), device=class_centers.device, dtype=correlation.dtype)
+    return (eye + correlation) / 2
+
+
+def ikl_alpha(epoch: int, total_epochs: int, schedule: str = "parabolic") -> float:
+    """IKL's weight alpha of eq. 9 (seed 004), by the strategies of its Table 8.
+
+    With ``r = epoch / total_epochs`` (``epoch`` = epochs done, 0 at the start): ``equal`` 0.5,
+    ``linear`` r, ``cosine`` (1 - cos(pi r)) / 2, ``parabolic`` r^2 (the paper's best and our default).
+    """
+    if total_epochs < 1 or not 0 <= epoch <= total_epochs:
+        raise ValueError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch} of {total_epochs}")
+    ratio = epoch / total_epochs
+    schedules = {
+        "equal": 0.5,
+        "linear": ratio,
+        "cosine": (1.0 - math.cos(math.pi * ratio)) / 2.0,
+        "parabolic": ratio ** 2,
+    }
+    if schedule not in schedules:
+        raise ValueError(f"unknown IKL alpha schedule {schedule!r}; allowed: {', '.join(schedules)}")
+    return schedules[schedule]
