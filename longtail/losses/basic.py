@@ -1,0 +1,116 @@
+"""Single-prediction losses: cross-entropy and its long-tailed re-weighted / re-balanced variants.
+
+Each is ``cls(class_counts, num_classes, **params)`` and returns the per-sample loss (B,) of
+``output.logits``; the trainer takes the batch mean (docs/ARCHITECTURE.md, "Losses").
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from longtail.functional import (balanced_softmax_loss, class_balanced_weights, focal_loss, label_smoothing_loss,
+                                 logit_adjusted_loss)
+from longtail.registry import LOSSES
+from longtail.types import Batch, ModelOutput
+
+__all__ = ["checked_counts", "CrossEntropy", "LabelSmoothing", "Focal", "ClassBalanced", "BalancedSoftmax",
+           "LogitAdjustment"]
+
+
+def checked_counts(class_counts: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Training images per class as a float tensor, checked once when a loss is built."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
+    if counts.shape != (num_classes,):
+        raise ValueError(f"got {len(counts)} class counts for {num_classes} classes; the loss needs one per class")
+    if bool((counts <= 0).any()):
+        empty = torch.nonzero(counts <= 0).flatten().tolist()
+        raise ValueError(f"classes {empty} have no training images; long-tailed losses need every class "
+                         "present. Remove or merge the empty classes")
+    return counts
+
+
+@LOSSES.register("ce")
+class CrossEntropy(nn.Module):
+    """Plain softmax cross-entropy, the baseline of every seed's tables."""
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        checked_counts(class_counts, num_classes)
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return F.cross_entropy(output.logits, targets, reduction="none")
+
+
+@LOSSES.register("label_smoothing")
+class LabelSmoothing(nn.Module):
+    """Cross-entropy with uniform label smoothing ``epsilon`` (``label_smoothing_loss``)."""
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, epsilon: float = 0.1) -> None:
+        super().__init__()
+        checked_counts(class_counts, num_classes)
+        self.epsilon = epsilon
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return label_smoothing_loss(output.logits, targets, self.epsilon, reduction="none")
+
+
+@LOSSES.register("focal")
+class Focal(nn.Module):
+    """Focal loss with focusing parameter ``gamma`` (``focal_loss``), unweighted."""
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, gamma: float = 2.0) -> None:
+        super().__init__()
+        checked_counts(class_counts, num_classes)
+        self.gamma = gamma
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return focal_loss(output.logits, targets, self.gamma, reduction="none")
+
+
+@LOSSES.register("class_balanced")
+class ClassBalanced(nn.Module):
+    """Class-balanced re-weighting (Cui et al. 2019) of cross-entropy (``base="ce"``) or focal loss.
+
+    Weights ``class_balanced_weights(counts, beta)``. The batch mean of the per-sample weighted losses
+    is a plain mean over samples, as Cui et al.'s code (which divides by the batch size).
+    """
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, base: Literal["ce", "focal"] = "ce",
+                 beta: float = 0.9999, gamma: float = 2.0) -> None:
+        super().__init__()
+        if base not in ("ce", "focal"):
+            raise ValueError(f"class_balanced base must be 'ce' or 'focal', got {base!r}")
+        self.gamma = gamma if base == "focal" else 0.0
+        self.register_buffer("weight", class_balanced_weights(checked_counts(class_counts, num_classes), beta),
+                             persistent=False)
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return focal_loss(output.logits, targets, self.gamma, weight=self.weight, reduction="none")
+
+
+@LOSSES.register("balanced_softmax")
+class BalancedSoftmax(nn.Module):
+    """Balanced softmax cross-entropy (``balanced_softmax_loss``; seed 003, eq. 11)."""
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("class_counts", checked_counts(class_counts, num_classes), persistent=False)
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return balanced_softmax_loss(output.logits, targets, self.class_counts, reduction="none")
+
+
+@LOSSES.register("logit_adjustment")
+class LogitAdjustment(nn.Module):
+    """Logit-adjusted cross-entropy with strength ``tau`` (``logit_adjusted_loss``)."""
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, tau: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("class_counts", checked_counts(class_counts, num_classes), persistent=False)
+        self.tau = tau
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        return logit_adjusted_loss(output.logits, targets, self.class_counts, self.tau, reduction="none")

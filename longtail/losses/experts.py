@@ -1,0 +1,104 @@
+"""Losses of multi-expert models: SHIKE's stage 1 (seed 003, eq. 10) and RIDE's (seed 000 slides).
+
+Both read ``output.expert_logits`` (M, B, C); a single-head model is an error naming the fix.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from longtail.functional import ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
+from longtail.losses.basic import checked_counts
+from longtail.registry import LOSSES
+from longtail.types import Batch, ModelOutput
+
+__all__ = ["SHIKELoss", "RIDELoss"]
+
+
+def _expert_logits(output: ModelOutput, loss_name: str) -> torch.Tensor:
+    if output.expert_logits is None:
+        raise ValueError(f"loss {loss_name!r} needs a multi-expert model (output.expert_logits is None); "
+                         "use a model with several experts (e.g. shike or ride) or another loss")
+    return output.expert_logits
+
+
+@LOSSES.register("shike")
+class SHIKELoss(nn.Module):
+    """SHIKE's representation-learning loss ``L_ce + alpha L_nt + beta L_mu`` (seed 003, eq. 10).
+
+    ``L_ce`` is the cross-entropy of every expert, summed (the authors' soft CE on one-hot labels;
+    mixed labels come from the trainer); ``L_nt`` is ``shike_dkt_loss`` (eq. 5-9) and ``L_mu``
+    ``shike_mutual_loss`` (eq. 4), both with batch-mean KL. The authors' code weighs them 10 and 1
+    with ``F.kl_div(reduction="mean")``, which also averages over the C classes, so the defaults
+    here are ``alpha = 10 / C`` and ``beta = 1 / C`` (DESIGN.md "Recipes").
+    """
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, alpha: float | None = None,
+                 beta: float | None = None, temperature: float = 1.0) -> None:
+        super().__init__()
+        checked_counts(class_counts, num_classes)
+        self.alpha = alpha if alpha is not None else 10.0 / num_classes
+        self.beta = beta if beta is not None else 1.0 / num_classes
+        self.temperature = temperature
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        experts = _expert_logits(output, "shike")
+        ce = sum(F.cross_entropy(logits, targets, reduction="none") for logits in experts)
+        dkt = shike_dkt_loss(experts, targets, self.temperature, reduction="none")
+        mutual = shike_mutual_loss(experts, self.temperature, reduction="none")
+        return ce + self.alpha * dkt + self.beta * mutual
+
+
+@LOSSES.register("ride")
+class RIDELoss(nn.Module):
+    """RIDE's loss: a distribution-aware loss per expert plus ``diversity_factor`` x diversity.
+
+    ``base`` is any registered single-prediction loss applied to each expert's logits and summed
+    (RIDE: ``ldam_drw``; ``balanced_softmax`` also works); its ``on_epoch_start`` (the DRW switch)
+    is forwarded. The diversity term is ``ride_diversity_loss`` with RIDE's negative factor -0.2.
+    From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
+    becomes per-class, ``T * w_c`` with ``w_c ∝ C * prior_c * reweight_factor + 1 - reweight_factor``
+    scaled so the largest is 1 (RIDE's code); ``reweight_factor=0`` keeps it uniform.
+    """
+
+    def __init__(self, class_counts: Sequence[int], num_classes: int, base: str = "ldam_drw",
+                 base_params: dict[str, Any] | None = None, diversity_factor: float = -0.2,
+                 diversity_temperature: float = 1.0, reweight_factor: float = 0.05,
+                 reweight_epoch: int | None = None) -> None:
+        super().__init__()
+        if base in ("ride", "shike", "ikl"):
+            raise ValueError(f"ride's base must be a single-prediction loss (e.g. ldam_drw, balanced_softmax), "
+                             f"got {base!r}")
+        counts = checked_counts(class_counts, num_classes)
+        self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
+                                 class_counts=list(class_counts), num_classes=num_classes)
+        prior = counts / counts.sum()
+        weights = num_classes * prior * reweight_factor + 1 - reweight_factor
+        if bool((weights <= 0).any()):
+            raise ValueError(f"reweight_factor={reweight_factor} makes some diversity temperatures non-positive; "
+                             "use a value in [0, 1]")
+        self.diversity_factor = diversity_factor
+        self.diversity_temperature = diversity_temperature
+        self.reweight_epoch = reweight_epoch
+        self.register_buffer("class_temperature", diversity_temperature * weights / weights.max(), persistent=False)
+        self.register_buffer("temperature", torch.full((num_classes,), float(diversity_temperature)),
+                             persistent=False)
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        hook = getattr(self.base, "on_epoch_start", None)
+        if callable(hook):
+            hook(epoch, total_epochs)
+        start = self.reweight_epoch if self.reweight_epoch is not None else int(0.8 * total_epochs)
+        if epoch >= start:
+            self.temperature.copy_(self.class_temperature)
+        else:
+            self.temperature.fill_(self.diversity_temperature)
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        experts = _expert_logits(output, "ride")
+        base = sum(self.base(ModelOutput(logits=logits, features=output.features), targets, batch)
+                   for logits in experts)
+        return base + self.diversity_factor * ride_diversity_loss(experts, self.temperature, reduction="none")
