@@ -1,0 +1,193 @@
+"""The IKL plug-in loss: what it records per sample, the CKS mask, top-k storage, checkpoints, DDP."""
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import longtail.losses  # noqa: F401  (registers the losses)
+from longtail.registry import LOSSES
+from longtail.types import Batch, ModelOutput
+
+N, C, D, TAU = 8, 4, 3, 2.0
+COUNTS = [4, 2, 1, 1]
+LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])
+
+
+def build(**params):
+    return LOSSES.build("ikl", params, where="loss.params", class_counts=COUNTS, num_classes=C, num_samples=N)
+
+
+def epoch_zero_records(seed=0):
+    """Logits and features of every training sample in the first epoch; samples 1 and 5 are wrong."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, C, generator=g)
+    logits[torch.arange(N), LABELS] += 3.0
+    logits[1] = torch.tensor([0.0, 5.0, 0.5, -0.5])
+    logits[5] = torch.tensor([5.0, 0.0, 1.0, -1.0])
+    features = torch.rand(N, D, generator=g) + LABELS[:, None] * torch.tensor([1.0, 0.0, -0.3])
+    return logits, features
+
+
+def record_epoch(loss, logits, features, epoch=0, total=2, order=(range(0, 4), range(4, N))):
+    loss.on_epoch_start(epoch, total)
+    for part in order:
+        idx = torch.tensor(list(part))
+        loss.on_step_end(ModelOutput(logits=logits[idx], features=features[idx]),
+                         Batch(images=torch.zeros(len(idx), 1, 1, 1), targets=LABELS[idx], indices=idx))
+    loss.on_epoch_end(epoch)
+
+
+def second_epoch_batch():
+    idx = torch.tensor([5, 2, 7, 1, 0])
+    logits = torch.randn(len(idx), C, generator=torch.Generator().manual_seed(1))
+    return idx, logits, Batch(images=torch.zeros(len(idx), 1, 1, 1), targets=LABELS[idx], indices=idx)
+
+
+def np_log_softmax(z):
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_first_epoch_trains_with_the_base_loss_only():
+    loss = build(alpha_schedule="equal")  # alpha would be 0.5 from the start, but nothing is stored yet
+    loss.on_epoch_start(0, 2)
+    idx, logits, batch = second_epoch_batch()
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    torch.testing.assert_close(loss(output, batch.targets, batch), F.cross_entropy(logits, batch.targets, reduction="none"))
+
+
+def test_loss_after_one_epoch_matches_numpy():
+    logits0, features0 = epoch_zero_records()
+    loss = build(topk=None, tau=TAU, alpha_schedule="linear")
+    record_epoch(loss, logits0, features0)
+    loss.on_epoch_start(1, 2)  # linear: alpha = 1/2
+    idx, logits, batch = second_epoch_batch()
+    got = loss(ModelOutput(logits=logits, features=torch.zeros(len(idx), D)), batch.targets, batch)
+
+    # last epoch's softened predictions, stored in fp16; CKS = previously correct samples
+    prev = np.exp(np_log_softmax(logits0.numpy() / TAU)).astype(np.float16).astype(np.float64)[idx]
+    correct = (logits0.argmax(1) == LABELS).numpy()[idx]
+    assert correct.tolist() == [False, True, True, False, True]
+    log_q = np_log_softmax(logits.numpy() / TAU)
+    kl = TAU ** 2 * (prev * (np.log(prev) - log_q)).sum(1)
+    iur = np.where(correct, kl, 0.0) * len(idx) / correct.sum()
+    # class medians of last epoch's (fp16) features -> cosine -> soft labels
+    feats = features0.numpy().astype(np.float16).astype(np.float64)
+    centers = np.stack([np.median(feats[LABELS.numpy() == c], axis=0) for c in range(C)])
+    unit = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    sim = np.clip(unit @ unit.T, 0, None)
+    np.fill_diagonal(sim, 1.0)
+    soft = (np.eye(C) + sim / sim.sum(1, keepdims=True)) / 2
+    y = batch.targets.numpy()
+    icl = -(soft[y] * np_log_softmax(logits.numpy())).sum(1)
+    ce = -np_log_softmax(logits.numpy())[np.arange(len(y)), y]
+    expected = 0.5 * ce + 0.5 * (iur + icl)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+    # eq. 5: the batch mean of the IUR part is the mean over the selected samples only
+    assert iur.mean() == pytest.approx(kl[correct].mean())
+
+
+def test_cks_mask_and_unseen_samples():
+    logits0, features0 = epoch_zero_records()
+    loss = build()
+    record_epoch(loss, logits0, features0, order=(range(0, 4), range(4, 7)))  # sample 7 never drawn
+    assert loss.prev_correct.tolist() == [True, False, True, True, True, False, True, False]
+    loss.on_epoch_start(1, 2)
+    idx, logits, batch = second_epoch_batch()
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    without_iur = (1 - loss.alpha) * F.cross_entropy(logits, batch.targets, reduction="none") + loss.alpha * (
+        -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
+    residual = loss(output, batch.targets, batch) - without_iur
+    # samples 5 (wrong), 7 (unseen) and 1 (wrong) get no IUR; 2 and 0 (right last epoch) do
+    assert (residual.abs() > 1e-6).tolist() == [False, True, False, False, True]
+
+
+def test_topk_with_all_classes_equals_dense_storage_exactly():
+    logits0, features0 = epoch_zero_records()
+    dense, full_topk = build(topk=None), build(topk=C)
+    for loss in (dense, full_topk):
+        record_epoch(loss, logits0, features0)
+        loss.on_epoch_start(1, 2)
+    idx, logits, batch = second_epoch_batch()
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    assert torch.equal(dense(output, batch.targets, batch), full_topk(output, batch.targets, batch))
+    assert torch.equal(dense.previous_probs(idx), full_topk.previous_probs(idx))
+
+
+def test_topk_keeps_the_largest_and_spreads_the_rest_evenly():
+    logits0, features0 = epoch_zero_records()
+    loss = build(topk=2, tau=TAU)
+    record_epoch(loss, logits0, features0)
+    probs = np.exp(np_log_softmax(logits0.numpy() / TAU))
+    stored = loss.previous_probs(torch.arange(N)).numpy()
+    for row, p in zip(stored, probs):
+        top = np.argsort(-p)[:2]
+        rest = [c for c in range(C) if c not in top]
+        np.testing.assert_allclose(row[top], p[top], rtol=1e-3)  # fp16
+        np.testing.assert_allclose(row[rest], (1 - row[top].sum()) / 2, rtol=1e-6)
+        assert row.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_state_survives_a_state_dict_round_trip():
+    logits0, features0 = epoch_zero_records()
+    loss = build(topk=2, base="ldam_drw", base_params={"drw_epoch": 1})
+    record_epoch(loss, logits0, features0)
+    state = loss.state_dict()
+    assert {"prev_values", "prev_indices", "prev_correct", "soft_labels", "has_previous"} <= set(state)
+    assert not any(key.startswith("cur_") for key in state)
+    restored = build(topk=2, base="ldam_drw", base_params={"drw_epoch": 1})
+    restored.load_state_dict(state)
+    idx, logits, batch = second_epoch_batch()
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    for module in (loss, restored):
+        module.on_epoch_start(1, 4)
+    assert restored.alpha == loss.alpha == pytest.approx(1 / 16)
+    assert restored.base.weight.tolist() != [1.0] * C  # the base's own hook ran (DRW from epoch 1)
+    torch.testing.assert_close(restored(output, batch.targets, batch), loss(output, batch.targets, batch))
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="num_samples"):
+        LOSSES.build("ikl", {}, class_counts=COUNTS, num_classes=C)
+    with pytest.raises(ValueError, match="allowed: equal, linear, cosine, parabolic"):
+        build(alpha_schedule="square")
+    with pytest.raises(ValueError, match="cannot wrap itself"):
+        build(base="ikl")
+    logits0, features0 = epoch_zero_records()
+    loss = build()
+    record_epoch(loss, logits0, features0)
+    loss.on_epoch_start(1, 2)
+    idx, logits, batch = second_epoch_batch()
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    with pytest.raises(ValueError, match="needs the batch"):
+        loss(output, batch.targets)
+    short = Batch(images=batch.images, targets=batch.targets, indices=batch.indices[:2])
+    with pytest.raises(ValueError, match="one batch index per prediction"):
+        loss(output, batch.targets, short)
+
+
+def _merge_worker(rank, world_size, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        logits0, features0 = epoch_zero_records()
+        loss = build(topk=2)
+        mine = [list(range(N))[rank::world_size]]  # each rank sees only its shard of the epoch
+        record_epoch(loss, logits0, features0, order=mine)
+        results[rank] = {k: v.clone() for k, v in loss.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ranks_merge_their_records_at_epoch_end(tmp_path):
+    logits0, features0 = epoch_zero_records()
+    single = build(topk=2)
+    record_epoch(single, logits0, features0)
+    results = mp.Manager().dict()
+    mp.spawn(_merge_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    for rank in range(2):
+        for key, value in single.state_dict().items():
+            assert torch.equal(results[rank][key], value), (rank, key)
