@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from longtail.functional import (balanced_softmax_loss, class_balanced_weights, focal_loss, ikl_alpha,
                                  ikl_class_medians, ikl_correlation_labels, ikl_uncertainty_loss,
                                  label_smoothing_loss, ldam_loss, ldam_margins, logit_adjusted_loss,
-                                 ride_diversity_loss, shike_dkt_loss, shike_grand_teacher, shike_mutual_loss,
+                                 ride_class_temperatures, ride_diversity_loss, shike_dkt_loss, shike_grand_teacher,
+                                 shike_mutual_loss,
                                  soft_target_cross_entropy)
 
 LOGITS = np.array([[1.0, -0.5, 2.0], [0.3, 0.2, -1.0], [-2.0, 1.5, 0.5], [0.0, 0.0, 0.0]])
@@ -214,6 +215,15 @@ def test_ride_diversity_by_numpy_with_detached_ensemble():
     q2 = np.exp(np_log_softmax(mean_logits / 2.0))
     expected_grad = np.stack([2.0 * (np.exp(np_log_softmax(EXPERTS[m] / 2.0)) - q2) for m in range(2)])
     np.testing.assert_allclose(logits.grad.numpy(), expected_grad, atol=1e-6)
+
+
+def test_ride_class_temperatures_by_hand():
+    # n = (30, 6, 3, 1): mean 10 -> beta = 0.5 * n / 10 + 0.5 = (2, 0.8, 0.65, 0.55), divided by the max 2
+    got = ride_class_temperatures([30, 6, 3, 1], temperature=1.5, gamma=0.5)
+    assert got.tolist() == pytest.approx([1.5, 0.6, 0.4875, 0.4125])
+    assert ride_class_temperatures([30, 6, 3, 1], gamma=0.0).tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="gamma"):
+        ride_class_temperatures([30, 1], gamma=3.0)
 
 
 def test_expert_losses_reject_single_predictions():

@@ -56,7 +56,8 @@ def test_first_epoch_trains_with_the_base_loss_only():
     loss.on_epoch_start(0, 2)
     idx, logits, batch = second_epoch_batch()
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
-    torch.testing.assert_close(loss(output, batch.targets, batch), F.cross_entropy(logits, batch.targets, reduction="none"))
+    expected = F.cross_entropy(logits, batch.targets, reduction="none")
+    torch.testing.assert_close(loss(output, batch.targets, batch), expected)
 
 
 def test_loss_after_one_epoch_matches_numpy():

@@ -94,7 +94,8 @@ def test_shike_loss_is_eq_10_with_the_authors_effective_weights():
     expected = ce + 10.0 / C * shike_dkt_loss(experts, y, reduction="none") \
         + 1.0 / C * shike_mutual_loss(experts, reduction="none")
     torch.testing.assert_close(build("shike")(output, y), expected)
-    custom = ce + 2.0 * shike_dkt_loss(experts, y, reduction="none") + 0.5 * shike_mutual_loss(experts, reduction="none")
+    custom = ce + 2.0 * shike_dkt_loss(experts, y, reduction="none") \
+        + 0.5 * shike_mutual_loss(experts, reduction="none")
     torch.testing.assert_close(build("shike", alpha=2.0, beta=0.5)(output, y), custom)
     single = ModelOutput(logits=output.logits, features=output.features)
     with pytest.raises(ValueError, match="multi-expert model"):

@@ -1,13 +1,15 @@
-"""Losses between the experts of a multi-expert model: SHIKE's distillation (seed 003) and RIDE's
-diversity term (seed 000's slides). ``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
+"""Losses between the experts of a multi-expert model: SHIKE's distillation (seed
+003_c38ed24e8c8e66ce.txt) and RIDE's diversity term (seed 000_aa1c4ab53dd5e13c.txt).
+``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from longtail.functional.losses import _reduce, _upcast
+from longtail.functional.losses import Counts, _counts, _reduce, _upcast
 
-__all__ = ["shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss", "ride_diversity_loss"]
+__all__ = ["shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss", "ride_diversity_loss",
+           "ride_class_temperatures"]
 
 
 def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
@@ -67,7 +69,9 @@ def shike_grand_teacher(expert_logits: torch.Tensor, targets: torch.Tensor) -> t
 
 def shike_dkt_loss(expert_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    reduction: str = "mean") -> torch.Tensor:
-    """SHIKE's Dynamic Knowledge Transfer ``L_nt = sum_m KL(p~^T || p~^m)`` (seed 003, eq. 5-9).
+    """SHIKE's Dynamic Knowledge Transfer ``L_nt = sum_m KL(p~^T || p~^m)``.
+
+    Seed 003_c38ed24e8c8e66ce.txt, eq. 5-9.
 
     ``p~`` are softmaxes over the C-1 non-target logits only (eq. 8) of the grand teacher
     (``shike_grand_teacher``, eq. 5-7) and of each expert m. The teacher is not detached (as the
@@ -85,10 +89,10 @@ def ride_diversity_loss(expert_logits: torch.Tensor, temperature: float | torch.
                         reduction: str = "mean") -> torch.Tensor:
     """RIDE's diversity term: ``sum_m T^2 KL(softmax(z_mean / T) || softmax(z_m / T))``.
 
-    RIDE (Wang et al. 2021; seed 000_aa1c4ab53dd5e13c.txt, the RIDE slides), as its code
-    (frank-xwang/RIDE-LongTailRecognition, ``RIDELoss``): ``z_mean`` is the mean of the expert
-    logits (the RIDE model's output) and is detached; ``temperature`` is a number or a per-class (C,)
-    tensor (RIDE's class-dependent temperature after re-weighting), and the KL is scaled by the
+    RIDE (Wang et al. 2021) in seed 000_aa1c4ab53dd5e13c.txt, eq. 11-12 (KL and the per-class
+    tempered softmax), as its code (frank-xwang/RIDE-LongTailRecognition, ``RIDELoss``): ``z_mean``
+    is the mean of the expert logits (the RIDE model's output) and is detached; ``temperature`` is a
+    number or a per-class (C,) tensor (``ride_class_temperatures``), and the KL is scaled by the
     square of its mean. RIDE *subtracts* this term (its factor is -0.2) to make experts differ.
     """
     _check_experts(expert_logits, 1)
@@ -98,3 +102,17 @@ def ride_diversity_loss(expert_logits: torch.Tensor, temperature: float | torch.
         ensemble = F.log_softmax(logits.mean(dim=0) / temperature, dim=-1)
     loss = sum(_kl_rows(ensemble, F.log_softmax(expert / temperature, dim=-1)) for expert in logits)
     return _reduce(loss * temperature.mean() ** 2, reduction)
+
+
+def ride_class_temperatures(class_counts: Counts, temperature: float = 1.0, gamma: float = 0.05) -> torch.Tensor:
+    """RIDE's class-wise diversity temperatures (seed 000_aa1c4ab53dd5e13c.txt, eq. 13-14).
+
+    ``beta_k = gamma * n_k / mean(n) + (1 - gamma)`` (eq. 14); then, as RIDE's code, ``T_k =
+    temperature * beta_k / max_j beta_j`` — the slides' eq. 13 writes ``beta_k + 1 - max_j beta_j``,
+    which also makes the largest 1 but shifts instead of scales. ``gamma=0`` gives uniform T.
+    """
+    counts = _counts(class_counts, dtype=torch.float64)
+    beta = gamma * counts / counts.mean() + (1.0 - gamma)
+    if bool((beta <= 0).any()):
+        raise ValueError(f"gamma={gamma} makes some class temperatures non-positive; use a value in [0, 1]")
+    return (temperature * beta / beta.max()).float()

@@ -1,4 +1,4 @@
-"""Classification losses for long-tailed training, and IKL's terms (seed 004).
+"""Classification losses for long-tailed training, and IKL's terms (seed 004_8d58af53471ab459.txt).
 
 Every loss takes ``reduction`` as its last keyword: ``"none"`` gives the per-sample loss (B,),
 ``"sum"`` its sum, ``"mean"`` the batch mean. Where a class ``weight`` is given, ``"mean"`` follows
@@ -81,7 +81,8 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
                         tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """Logit-adjusted cross-entropy (Menon et al. 2021): CE on ``logits + tau * log(prior)``.
 
-    A baseline in the tables of seeds 003 and 004; ``tau=1`` equals the balanced softmax
+    A baseline in the tables of seeds 003_c38ed24e8c8e66ce.txt and 004_8d58af53471ab459.txt (which
+    give no equation for it); ``tau=1`` equals the balanced softmax
     (the priors differ from the counts by a constant shift).
     """
     counts = _counts(class_counts, logits.shape[-1], logits.device)
@@ -97,9 +98,12 @@ def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
 
 def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
               scale: float = 30.0, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Label-distribution-aware margin loss (Cao et al. 2019), a baseline of seeds 003 and 004.
+    """Label-distribution-aware margin loss (Cao et al. 2019).
 
-    As Cao et al.'s code (kaidic/LDAM-DRW): the class margin ``m_y ∝ n_y^(-1/4)`` is subtracted
+    A baseline (LDAM, LDAM-DRW) in the tables of seeds 003_c38ed24e8c8e66ce.txt and
+    004_8d58af53471ab459.txt, which give no equation for it.
+
+    As Cao et al.'s code (kaidic/LDAM-DRW), the class margin ``m_y ∝ n_y^(-1/4)`` is subtracted
     from the target logit, then CE on ``scale * logits``. ``logits`` are cosine similarities there;
     for logits already multiplied by s, use ``scale=1`` and ``max_margin = s * 0.5`` (RIDE's form).
     """
@@ -110,7 +114,10 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
                weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Focal loss (Lin et al. 2017): ``-w_y (1 - p_y)^gamma log p_y``, a baseline of seeds 003 and 004.
+    """Focal loss (Lin et al. 2017): ``-w_y (1 - p_y)^gamma log p_y``.
+
+    A baseline in the tables of seeds 001_9389938eb33d47c2.txt and 003_c38ed24e8c8e66ce.txt (no
+    equation there).
 
     ``p_y`` is the plain softmax probability of the target (the class weight does not enter it,
     unlike Cao et al.'s code); ``gamma=0`` is cross-entropy.
@@ -127,6 +134,9 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
 def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.Tensor:
     """Class-balanced weights from the effective number of samples (Cui et al. 2019).
 
+    The CB baseline of seeds 003_c38ed24e8c8e66ce.txt and 004_8d58af53471ab459.txt (no equation
+    there) and the re-weighting of LDAM-DRW.
+
     ``w_j = (1 - beta) / (1 - beta^n_j)``, normalised so the weights sum to the number of classes
     (as Cui et al.'s and Cao et al.'s code). ``beta=0`` gives uniform weights, ``beta -> 1`` inverse frequency.
     """
@@ -139,7 +149,10 @@ def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.
 
 def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.1,
                          reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy with uniform label smoothing (Szegedy et al. 2016), as MiSLAS's baseline (seed 001).
+    """Cross-entropy with uniform label smoothing (Szegedy et al. 2016).
+
+    Cited in seed 004_8d58af53471ab459.txt (related work, no equation) and the uniform case of
+    MiSLAS's label-aware smoothing (seed 001_9389938eb33d47c2.txt).
 
     The target gets ``1 - epsilon + epsilon / C`` and every other class ``epsilon / C`` (torch's rule).
     """
@@ -152,7 +165,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
                               reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against a target distribution per sample: ``-sum_c q_c log softmax(z)_c``.
 
-    Used for soft labels (SHIKE's soft CE, seed 003 eq. 10; IKL's ICL, seed 004 eq. 8; MiSLAS's smoothing).
+    Used for soft labels: SHIKE's soft CE (seed 003_c38ed24e8c8e66ce.txt, eq. 10), IKL's ICL
+    (seed 004_8d58af53471ab459.txt, eq. 8), MiSLAS's smoothed labels.
     """
     if soft_targets.shape != logits.shape:
         raise ValueError(f"soft_targets {tuple(soft_targets.shape)} must have the logits' shape {tuple(logits.shape)}")
@@ -183,7 +197,9 @@ def ikl_uncertainty_loss(prev_probs: torch.Tensor, logits: torch.Tensor, targets
 
 
 def ikl_class_medians(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class centres as the element-wise median of each class's features (seed 004, eq. 6).
+    """Class centres as the element-wise median of each class's features.
+
+    Seed 004_8d58af53471ab459.txt, eq. 6.
 
     The median of an even number of values is the mean of the two middle ones (numpy's rule).
     A class without samples gets the zero vector, which ``ikl_correlation_labels`` maps to its
@@ -203,7 +219,9 @@ def ikl_class_medians(features: torch.Tensor, labels: torch.Tensor, num_classes:
 
 
 def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
-    """IKL's Implicit Correlation Labels: row y is the soft label of class y (seed 004, eq. 7).
+    """IKL's Implicit Correlation Labels: row y is the soft label of class y.
+
+    Seed 004_8d58af53471ab459.txt, eq. 7 (used by the ICL loss, eq. 8).
 
     ``M`` is the cosine similarity of the class centres (eq. 6-7), with its diagonal 1. The paper
     adds ``M`` to the one-hot label ``Y`` without saying how the result becomes a distribution;
@@ -223,7 +241,7 @@ def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
 
 
 def ikl_alpha(epoch: int, total_epochs: int, schedule: str = "parabolic") -> float:
-    """IKL's weight alpha of eq. 9 (seed 004), by the strategies of its Table 8.
+    """IKL's weight alpha of eq. 9 (seed 004_8d58af53471ab459.txt), by the strategies of its Table 8.
 
     With ``r = epoch / total_epochs`` (``epoch`` = epochs done, 0 at the start): ``equal`` 0.5,
     ``linear`` r, ``cosine`` (1 - cos(pi r)) / 2, ``parabolic`` r^2 (the paper's best and our default).

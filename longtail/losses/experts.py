@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
+from longtail.functional import ride_class_temperatures, ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
 from longtail.losses.basic import checked_counts
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
@@ -60,8 +60,8 @@ class RIDELoss(nn.Module):
     (RIDE: ``ldam_drw``; ``balanced_softmax`` also works); its ``on_epoch_start`` (the DRW switch)
     is forwarded. The diversity term is ``ride_diversity_loss`` with RIDE's negative factor -0.2.
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
-    becomes per-class, ``T * w_c`` with ``w_c ∝ C * prior_c * reweight_factor + 1 - reweight_factor``
-    scaled so the largest is 1 (RIDE's code); ``reweight_factor=0`` keeps it uniform.
+    becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
+    ``reweight_factor=0`` keeps it uniform.
     """
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, base: str = "ldam_drw",
@@ -75,15 +75,11 @@ class RIDELoss(nn.Module):
         counts = checked_counts(class_counts, num_classes)
         self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
                                  class_counts=list(class_counts), num_classes=num_classes)
-        prior = counts / counts.sum()
-        weights = num_classes * prior * reweight_factor + 1 - reweight_factor
-        if bool((weights <= 0).any()):
-            raise ValueError(f"reweight_factor={reweight_factor} makes some diversity temperatures non-positive; "
-                             "use a value in [0, 1]")
         self.diversity_factor = diversity_factor
         self.diversity_temperature = diversity_temperature
         self.reweight_epoch = reweight_epoch
-        self.register_buffer("class_temperature", diversity_temperature * weights / weights.max(), persistent=False)
+        self.register_buffer("class_temperature",
+                             ride_class_temperatures(counts, diversity_temperature, reweight_factor), persistent=False)
         self.register_buffer("temperature", torch.full((num_classes,), float(diversity_temperature)),
                              persistent=False)
 

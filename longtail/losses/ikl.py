@@ -75,7 +75,8 @@ class IKLLoss(nn.Module):
         self.alpha = 0.0
         # last epoch's state, saved with checkpoints
         self.register_buffer("prev_values", torch.zeros(num_samples, self.k, dtype=torch.float16))
-        self.register_buffer("prev_indices", None if self.dense else torch.zeros(num_samples, self.k, dtype=torch.int32))
+        indices = None if self.dense else torch.zeros(num_samples, self.k, dtype=torch.int32)
+        self.register_buffer("prev_indices", indices)
         self.register_buffer("prev_correct", torch.zeros(num_samples, dtype=torch.bool))
         self.register_buffer("soft_labels", torch.eye(num_classes))
         self.register_buffer("has_previous", torch.tensor(False))
