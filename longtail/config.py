@@ -119,7 +119,6 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
                                 "`longtail train --resume RUN` continues exactly")
     deterministic: bool = False
-    ikl: dict[str, Any] | None = Field(None, description="IKL plug-in parameters (None: off)")
 
 
 class Stage2Config(Section):
