@@ -19,9 +19,9 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     """Augmentation applied batched on the training device (see longtail.data.augment)."""
 
-    crop_padding: int = Field(4, ge=0, description="random crop after zero padding (CIFAR style); 0 disables")
+    crop_padding: int = Field(0, ge=0, description="random crop after zero padding (CIFAR recipes: 4); 0 disables")
     random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
-    flip: bool = True
+    flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
     randaugment: bool = False
     randaugment_ops: int = Field(2, ge=1)
@@ -54,7 +54,7 @@ class DataConfig(Section):
     in_memory: Literal["auto", "yes", "no"] = Field(
         "auto", description="keep decoded uint8 images in one tensor on the training device")
     cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1, description="per process; the default suits Digits-LT, CIFAR recipes use 128")
     eval_batch_size: int = Field(1024, ge=1)
     num_workers: int = Field(4, ge=0)
     sampler: str = "instance"
