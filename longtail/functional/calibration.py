@@ -115,7 +115,8 @@ def calibration_bins(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 
 
 def ece(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
     """Expected calibration error ``sum_m |B_m|/n |acc(B_m) - conf(B_m)|`` (seed 000, calibration
-    slides, "ECE"), as a fraction; bins as in the module docstring."""
+    slides, "ECE"), as a fraction. Bins ``(lo, hi]`` with 0 in the first and 1.0 in the last bin;
+    torchmetrics' ``[lo, hi)`` with 1.0 in an extra bin differs only for confidences on an edge."""
     logits, targets = _checked(logits, targets)
     confidence, correct = _top_label(logits, targets)
     correct_sum, confidence_sum, _ = _binned_sums(confidence, correct, n_bins)
