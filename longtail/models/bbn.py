@@ -1,0 +1,121 @@
+"""BBN, the Bilateral-Branch Network with cumulative learning (Zhou et al. CVPR 2020; seed 000 slides,
+Fig. 3; code Megvii-Nanjing/BBN).
+
+A ResNet-32 whose stages 1-2 and all but the last block of stage 3 are shared; the last block is
+duplicated into a conventional branch (fed by the uniform sampler) and a re-balancing branch (fed
+by the reversed sampler). One linear classifier reads both branches' pooled features side by side,
+so the two "heads" W_c, W_r are the halves of its weight, as in BBN's code.
+
+How the trainer feeds it (``data.pair_sampler: reversed``; ``engine.trainer.PairedLoader``):
+
+- training: ``forward`` takes the uniform batch and the reversed batch concatenated along the batch
+  axis, ``[x_uniform; x_reversed]`` (2B images). The shared stages run on all 2B images; the
+  conventional branch sees the first B, the re-balancing branch the last B. It returns B rows:
+  ``logits = W [2 alpha f_c ; 2 (1 - alpha) f_r] + b = 2 (alpha W_c f_c + (1 - alpha) W_r f_r) + b``
+  (BBN's ``mixed_feature = 2 * cat(l * feature_a, (1 - l) * feature_b)``), and
+  ``extras["mix_weight"] = alpha``. The batch's ``targets`` are the uniform labels and
+  ``mix_targets`` the reversed ones, so the trainer's mixed loss is BBN's
+  ``alpha * L(logits, y_uniform) + (1 - alpha) * L(logits, y_reversed)``.
+- evaluation: one ordinary batch through both branches with an equal mix (alpha = 1/2), i.e.
+  ``logits = W [f_c ; f_r] + b``.
+- ``on_epoch_start(epoch, total_epochs)`` sets alpha = 1 - (epoch / total_epochs)^2.
+
+BBN's code runs the two halves through the shared stages in separate calls (batch-norm statistics
+per half); here they share one call (statistics over both halves).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longtail.models.cifar_resnet import BasicBlock, cifar_trunk, init_weights
+from longtail.models.classifier import expert_head_logits, global_pool, parameters_outside
+from longtail.models.heads import make_head
+from longtail.registry import MODELS
+from longtail.types import ModelOutput
+
+__all__ = ["cumulative_alpha", "BBN", "bbn_resnet32"]
+
+
+def cumulative_alpha(epoch: int, total_epochs: int) -> float:
+    """BBN's cumulative-learning weight of the conventional branch, the parabolic decay
+    ``alpha = 1 - (T / T_max)^2`` with T = ``epoch`` (epochs done, 0 at the start): BBN's code
+    ``1 - ((epoch - 1) / max_epoch) ** 2`` with 1-based epochs."""
+    if total_epochs < 1 or not 0 <= epoch <= total_epochs:
+        raise ValueError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch} of {total_epochs}")
+    return 1.0 - (epoch / total_epochs) ** 2
+
+
+class BBN(nn.Module):
+    """Shared stem and stages, conventional and re-balancing branches, one head on both branches'
+    features. See the module docstring for the paired training batch."""
+
+    def __init__(self, stem: nn.Module, shared: list[nn.Module], conventional: nn.Module, rebalancing: nn.Module,
+                 head: nn.Module) -> None:
+        super().__init__()
+        self.stem = stem
+        self.shared = nn.ModuleList(shared)
+        self.conventional = conventional
+        self.rebalancing = rebalancing
+        self.heads = nn.ModuleList([head])
+        # a tensor, not a float, so a compiled forward does not recompile every epoch
+        self.register_buffer("alpha", torch.tensor(1.0), persistent=False)
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        self.alpha.fill_(cumulative_alpha(epoch, total_epochs))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        h = self.stem(x)
+        maps = []
+        for stage in self.shared:
+            h = stage(h)
+            maps.append(h)
+        if self.training:
+            if h.shape[0] % 2:
+                raise ValueError(f"BBN trains on a uniform and a reversed batch concatenated, got an odd batch of "
+                                 f"{h.shape[0]}; set data.pair_sampler: reversed")
+            uniform, reversed_ = h.chunk(2)
+            weight: torch.Tensor | float = self.alpha
+        else:
+            uniform = reversed_ = h
+            weight = 0.5
+        conventional_map, rebalancing_map = self.conventional(uniform), self.rebalancing(reversed_)
+        f_c, f_r = global_pool(conventional_map), global_pool(rebalancing_map)
+        features = 2 * torch.cat([weight * f_c, (1 - weight) * f_r], dim=1)
+        logits = self.heads[0](features)
+        zeros = torch.zeros_like(f_c)
+        extras = {
+            # the head on one branch's own features, the other half zeroed
+            "conventional_logits": self.heads[0](torch.cat([f_c, zeros], dim=1)),
+            "rebalancing_logits": self.heads[0](torch.cat([zeros, f_r], dim=1)),
+        }
+        if self.training:
+            extras["mix_weight"] = self.alpha
+        return ModelOutput(logits=logits, features=features, intermediate=maps + [conventional_map, rebalancing_map],
+                           extras=extras)
+
+    def logits_from_features(self, expert_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, expert_logits (1, B, C)) from cached features (1, B, 2D), as ``forward``."""
+        return expert_head_logits(self.heads, expert_features, "sum")
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return parameters_outside(self, self.heads)
+
+
+@MODELS.register("bbn_resnet32")
+def bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 30.0,
+                 shortcut: str = "A", pretrained_path: str | None = None) -> BBN:
+    """BBN's CIFAR ResNet-32: stages 1-2 and four blocks of stage 3 shared, one 64-channel block per
+    branch, a head on the 128-d pair of features. With ``pretrained_path`` (a plain ResNet-32 state
+    dict) both branches start from its last block."""
+    trunk = cifar_trunk(32, in_channels, shortcut, pretrained_path)
+    last_stage = trunk.stages[-1]
+    conventional = last_stage[-1]
+    width = trunk.channels[-1]
+    rebalancing = BasicBlock(width, width, 1, shortcut)
+    rebalancing.apply(init_weights)
+    if pretrained_path is not None:
+        rebalancing.load_state_dict(conventional.state_dict())
+    head_module = make_head(head, 2 * width, num_classes, head_scale)
+    head_module.apply(init_weights)
+    return BBN(trunk.stem, [*trunk.stages[:-1], last_stage[:-1]], conventional, rebalancing, head_module)
