@@ -110,8 +110,8 @@ def test_iso_is_sklearn_isotonic_per_class_renormalised():
     calibrator = CALIBRATORS.build("iso", {}).fit(*VAL)
     p_val = VAL[0].double().softmax(1).numpy()
     p_test = TEST[0].double().softmax(1).numpy()
-    mapped = np.stack([IsotonicRegression(out_of_bounds="clip").fit(p_val[:, k], VAL[1].numpy() == k).predict(p_test[:, k])
-                       for k in range(10)], axis=1) + 1e-9 * p_test
+    regressions = [IsotonicRegression(out_of_bounds="clip").fit(p_val[:, k], VAL[1].numpy() == k) for k in range(10)]
+    mapped = np.stack([r.predict(p_test[:, k]) for k, r in enumerate(regressions)], axis=1) + 1e-9 * p_test
     np.testing.assert_allclose(calibrator.predict_proba(TEST[0].double()).numpy(),
                                mapped / mapped.sum(1, keepdims=True), rtol=1e-10, atol=1e-15)
 

@@ -100,7 +100,8 @@ class KnowledgeTransferTS(TemperatureScaling):
         self.head_mask = torch.as_tensor(head_mask, dtype=torch.bool).cpu()
         self.weights = kt_importance_weights(features.detach(), targets.detach(), means, variances,
                                              self.head_mask.to(means.device), self.alpha, self.eta).cpu()
-        self.temperature = fit_temperature(logits.detach(), targets.detach(), sample_weight=self.weights.to(logits.device))
+        self.temperature = fit_temperature(logits.detach(), targets.detach(),
+                                           sample_weight=self.weights.to(logits.device))
         self.num_classes = num_classes
         return self
 
