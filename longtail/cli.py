@@ -90,13 +90,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from longtail.calibration.runner import calibrate_run
+    from longtail.config import parse_value
     params = {}
     for item in args.param:
         key, _, value = item.partition("=")
-        from longtail.config import parse_value
         params[key] = parse_value(value)
-    out = calibrate_run(_run_dir_of(Path(args.run)), args.method, params, checkpoint=args.checkpoint,
-                        val_fraction=args.val_fraction)
+    out = calibrate_run(_run_dir_of(Path(args.run)), args.method, params, checkpoint=args.checkpoint)
     print(f"results in {out}")
     return 0
 
@@ -177,9 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--method", default="ts", help="kt_ts, ts, ets, vs, hist, iso (see `longtail list`)")
     calibrate.add_argument("--param", action="append", default=[], metavar="key=value")
     calibrate.add_argument("--checkpoint", default="last")
-    calibrate.add_argument("--val-fraction", type=float, default=None,
-                           help="hold out this fraction of the long-tailed training data for fitting "
-                                "(the KT-TS paper's 80/20 split is 0.2) when the run has no validation split")
     calibrate.set_defaults(func=cmd_calibrate)
 
     data = sub.add_parser("data", help="show a dataset's class counts and write a histogram")
