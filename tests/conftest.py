@@ -1,0 +1,50 @@
+"""Shared fixtures: the real data in ../shared/data and a small real CIFAR-10 subset made from it."""
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_TRAIN_PER_CLASS = 30
+SMALL_TEST_PER_CLASS = 10
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_data_cache(tmp_path_factory):
+    """Decoded-dataset caches go to a temporary folder, not ~/.cache, unless $LONGTAIL_CACHE is set
+    (set it to reuse decoded archives between test runs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not os.environ.get("LONGTAIL_CACHE"):
+            patch.setenv("LONGTAIL_CACHE", str(tmp_path_factory.mktemp("longtail-cache")))
+        yield Path(os.environ["LONGTAIL_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets beside the repo ($LONGTAIL_SHARED_DATA, default ../shared/data)."""
+    folder = Path(os.environ.get("LONGTAIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not (folder / "cifar10_jpg.tar.gz").is_file():
+        pytest.skip(f"real data not found in {folder} (cifar10_jpg.tar.gz); set LONGTAIL_SHARED_DATA to its folder")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """Real CIFAR-10 images: the first 30 train and 10 test images of every class, as an extracted tree
+    (``tree``: train/<class>/NNNN.jpg, test/<class>/NNNN.jpg) and as a .tar.gz of it (``archive``)."""
+    folder = tmp_path_factory.mktemp("cifar10_small")
+    tree = folder / "tree"
+    keep = {"train": SMALL_TRAIN_PER_CLASS, "test": SMALL_TEST_PER_CLASS}
+    with tarfile.open(shared_data / "cifar10_jpg.tar.gz", "r:gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and int(Path(parts[2]).stem) < keep[parts[0]]:
+                target = tree.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+    packed = folder / "cifar10_small.tar.gz"
+    with tarfile.open(packed, "w:gz") as archive:
+        for split in ("train", "test"):
+            archive.add(tree / split, arcname=split)
+    return {"tree": tree, "archive": packed}

@@ -1,0 +1,110 @@
+"""Samplers: draws against hand-computed class probabilities (chi-square, fixed seeds), epoch
+reproducibility, and DDP sharding checked with simulated ranks."""
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import longtail.data  # noqa: F401  (registers the samplers)
+from longtail.data.samplers import shard
+from longtail.registry import SAMPLERS, ConfigError
+
+COUNTS = [400, 100, 25, 0, 4]  # class 3 has no images
+TARGETS = torch.cat([torch.full((n,), c) for c, n in enumerate(COUNTS)])[
+    torch.randperm(sum(COUNTS), generator=torch.Generator().manual_seed(0))]
+NAMES = ["instance", "class_balanced", "sqrt", "reversed", "progressive"]
+
+
+def build(name: str, **context):
+    return SAMPLERS.build(name, {k: context.pop(k) for k in ("num_samples",) if k in context},
+                          targets=TARGETS, num_classes=5, seed=3, **context)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("class_balanced", [1 / 4, 1 / 4, 1 / 4, 0, 1 / 4]),
+    ("sqrt", [20 / 37, 10 / 37, 5 / 37, 0, 2 / 37]),             # sqrt(n) = 20, 10, 5, 0, 2
+    ("reversed", [1 / 121, 4 / 121, 16 / 121, 0, 100 / 121]),    # 400/n = 1, 4, 16, -, 100
+    ("progressive", [0.25 * 400 / 529 + 0.75 / 4, 0.25 * 100 / 529 + 0.75 / 4, 0.25 * 25 / 529 + 0.75 / 4, 0,
+                     0.25 * 4 / 529 + 0.75 / 4]),                # epoch 3 of 4: t/T = 0.75
+])
+def test_class_distribution(name, expected):
+    sampler = build(name, num_samples=40_000)
+    assert sampler.class_probabilities(3, 4).tolist() == pytest.approx(expected, abs=1e-12)
+    observed = torch.bincount(TARGETS[sampler.epoch_indices(3, 4)], minlength=5)
+    assert observed[3] == 0 and observed.sum() == 40_000
+    present = [0, 1, 2, 4]
+    result = chisquare(observed[present].numpy(), [40_000 * expected[c] for c in present])
+    assert result.pvalue > 1e-3
+
+
+def test_images_within_a_class_are_drawn_uniformly():
+    sampler = build("class_balanced", num_samples=40_000)
+    drawn = sampler.epoch_indices(0, 1)
+    members = torch.nonzero(TARGETS == 2).flatten()
+    hits = (drawn[:, None] == members[None, :]).sum(0)
+    assert hits.sum() > 9_000 and chisquare(hits.numpy()).pvalue > 1e-3
+
+
+def test_progressive_starts_instance_balanced():
+    sampler = build("progressive")
+    assert sampler.class_probabilities(0, 10).tolist() == pytest.approx([n / 529 for n in COUNTS], abs=1e-12)
+    with pytest.raises(ValueError, match="0 <= epoch < total_epochs"):
+        sampler.epoch_indices(10, 10)
+
+
+def test_instance_sampler_shows_every_image_once_per_epoch():
+    sampler = build("instance")
+    first, second = sampler.epoch_indices(0, 2), sampler.epoch_indices(1, 2)
+    again = build("instance").epoch_indices(0, 2)
+    assert torch.equal(first.sort().values, torch.arange(529)) and torch.equal(first, again)
+    assert not torch.equal(first, second) and torch.equal(second.sort().values, torch.arange(529))
+    assert len(sampler) == 529
+    twice = build("instance", num_samples=2 * 529).epoch_indices(0, 1)
+    assert torch.bincount(twice).tolist() == [2] * 529
+
+
+def test_different_seeds_or_samplers_draw_differently():
+    a = SAMPLERS.build("class_balanced", {}, targets=TARGETS, num_classes=5, seed=0).epoch_indices(0, 1)
+    b = SAMPLERS.build("class_balanced", {}, targets=TARGETS, num_classes=5, seed=1).epoch_indices(0, 1)
+    c = SAMPLERS.build("sqrt", {}, targets=TARGETS, num_classes=5, seed=0).epoch_indices(0, 1)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_instance_shards_are_disjoint_and_cover_the_set():
+    targets = TARGETS[:528]  # 528 = 4 * 132
+    shards = [SAMPLERS.build("instance", {}, targets=targets, num_classes=5, seed=3, rank=r, world_size=4)
+              .epoch_indices(5, 10) for r in range(4)]
+    assert all(len(s) == 132 for s in shards)
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(528))
+    uneven = [build("instance", rank=r, world_size=4).epoch_indices(5, 10) for r in range(4)]
+    assert [len(s) for s in uneven] == [133] * 4  # 529 padded to 532 by wrapping around
+    assert set(torch.cat(uneven).tolist()) == set(range(529))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_ranks_together_draw_the_one_rank_sequence(name):
+    single = build(name).epoch_indices(2, 5)
+    ranks = [build(name, rank=r, world_size=2) for r in range(2)]
+    parts = [sampler.epoch_indices(2, 5) for sampler in ranks]
+    assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 265
+    assert torch.equal(torch.stack(parts, 1).flatten()[:529], single)
+
+
+def test_class_balanced_holds_on_every_rank():
+    for rank in range(2):
+        part = build("class_balanced", num_samples=40_000, rank=rank, world_size=2).epoch_indices(0, 1)
+        observed = torch.bincount(TARGETS[part], minlength=5)[[0, 1, 2, 4]]
+        assert chisquare(observed.numpy()).pvalue > 1e-3
+
+
+def test_shard_pads_by_wrapping_around():
+    assert shard(torch.tensor([7, 8, 9]), 0, 2).tolist() == [7, 9]
+    assert shard(torch.tensor([7, 8, 9]), 1, 2).tolist() == [8, 7]
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ConfigError, match="unknown key data.sampler_params.power"):
+        SAMPLERS.build("sqrt", {"power": 0.5}, where="data.sampler_params", targets=TARGETS, num_classes=5, seed=0)
+    with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
+        build("instance", rank=2, world_size=2)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
+        SAMPLERS.build("instance", {}, targets=TARGETS, num_classes=4, seed=0)
