@@ -1,0 +1,194 @@
+"""Batches for training and evaluation (docs/ARCHITECTURE.md, "Data").
+
+In-memory sets live on the training device as one uint8 tensor: a step indexes its batch there with
+the sampler's indices, with no workers and no host-to-device copies. File sets are decoded by
+DataLoader workers to uint8 at a fixed size (pinned, prefetched, persistent across epochs), then
+copied to the device. Both then run the same device-side augmentation.
+
+Reproducibility: the sampler's indices, the augmentation generator (on the device) and, for file
+sets, each image's RandomResizedCrop draw are all seeded from (seed, epoch), so resuming at an epoch
+boundary reproduces the epoch exactly, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
+
+from longtail.data.datasets import ImageSet
+from longtail.data.samplers import Sampler, epoch_seed
+from longtail.data.sources import read_image_file, resize_center_crop
+from longtail.types import Batch
+
+__all__ = ["TrainLoader", "EvalLoader", "FileImages", "eval_shard"]
+
+AUGMENT_STREAM = 101  # random streams of the loader, apart from the samplers'
+CROP_STREAM = 102
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+class FileImages(Dataset):
+    """Decode file images to uint8 (C, image_size, image_size). A key is an index (the evaluation view:
+    resize + centre crop) or (index, crop_seed) (a RandomResizedCrop drawn from ``crop_seed``)."""
+
+    def __init__(self, imageset: ImageSet) -> None:
+        if imageset.paths is None or imageset.image_size is None:
+            raise ValueError("FileImages needs a file ImageSet (paths and image_size)")
+        self.paths = imageset.paths
+        self.targets = imageset.targets.tolist()
+        self.size = imageset.image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, crop_seed = key if isinstance(key, tuple) else (key, None)
+        image = read_image_file(self.paths[index])  # file datasets are RGB
+        if crop_seed is None:
+            image = resize_center_crop(image, self.size)
+        else:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+                torch.manual_seed(crop_seed)
+                top, left, height, width = RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+            image = TF.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
+        return image, self.targets[index], index
+
+
+class _KeyBatches:
+    """Batch sampler for the DataLoader: ``keys`` in batches (training drops the last incomplete one).
+    The train loader replaces ``keys`` in ``set_epoch``; persistent workers see them at the next epoch."""
+
+    def __init__(self, keys: list[Any], batch_size: int, drop_last: bool) -> None:
+        self.keys = keys
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.keys), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.keys[start:start + self.batch_size]
+
+
+def _file_loader(dataset: FileImages, batch_sampler: Any, num_workers: int, device: torch.device,
+                 persistent: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+class TrainLoader:
+    """Training batches: this rank's sampler indices for the epoch in batches of ``batch_size`` (the
+    last incomplete batch dropped), augmented on ``device`` by ``augment(images_uint8, targets,
+    generator, epoch)``. Call ``set_epoch`` before iterating each epoch.
+
+    For file sets ``random_resized_crop`` chooses the decoding view (None: ``augment.cfg``'s setting).
+    """
+
+    def __init__(self, imageset: ImageSet, sampler: Sampler, batch_size: int, augment: Augment,
+                 device: torch.device | str, seed: int, num_workers: int = 0,
+                 random_resized_crop: bool | None = None) -> None:
+        if len(sampler) < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the {len(sampler)} samples this rank draws "
+                             "per epoch; lower data.batch_size")
+        self.imageset = imageset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.augment = augment
+        self.device = torch.device(device)
+        self.seed = seed
+        self.epoch: int | None = None
+        self.indices = torch.empty(0, dtype=torch.int64)
+        if random_resized_crop is None:
+            random_resized_crop = bool(getattr(getattr(augment, "cfg", None), "random_resized_crop", False))
+        self.random_resized_crop = random_resized_crop
+        if imageset.images is not None:
+            self.images = imageset.images.to(self.device)
+            self.targets = imageset.targets.to(self.device)
+        else:
+            self.batches = _KeyBatches([], batch_size, drop_last=True)
+            self.loader = _file_loader(FileImages(imageset), self.batches, num_workers, self.device, persistent=True)
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        """Draw the epoch's indices (and file crops); everything random in the epoch follows from (seed, epoch)."""
+        self.epoch = epoch
+        self.indices = self.sampler.epoch_indices(epoch, total_epochs)
+        if self.imageset.in_memory:
+            self.indices = self.indices.to(self.device)
+        elif self.random_resized_crop:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, CROP_STREAM))
+            crop_seeds = torch.randint(2**62, (len(self.indices),), generator=generator)
+            self.batches.keys = list(zip(self.indices.tolist(), crop_seeds.tolist()))
+        else:
+            self.batches.keys = self.indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def _uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.imageset.in_memory:
+            for start in range(0, len(self) * self.batch_size, self.batch_size):
+                index = self.indices[start:start + self.batch_size]
+                yield self.images[index], self.targets[index], index
+            return
+        for images, targets, index in self.loader:
+            yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.epoch is None:
+            raise RuntimeError("call TrainLoader.set_epoch(epoch, total_epochs) before iterating")
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(epoch_seed(self.seed, self.epoch, AUGMENT_STREAM))
+        for images, targets, index in self._uint8_batches():
+            images, targets, mix_targets, mix_weight = self.augment(images, targets, generator, self.epoch)
+            yield Batch(images=images, targets=targets, indices=index, mix_targets=mix_targets, mix_weight=mix_weight)
+
+
+def eval_shard(size: int, rank: int, world_size: int) -> torch.Tensor:
+    """Indices ``rank::world_size`` of ``range(size)`` padded by repeating the last sample, so every rank
+    has ``ceil(size / world_size)`` (``engine.distributed.gather_rows`` interleaves and trims them back)."""
+    padded = torch.arange(math.ceil(size / world_size) * world_size).clamp_(max=size - 1)
+    return padded[rank::world_size]
+
+
+class EvalLoader:
+    """Evaluation batches ``(normalize(images_uint8), targets)`` on ``device`` for this rank's shard."""
+
+    def __init__(self, imageset: ImageSet, batch_size: int, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device | str, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+        if len(imageset) == 0:
+            raise ValueError("cannot evaluate on an empty split")
+        self.imageset = imageset
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.device = torch.device(device)
+        self.shard = eval_shard(len(imageset), rank, world_size)
+        if imageset.images is not None:
+            self.images = imageset.images[self.shard].to(self.device)
+            self.targets = imageset.targets[self.shard].to(self.device)
+        else:
+            batches = _KeyBatches(self.shard.tolist(), batch_size, drop_last=False)
+            self.loader = _file_loader(FileImages(imageset), batches, num_workers, self.device, persistent=False)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.shard) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.imageset.in_memory:
+            for start in range(0, len(self.shard), self.batch_size):
+                end = start + self.batch_size
+                yield self.normalize(self.images[start:end]), self.targets[start:end]
+            return
+        for images, targets, _ in self.loader:
+            yield (self.normalize(images.to(self.device, non_blocking=True)),
+                   targets.to(self.device, non_blocking=True))
+
+

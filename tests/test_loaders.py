@@ -1,0 +1,165 @@
+"""Loaders on real data (digits in memory, real CIFAR-10 JPEG files): batches follow the sampler,
+epochs replay exactly from (seed, epoch), evaluation shards reassemble, file decoding is the same
+with or without workers."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import longtail.data  # noqa: F401  (registers the samplers)
+from longtail.config import AugmentConfig, DataConfig
+from longtail.data import build_data
+from longtail.data.augment import BatchAugment
+from longtail.data.loaders import EvalLoader, TrainLoader, eval_shard
+from longtail.registry import SAMPLERS
+
+
+def stand_in_augment(images, targets, generator, epoch):
+    """Returns the pixels unchanged (as float) and one draw per image from the generator as the mix
+    weight, so a test sees both the batch and the random stream."""
+    draws = torch.rand(len(images), generator=generator, device=images.device)
+    return images.float(), targets, targets.flip(0), draws
+
+
+def sampler_for(imageset, name="instance", **context):
+    return SAMPLERS.build(name, {}, targets=imageset.targets, num_classes=imageset.num_classes, seed=5, **context)
+
+
+def collect(loader, epoch, total=3):
+    loader.set_epoch(epoch, total)
+    return list(loader)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_data(DataConfig())
+
+
+def test_in_memory_batches_follow_the_sampler(digits):
+    train = digits.train
+    sampler = sampler_for(train)
+    loader = TrainLoader(train, sampler, 32, stand_in_augment, "cpu", seed=0)
+    assert len(train) == 503 and len(loader) == 15  # the last 23 samples are dropped
+    batches = collect(loader, 1)
+    order = sampler.epoch_indices(1, 3)[:15 * 32].view(15, 32)
+    assert len(batches) == 15
+    for batch, indices in zip(batches, order):
+        assert torch.equal(batch.indices, indices)
+        assert torch.equal(batch.images, train.images[indices].float())
+        assert torch.equal(batch.targets, train.targets[indices])
+        assert torch.equal(batch.mix_targets, train.targets[indices].flip(0))
+
+
+def test_an_epoch_replays_exactly_after_a_restart(digits):
+    augment = BatchAugment(AugmentConfig(cutout=4), digits.mean, digits.std)
+    running = TrainLoader(digits.train, sampler_for(digits.train, "class_balanced"), 64, augment, "cpu", seed=1)
+    for epoch in range(2):
+        collect(running, epoch)
+    continued = collect(running, 2)
+    resumed = TrainLoader(digits.train, sampler_for(digits.train, "class_balanced"), 64, augment, "cpu", seed=1)
+    replayed = collect(resumed, 2)
+    assert len(continued) == len(replayed) == 7
+    for a, b in zip(continued, replayed):
+        assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+    assert a.images.dtype == torch.float32 and a.images.shape == (64, 1, 8, 8)
+    other_epoch = collect(resumed, 1)
+    assert not torch.equal(other_epoch[0].images, replayed[0].images)
+
+
+def test_augmentation_draws_follow_seed_and_epoch(digits):
+    def draws(seed, epoch):
+        loader = TrainLoader(digits.train, sampler_for(digits.train), 100, stand_in_augment, "cpu", seed=seed)
+        return torch.cat([batch.mix_weight for batch in collect(loader, epoch)])
+    assert torch.equal(draws(0, 1), draws(0, 1))
+    assert not torch.equal(draws(0, 1), draws(0, 2)) and not torch.equal(draws(0, 1), draws(1, 1))
+
+
+def test_loader_misuse_fails_clearly(digits):
+    loader = TrainLoader(digits.train, sampler_for(digits.train), 32, stand_in_augment, "cpu", seed=0)
+    with pytest.raises(RuntimeError, match="call TrainLoader.set_epoch"):
+        next(iter(loader))
+    with pytest.raises(ValueError, match="batch size 600 is larger than the 503 samples"):
+        TrainLoader(digits.train, sampler_for(digits.train), 600, stand_in_augment, "cpu", seed=0)
+
+
+def gather(parts: list[torch.Tensor], total: int) -> torch.Tensor:
+    """What engine.distributed.gather_rows does with the ranks' outputs."""
+    return torch.stack(parts, dim=1).reshape(-1, *parts[0].shape[1:])[:total]
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 7])
+def test_eval_shards_have_equal_batches_and_reassemble(digits, world_size):
+    test = digits.test
+    normalize = lambda images: images.float() / 255  # noqa: E731
+    outputs = []
+    for rank in range(world_size):
+        loader = EvalLoader(test, 64, normalize, "cpu", rank=rank, world_size=world_size)
+        batches = list(loader)
+        assert len(batches) == len(loader) == -(-len(eval_shard(500, rank, world_size)) // 64)
+        outputs.append((torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
+    assert len({len(images) for images, _ in outputs}) == 1
+    assert torch.equal(gather([images for images, _ in outputs], 500), test.images.float() / 255)
+    assert torch.equal(gather([targets for _, targets in outputs], 500), test.targets)
+
+
+def test_eval_shard_pads_with_the_last_sample():
+    assert eval_shard(5, 0, 3).tolist() == [0, 3] and eval_shard(5, 2, 3).tolist() == [2, 4]
+    assert eval_shard(5, 1, 3).tolist() == [1, 4]
+
+
+# ------------------------------------------------------------------ file datasets (real CIFAR-10 JPEGs)
+@pytest.fixture(scope="module")
+def cifar_files(cifar10_small):
+    return build_data(DataConfig(dataset="image_folder", root=str(cifar10_small["tree"]), imbalance_factor=1,
+                                 image_size=32))
+
+
+def eval_view(path: str) -> torch.Tensor:
+    """Resize the shorter side to 32 / 0.875 = 37 (rounded), centre-crop 32: torchvision on a PIL decode."""
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    return v2.CenterCrop(32)(v2.Resize(37, antialias=True)(image))
+
+
+def test_file_eval_loader_decodes_the_evaluation_view(cifar_files):
+    test = cifar_files.test
+    loader = EvalLoader(test, 32, lambda images: images, "cpu", rank=1, world_size=2)
+    images = torch.cat([b[0] for b in loader])
+    shard = eval_shard(len(test), 1, 2)
+    assert images.dtype == torch.uint8 and len(images) == len(shard) == 50
+    expected = torch.stack([eval_view(test.paths[i]) for i in shard.tolist()])
+    assert torch.equal(images, expected)
+
+
+def test_file_train_loader_without_random_crops_uses_the_evaluation_view(cifar_files):
+    train = cifar_files.train
+    sampler = sampler_for(train)
+    loader = TrainLoader(train, sampler, 64, stand_in_augment, "cpu", seed=0, random_resized_crop=False)
+    (first, *_) = collect(loader, 0)
+    assert torch.equal(first.indices, sampler.epoch_indices(0, 3)[:64])
+    assert torch.equal(first.images, torch.stack([eval_view(train.paths[i]) for i in first.indices]).float())
+    assert torch.equal(first.targets, train.targets[first.indices])
+
+
+def test_random_resized_crops_do_not_depend_on_workers(cifar_files):
+    train = cifar_files.train
+    epochs = []
+    for workers in (0, 2):
+        loader = TrainLoader(train, sampler_for(train), 50, stand_in_augment, "cpu", seed=0, num_workers=workers,
+                             random_resized_crop=True)
+        assert len(loader) == 6
+        epochs.append([collect(loader, epoch) for epoch in (0, 1)])
+    for a, b in zip(epochs[0][0] + epochs[0][1], epochs[1][0] + epochs[1][1]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+    crop = epochs[0][0][0].images
+    assert crop.shape == (50, 3, 32, 32)
+    plain = torch.stack([eval_view(train.paths[i]) for i in epochs[0][0][0].indices]).float()
+    assert not torch.equal(crop, plain)
+
+
+def test_random_resized_crop_follows_the_augment_config(cifar_files):
+    augment = BatchAugment(AugmentConfig(random_resized_crop=True, crop_padding=0), cifar_files.mean, cifar_files.std)
+    loader = TrainLoader(cifar_files.train, sampler_for(cifar_files.train), 50, augment, "cpu", seed=0)
+    batch = collect(loader, 0)[0]
+    assert loader.random_resized_crop and batch.images.shape == (50, 3, 32, 32)
+    assert batch.images.dtype == torch.float32
