@@ -1,0 +1,260 @@
+"""Stage-2 methods (registered in ``longtail.registry.STAGE2``): what to do with the classifier(s)
+of a model whose backbone stage 1 trained and stage 2 keeps frozen.
+
+- ``crt``: re-initialise every head and retrain it (Kang et al. 2020), on cached features;
+- ``lws``: learn one scale per class on top of each frozen head (Kang et al. 2020), on cached features;
+- ``tau_norm``: post-hoc ``w_c / ||w_c||^tau``, tau grid-searched on the validation split when there
+  is one (Kang et al. 2020);
+- ``ncm``: nearest class mean of L2-normalised features (Kang et al. 2020);
+- ``mislas``: label-aware smoothing, shift learning on BN and the enhanced classifier
+  ``z = diag(s)(rW + dW)^T x`` (seed 001_9389938eb33d47c2.txt), on backbone passes over augmented images;
+- ``ladc``: LADC's calibrated tail features and LWS-Plus (seed 002_6b2bba2c1b62b163.txt), on cached features.
+
+A method's constructor takes its ``stage2.params``; ``run(ctx)`` replaces ``ctx.model.heads`` and
+returns what metrics.json should record about it. Sampling (``stage2.sampler``), the loss
+(``stage2.loss``, else the method's own), the optimizer and schedule come from the config.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from longtail.engine.logging import LOG
+from longtail.functional import (SMOOTHING_SHAPES, label_aware_epsilons, label_aware_smoothing, ladc_head_classes,
+                                 soft_target_cross_entropy)
+from longtail.losses.basic import CrossEntropy
+from longtail.models.heads import LWSHead, TauNormHead
+from longtail.registry import STAGE2
+from longtail.stage2.heads import LWSPlusHead, NCMHead, fresh_like
+from longtail.stage2.ladc import TailGaussians, choose_covariance, log_choice, memory_budget
+from longtail.stage2.training import Stage2Context, average_bn_statistics, train_heads
+from longtail.types import Batch, ModelOutput
+
+__all__ = ["Stage2Method", "CRT", "LWS", "TauNorm", "NCM", "LabelAwareSmoothingLoss", "MiSLAS", "LADC",
+           "DEFAULT_TAU_GRID"]
+
+DEFAULT_TAU_GRID = [round(0.1 * i, 1) for i in range(21)]  # 0.0, 0.1, ..., 2.0
+
+
+class Stage2Method:
+    """Base of the registered methods. ``post_hoc`` methods do not train (stage2.epochs is unused);
+    ``uses_images`` methods run the backbone on augmented images instead of cached features;
+    ``shifts_bn`` methods change the backbone's BatchNorm running statistics (never its weights)."""
+
+    post_hoc = False
+    uses_images = False
+    shifts_bn = False
+
+    def __init__(self) -> None:
+        """No parameters (an explicit signature, so the registry rejects unknown stage2.params)."""
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _replace_heads(model: nn.Module, heads: Sequence[nn.Module]) -> list[nn.Parameter]:
+    for i, head in enumerate(heads):
+        model.heads[i] = head
+    return [p for head in heads for p in head.parameters() if p.requires_grad]
+
+
+def _ce(ctx: Stage2Context) -> nn.Module:
+    return ctx.loss(CrossEntropy(ctx.counts, ctx.num_classes))
+
+
+@STAGE2.register("crt")
+class CRT(Stage2Method):
+    """Classifier re-training: fresh heads of the same kind, trained on cached features with the
+    stage-2 sampler (class-balanced by default) and CE (or ``stage2.loss``)."""
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        params = _replace_heads(ctx.model, [fresh_like(head) for head in ctx.model.heads])
+        return {"history": train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches())}
+
+
+@STAGE2.register("lws")
+class LWS(Stage2Method):
+    """Learnable weight scaling: the stage-1 heads stay fixed, one scale per class is learnt."""
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        params = _replace_heads(ctx.model, [LWSHead(head) for head in ctx.model.heads])
+        return {"history": train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches())}
+
+
+@STAGE2.register("tau_norm")
+class TauNorm(Stage2Method):
+    """tau-normalised classifier, no training. With a validation split, tau is the value of
+    ``tau_grid`` with the best validation top-1 (the first on ties); without one (or with
+    ``tau_grid: null``), ``tau`` is used as given."""
+
+    post_hoc = True
+
+    def __init__(self, tau: float = 1.0, tau_grid: list[float] | None = None) -> None:
+        self.tau = tau
+        self.tau_grid = list(DEFAULT_TAU_GRID if tau_grid is None else tau_grid)
+
+    @torch.no_grad()
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        bases = list(ctx.model.heads)
+        tau, search = self.tau, {}
+        if ctx.bundle.val is not None and self.tau_grid:
+            val = ctx.features("val")
+            for candidate in self.tau_grid:
+                _replace_heads(ctx.model, [TauNormHead(base, candidate) for base in bases])
+                logits, _ = ctx.model.logits_from_features(val.features)
+                search[candidate] = float((logits.argmax(1) == val.targets).float().mean())
+            tau = max(search, key=search.__getitem__)
+            LOG.info(f"tau_norm: tau={tau} (validation top-1 {100 * search[tau]:.2f}%)")
+        else:
+            LOG.info(f"tau_norm: no validation split, tau={tau} as given (set data.val_fraction to search it)")
+        _replace_heads(ctx.model, [TauNormHead(base, tau) for base in bases])
+        return {"tau": tau, "val_top1_by_tau": {str(k): v for k, v in search.items()}}
+
+
+@STAGE2.register("ncm")
+class NCM(Stage2Method):
+    """Nearest class mean on L2-normalised cached features, one classifier per expert."""
+
+    post_hoc = True
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        train = ctx.features("train")
+        _replace_heads(ctx.model, [NCMHead.fit(features, train.targets, ctx.num_classes) for features in train.features])
+        return {}
+
+
+class LabelAwareSmoothingLoss(nn.Module):
+    """Per-sample CE against MiSLAS's label-aware smoothed targets (``label_aware_smoothing``)."""
+
+    uses_images = True
+
+    def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
+                 shape: str = "concave", spread: str = "all") -> None:
+        super().__init__()
+        self.class_counts = list(class_counts)
+        self.eps_head, self.eps_tail, self.shape, self.spread = eps_head, eps_tail, shape, spread
+        label_aware_epsilons(self.class_counts, eps_head, eps_tail, shape)  # fail at build time on bad values
+        if spread not in ("all", "others"):
+            raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
+
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        soft = label_aware_smoothing(targets, self.class_counts, self.eps_head, self.eps_tail, self.shape, self.spread)
+        return soft_target_cross_entropy(output.logits, soft, reduction="none")
+
+
+MISLAS_HEADS = ("enhanced", "lws", "crt")
+
+
+@STAGE2.register("mislas")
+class MiSLAS(Stage2Method):
+    """MiSLAS's stage 2 (seed 001; DESIGN.md "Recipes" for its public code).
+
+    - loss: label-aware smoothing (``eps_head``, ``eps_tail``, ``shape``, ``spread``), unless
+      ``stage2.loss`` names another;
+    - ``bn_shift``: the backbone's BatchNorm layers run in train mode under no_grad, so their running
+      mean/variance follow the class-balanced stage-2 batches while their affine weights stay frozen;
+      the features are therefore recomputed from the augmented training images every step (no cache);
+    - ``head``: ``enhanced`` (the code's default) fine-tunes the stage-1 head at ``lr_factor`` x lr and
+      learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the slides' ``diag(s)(rW + dW)^T x``
+      with r = 1: the code starts dW at 0 and does not learn r); ``lws`` learns the scales only;
+      ``crt`` retrains a fresh head at lr.
+    """
+
+    uses_images = True
+
+    def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
+                 shape: str = "concave", spread: str = "all", bn_shift: bool = True, lr_factor: float = 0.2,
+                 head: str = "enhanced") -> None:
+        if head not in MISLAS_HEADS:
+            raise ValueError(f"unknown mislas head {head!r}; allowed: {', '.join(MISLAS_HEADS)}")
+        if shape not in SMOOTHING_SHAPES:
+            raise ValueError(f"unknown smoothing shape {shape!r}; allowed: {', '.join(SMOOTHING_SHAPES)}")
+        if lr_factor < 0:
+            raise ValueError(f"lr_factor must be >= 0, got {lr_factor}")
+        self.smoothing = LabelAwareSmoothingLoss(class_counts, eps_head, eps_tail, shape, spread)
+        self.bn_shift, self.lr_factor, self.head = bn_shift, lr_factor, head
+        self.shifts_bn = bn_shift
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        old = list(ctx.model.heads)
+        if self.head == "crt":
+            groups = [(_replace_heads(ctx.model, [fresh_like(h) for h in old]), 1.0)]
+        elif self.head == "lws":
+            groups = [(_replace_heads(ctx.model, [LWSHead(h) for h in old]), 1.0)]
+        else:
+            heads = [LWSHead(h, train_base=True) for h in old]
+            _replace_heads(ctx.model, heads)
+            groups = [([h.scales for h in heads], 1.0), ([p for h in heads for p in h.base.parameters()], self.lr_factor)]
+        history = train_heads(ctx, groups, ctx.loss(self.smoothing), ctx.image_batches(self.bn_shift))
+        if self.bn_shift:
+            average_bn_statistics(ctx.model)
+        return {"history": history}
+
+
+LADC_HEADS = ("lws_plus", "lws", "crt")
+
+
+@STAGE2.register("ladc")
+class LADC(Stage2Method):
+    """LADC's stage 2 (seed 002, "Label-Aware Distribution Calibration" and "Sampling strategy").
+
+    Head classes are the most frequent ones covering ``coverage`` of the training images. On the
+    cached features of each expert, each head class gets a Gaussian (eq. 1-3) and each tail instance
+    the calibrated Gaussian of eq. 4-12 (``m`` nearest head classes, ``weighting``, ``alpha``,
+    ``beta``). Training batches come from ``stage2.sampler`` (the ``ladc`` sampler with its ``tau``
+    is eq. 13): a drawn head instance contributes its real feature, a drawn tail instance a fresh
+    sample of its calibrated Gaussian. The head is LWS-Plus (eq. 14) by default, or LWS / cRT.
+
+    ``covariance``: full, lowrank (``covariance_rank``), diagonal, or auto (the most exact that fits
+    ``covariance_memory_gb``, default a quarter of the free memory); see longtail.stage2.ladc.
+    """
+
+    def __init__(self, class_counts: Sequence[int], seed: int, coverage: float = 0.6, m: int = 2,
+                 alpha: float = 0.1, beta: float = 1.0, weighting: str = "inverse", head: str = "lws_plus",
+                 covariance: str = "auto", covariance_rank: int = 64,
+                 covariance_memory_gb: float | None = None) -> None:
+        if head not in LADC_HEADS:
+            raise ValueError(f"unknown ladc head {head!r}; allowed: {', '.join(LADC_HEADS)}")
+        if covariance_rank < 1:
+            raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}")
+        self.head_classes = ladc_head_classes(class_counts, coverage)
+        if len(self.head_classes) == len(class_counts):
+            raise ValueError(f"coverage {coverage} makes every class a head class; LADC needs tail classes "
+                             "(lower stage2.params.coverage)")
+        if m > len(self.head_classes):
+            raise ValueError(f"m={m} nearest head classes asked for, but only {len(self.head_classes)} classes are "
+                             "head classes; lower stage2.params.m or raise coverage")
+        self.class_counts, self.seed = list(class_counts), seed
+        self.m, self.alpha, self.beta, self.weighting, self.head = m, alpha, beta, weighting, head
+        self.covariance, self.rank, self.memory_gb = covariance, covariance_rank, covariance_memory_gb
+
+    def _banks(self, ctx: Stage2Context) -> tuple[list[TailGaussians], str]:
+        train = ctx.features("train")
+        experts, _, dim = train.features.shape
+        budget = (int(self.memory_gb * 2**30) if self.memory_gb is not None else memory_budget(ctx.device))
+        kind = choose_covariance(self.covariance, experts * len(self.head_classes), dim, self.rank, budget)
+        log_choice(self.covariance, kind, len(self.head_classes), dim, experts, budget)
+        banks = [TailGaussians(features, train.targets, self.class_counts, self.head_classes, kind, self.m,
+                               self.alpha, self.beta, self.weighting, self.rank) for features in train.features]
+        return banks, kind
+
+    def run(self, ctx: Stage2Context) -> dict[str, Any]:
+        banks, kind = self._banks(ctx)
+        # every rank draws its own noise, reproducibly from the seed
+        generator = torch.Generator(device=ctx.device).manual_seed(self.seed * 1000 + ctx.dist.rank)
+
+        def calibrate(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            tail = banks[0].is_tail[indices]
+            features = features.clone()
+            for expert, bank in enumerate(banks):
+                features[expert, tail] = bank.sample(indices[tail], generator)
+            return features
+
+        old = list(ctx.model.heads)
+        wrapper = {"lws_plus": LWSPlusHead, "lws": LWSHead, "crt": None}[self.head]
+        heads = [fresh_like(h) if wrapper is None else wrapper(h) for h in old]
+        params = _replace_heads(ctx.model, heads)
+        history = train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches(calibrate))
+        return {"history": history, "head_classes": len(self.head_classes), "covariance": kind}

@@ -1,0 +1,131 @@
+"""``run_stage2``: the decoupled classifier stage after stage 1 (``longtail train`` calls it when the
+recipe has a ``stage2`` section).
+
+It loads stage 1's checkpoint, freezes the backbone, lets the method (``stage2.method``) replace and
+train the heads, checks that the backbone's weights are bit-identical afterwards (and its BatchNorm
+statistics too, unless the method shifts them), evaluates, and writes ``RUN/stage2/``: metrics.json,
+the plots of stage 1, and ``checkpoints/last.pt``.
+"""
+from __future__ import annotations
+
+import time
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longtail.config import Config
+from longtail.engine import builders
+from longtail.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from longtail.engine.distributed import DistInfo, barrier
+from longtail.engine.evaluate import compute_metrics, predict, summary
+from longtail.engine.logging import LOG
+from longtail.engine.trainer import write_results
+from longtail.registry import STAGE2, ConfigError, load_all
+from longtail.stage2.heads import fold_head, head_spec
+from longtail.stage2.training import BATCH_NORMS, Stage2Context
+
+__all__ = ["run_stage2", "stage1_checkpoint", "backbone_state", "check_backbone"]
+
+
+def stage1_checkpoint(run_dir: Path, choice: str) -> Path:
+    """The checkpoint ``stage2.from_checkpoint`` names: ``last``/``best`` of the run, or a file."""
+    path = run_dir / "checkpoints" / f"{choice}.pt" if choice in ("last", "best") else Path(choice)
+    if not path.is_file():
+        hint = " ('best' exists only when stage 1 ran with train.select=val or test)" if choice == "best" else ""
+        raise CheckpointError(f"stage 2 cannot find its stage-1 checkpoint {path}{hint}; set stage2.from_checkpoint "
+                              "to last, best or a checkpoint file")
+    return path
+
+
+def backbone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer outside ``model.heads``."""
+    in_heads = {id(t) for t in chain(model.heads.parameters(), model.heads.buffers())}
+    return {name: tensor.detach().clone() for name, tensor in chain(model.named_parameters(), model.named_buffers())
+            if id(tensor) not in in_heads}
+
+
+def _bn_statistics(model: nn.Module) -> set[str]:
+    return {f"{name}.{buffer}" for name, module in model.named_modules() if isinstance(module, BATCH_NORMS)
+            for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def check_backbone(model: nn.Module, before: dict[str, torch.Tensor], bn_statistics_may_change: bool) -> None:
+    """Raise if stage 2 changed the frozen backbone (its BN statistics are allowed to change when
+    the method shifts them)."""
+    allowed = _bn_statistics(model) if bn_statistics_may_change else set()
+    after = backbone_state(model)
+    changed = [name for name, tensor in before.items() if name not in allowed and not torch.equal(tensor, after[name])]
+    if changed or after.keys() != before.keys():
+        raise RuntimeError(f"stage 2 changed the frozen backbone ({', '.join(changed[:5]) or 'its set of tensors'}); "
+                           "this is a bug in the stage-2 method")
+
+
+def _stage2_augment(config: Config) -> Any:
+    """``stage2.augment``, else stage 1's augmentation without mixing (MiSLAS's stage 2 turns mixup off)."""
+    stage2 = config.stage2
+    if stage2.augment is not None:
+        return stage2.augment
+    return config.data.augment.model_copy(update={"mixup_alpha": 0.0, "remix": False})
+
+
+def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo) -> dict[str, Any]:
+    """Run the stage-2 method of ``config.stage2`` on the stage-1 run in ``run_dir``; returns what
+    ``RUN/stage2/metrics.json`` holds."""
+    cfg = config.stage2
+    if cfg is None:
+        raise ConfigError("the config has no stage2 section; add one (e.g. stage2: {method: crt})")
+    started = time.perf_counter()
+    load_all()
+    device = dist_info.device
+    checkpoint = stage1_checkpoint(run_dir, cfg.from_checkpoint)
+    bundle = builders.build_bundle(config)
+    model = builders.build_model(config, bundle, device)
+    model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+    torch.manual_seed(config.seed)  # fresh heads start the same on every rank
+    method = STAGE2.build(cfg.method, cfg.params, where="stage2.params", class_counts=bundle.train_counts,
+                          num_classes=bundle.num_classes, seed=config.seed)
+    if cfg.augment is not None and not method.uses_images:
+        raise ConfigError(f"stage2.augment is used by methods that pass images through the backbone (mislas); "
+                          f"{cfg.method} works on cached features of the un-augmented images. Remove stage2.augment")
+    if method.post_hoc and cfg.epochs:
+        LOG.info(f"stage 2: {cfg.method} is post-hoc; stage2.epochs={cfg.epochs} is not used")
+    for param in model.backbone_parameters():
+        param.requires_grad_(False)
+    before = backbone_state(model)
+    augment = builders.build_augment(config, bundle, _stage2_augment(config))
+    ctx = Stage2Context(config, model, bundle, dist_info, builders.amp_dtype(config, device), augment)
+    LOG.info(f"stage 2: {cfg.method} on {checkpoint} ({len(model.heads)} head(s))")
+    info = method.run(ctx)
+    train_seconds = time.perf_counter() - started
+    check_backbone(model, before, method.shifts_bn)
+    for i, head in enumerate(list(model.heads)):
+        model.heads[i] = fold_head(head)
+
+    def evaluate(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        imageset = getattr(bundle, split)
+        loader = builders.eval_loader(config, imageset, augment, dist_info)
+        outputs = predict(model, loader, dist_info, len(imageset), ctx.amp_dtype)
+        return compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
+                               outputs.get("expert_logits")), outputs
+
+    epochs = 0 if method.post_hoc else cfg.epochs
+    test_metrics, test_outputs = evaluate("test")
+    results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
+                               "train_seconds": train_seconds, **info,
+                               "last": {"epoch": epochs, "test": test_metrics}}
+    if bundle.val is not None:
+        results["last"]["val"] = evaluate("val")[0]
+    results["seconds"] = time.perf_counter() - started
+    out_dir = run_dir / "stage2"
+    if dist_info.is_main:
+        save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
+                         "config": config.model_dump(mode="json"), "epoch": epochs - 1,
+                         "stage2": {"method": cfg.method, "from_checkpoint": str(checkpoint)}},
+                        out_dir / "checkpoints" / "last.pt")
+        write_results(out_dir, results, test_outputs, bundle.train_counts, test_metrics)
+        LOG.info(f"stage 2 ({cfg.method}, {results['seconds']:.1f} s): {summary(test_metrics)}")
+    barrier()
+    return results
