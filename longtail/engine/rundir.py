@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -36,6 +37,20 @@ def git_commit() -> dict[str, object]:
     return {"commit": commit or None, "dirty": dirty if commit else None}
 
 
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU's, or the CPU model with its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"
+
+
 def write_run_record(run_dir: Path, config: Config, device: torch.device, world_size: int) -> None:
     """The resolved config, the code version and the environment, beside the results."""
     (run_dir / "config.yaml").write_text(dump_config(config))
@@ -47,7 +62,7 @@ def write_run_record(run_dir: Path, config: Config, device: torch.device, world_
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "world_size": world_size,
     }

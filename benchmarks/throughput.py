@@ -1,0 +1,189 @@
+"""Training throughput, three ways in one run (these machines are noisy: only same-run ratios count).
+
+1. ceiling   — forward + backward + SGD step of the model on pre-made tensors already on the device:
+               the compute ceiling, no data pipeline at all.
+2. longtail  — one real epoch of longtail's Trainer on CIFAR-10-LT (device-resident uint8 images,
+               batched augmentation, sampler, loss, logging, progress bar).
+3. reference — the loop the seeds' public code uses: torchvision ImageFolder over the JPEG files,
+               PIL transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize),
+               DataLoader workers, the same model/optimizer.
+
+    python benchmarks/throughput.py                         # ResNet-32, CE
+    python benchmarks/throughput.py --model shike_resnet32 --loss shike
+
+Prints and writes JSON (benchmarks/results/throughput-<model>-<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"
+
+
+def make_config(args: argparse.Namespace, run_root: Path):
+    from longtail.config import load_config
+    overrides = [f"model.name={args.model}", f"loss.name={args.loss}", f"data.root={args.data}",
+                 "train.epochs=1", "train.eval_every=0", f"output_dir={run_root}", f"device={args.device}",
+                 f"data.num_workers={args.workers}", "name=throughput"]
+    return load_config(REPO / "configs/cifar10_lt/if100/ce.yaml", overrides)
+
+
+def time_ceiling(config, device: torch.device, steps: int, warmup: int) -> float:
+    """img/s of fwd+bwd+step on fixed tensors: what the hardware allows for this model."""
+    from longtail.engine import builders
+    from longtail.engine.optim import build_optimizer
+    from longtail.engine.trainer import Trainer  # noqa: F401 - same import cost as the trainer
+    from longtail.registry import LOSSES
+    bundle = builders.build_bundle(config)
+    model = builders.build_model(config, bundle, device)
+    loss_fn = LOSSES.build(config.loss.name, config.loss.params, class_counts=bundle.train_counts,
+                           num_classes=bundle.num_classes, num_samples=len(bundle.train.targets)).to(device)
+    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    batch = config.data.batch_size
+    images = torch.randn(batch, 3, 32, 32, device=device)
+    targets = torch.randint(0, bundle.num_classes, (batch,), device=device)
+    dtype = builders.amp_dtype(config, device)
+    if builders.use_channels_last(config, device):
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(images), targets).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def time_longtail(config, device: torch.device) -> tuple[float, int]:
+    """img/s of one full epoch of the real Trainer (after a short warm-up epoch fragment)."""
+    from longtail.engine.distributed import DistInfo
+    from longtail.engine.rundir import new_run_dir
+    from longtail.engine.trainer import Trainer
+    run_dir = new_run_dir(config.output_dir, config.name)
+    trainer = Trainer(config, run_dir, DistInfo(0, 1, 0, device))
+    stats = trainer._train_epoch(0)
+    return stats["images_per_second"], len(trainer.loader)
+
+
+def extracted_tree(archive: Path) -> Path:
+    """The JPEG tree the reference loop reads, extracted once to a cache folder."""
+    target = Path.home() / ".cache" / "longtail" / "extracted" / archive.name.replace(".tar.gz", "")
+    if not (target / "train").is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+            roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
+            source = Path(tmp) if (Path(tmp) / "train").is_dir() else roots[0]
+            source.rename(target)
+    return target
+
+
+def time_reference(config, device: torch.device, steps: int, warmup: int, workers: int) -> float:
+    """The seeds' loop: ImageFolder + PIL transforms + DataLoader workers + the same model."""
+    import torchvision
+    import torchvision.transforms as T
+    from longtail.engine import builders
+    from longtail.engine.optim import build_optimizer
+    from longtail.registry import LOSSES
+    bundle = builders.build_bundle(config)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(bundle.mean, bundle.std)])
+    dataset = torchvision.datasets.ImageFolder(str(extracted_tree(Path(config.data.root)) / "train"), transform)
+    # the LT subset in the same class sizes (which images does not matter for speed)
+    keep, seen = [], [0] * bundle.num_classes
+    for index, (_, label) in enumerate(dataset.samples):
+        if seen[label] < bundle.train_counts[label]:
+            seen[label] += 1
+            keep.append(index)
+    subset = torch.utils.data.Subset(dataset, keep)
+    loader = torch.utils.data.DataLoader(subset, batch_size=config.data.batch_size, shuffle=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, persistent_workers=workers > 0)
+    model = builders.build_model(config, bundle, device)
+    loss_fn = LOSSES.build(config.loss.name, config.loss.params, class_counts=bundle.train_counts,
+                           num_classes=bundle.num_classes, num_samples=len(keep)).to(device)
+    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    dtype = builders.amp_dtype(config, device)
+    done, start = 0, None
+    while done < warmup + steps:
+        for images, targets in loader:
+            if done == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn(model(images), targets).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup + steps:
+                break
+    _sync(device)
+    return steps * config.data.batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet32")
+    parser.add_argument("--loss", default="ce")
+    parser.add_argument("--data", default=str(ARCHIVE))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of ceiling and reference")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from longtail.engine.distributed import resolve_device
+    from longtail.engine.rundir import device_name
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as run_root:
+        config = make_config(args, Path(run_root))
+        result = {"model": args.model, "loss": args.loss, "device": str(device),
+                  "device_name": device_name(device),
+                  "cpu_threads": torch.get_num_threads(), "batch_size": config.data.batch_size,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        result["ceiling_img_s"] = time_ceiling(config, device, args.steps, args.warmup)
+        result["longtail_img_s"], result["longtail_steps"] = time_longtail(config, device)
+        if not args.skip_reference:
+            result["reference_img_s"] = time_reference(config, device, args.steps, args.warmup, args.workers)
+            result["longtail_over_reference"] = result["longtail_img_s"] / result["reference_img_s"]
+        result["longtail_over_ceiling"] = result["longtail_img_s"] / result["ceiling_img_s"]
+        result["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result, indent=2))
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput-{args.model}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
