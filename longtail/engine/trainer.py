@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         bar = tqdm(total=steps * images_per_step, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not self.dist.is_main,
-                   mininterval=1.0, dynamic_ncols=True)
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
         start = time.perf_counter()
         for step, batch in enumerate(self.loader):
             images = batch.images
