@@ -1,7 +1,10 @@
 """Stage 2 end to end on Digits-LT: every method trains/sets the heads on a frozen stage-1 backbone,
 writes metrics, plots and a checkpoint that loads back; BN shift moves running statistics only."""
 import json
+import os
 import shutil
+import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,17 +12,18 @@ from torch import nn
 
 from longtail.config import Stage2Config, load_config
 from longtail.data.augment import BatchAugment
-from longtail.engine.builders import build_bundle, build_model
+from longtail.engine.builders import build_augment, build_bundle, build_model
 from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
-from longtail.engine.distributed import init_distributed
+from longtail.engine.distributed import init_distributed, shutdown
 from longtail.engine.evaluator import evaluate_checkpoint
 from longtail.engine.trainer import Trainer
 from longtail.models.classifier import Classifier, StagedBackbone
 from longtail.models.heads import CosineHead, LinearHead, LWSHead, TauNormHead
-from longtail.registry import MODELS, ConfigError
+from longtail.functional import ladc_sampling_probs, lt_counts
+from longtail.registry import MODELS, SAMPLERS, STAGE2, ConfigError
 from longtail.stage2 import restore_heads, run_stage2
 from longtail.stage2.heads import LWSPlusHead, fold_head
-from longtail.stage2.training import set_bn_shift
+from longtail.stage2.training import Stage2Context, set_bn_shift
 
 STAGE1 = ["device=cpu", "train.epochs=2", "model.params.hidden=[32]", "data.val_fraction=0.2",
           "train.eval_every=0"]
@@ -162,3 +166,87 @@ def test_config_errors_name_the_fix(stage1, tmp_path):
         run_method(stage1, tmp_path / "b", "crt", epochs=0)
     with pytest.raises(ConfigError, match="stage2.augment"):
         run_method(stage1, tmp_path / "c", "lws", augment={"flip": True})
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One gloo rank: cache features, draw an epoch from each sampler, train LADC heads, save all."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist_info = init_distributed("cpu")
+    try:
+        config = load_config(None, DDP_CONFIG)
+        bundle = build_bundle(config)
+        torch.manual_seed(0)
+        model = build_model(config, bundle, torch.device("cpu"))
+        for param in model.backbone_parameters():
+            param.requires_grad_(False)
+        ctx = Stage2Context(config, model, bundle, dist_info, None, build_augment(config, bundle))
+        drawn = {}
+        for sampler, params in DDP_SAMPLERS.items():
+            ctx.config = config.model_copy(update={"stage2": config.stage2.model_copy(
+                update={"sampler": sampler, "sampler_params": params})})
+            batches = ctx.feature_batches()
+            drawn[sampler] = torch.cat([targets for _, targets, _ in batches.epoch(0, 1)])
+        ctx.config = config
+        STAGE2.build("ladc", config.stage2.params, class_counts=bundle.train_counts, num_classes=10, seed=0).run(ctx)
+        torch.save({"features": ctx.features("train").features, "drawn": drawn,
+                    "heads": model.heads.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        shutdown()
+
+
+DDP_CONFIG = ["device=cpu", "model.params.hidden=[32]", "stage2.method=ladc", "stage2.epochs=2",
+              "stage2.params.coverage=0.5", "stage2.sampler=ladc", "stage2.sampler_params.tau=1.2"]
+DDP_SAMPLERS = {"class_balanced": {"num_samples": 20000}, "ladc": {"tau": 1.2, "num_samples": 20000}}
+
+
+@pytest.mark.ddp
+def test_two_gloo_ranks_sample_balanced_shards_and_train_identical_heads(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    config = load_config(None, DDP_CONFIG)
+    bundle = build_bundle(config)
+    torch.manual_seed(0)
+    model = build_model(config, bundle, torch.device("cpu"))
+    images = BatchAugment(config.data.augment, bundle.mean, bundle.std, bundle.train_counts).normalize(
+        bundle.train.images)
+    with torch.no_grad():
+        single = model.eval()(images).features
+    for result in ranks:  # every rank holds the whole training set's features, in order
+        assert torch.allclose(result["features"][0], single, atol=1e-5)
+
+    expected = {"class_balanced": torch.full((10,), 0.1, dtype=torch.float64),
+                "ladc": ladc_sampling_probs(bundle.train_counts, 1.2)}
+    for sampler, probs in expected.items():
+        shards = [result["drawn"][sampler] for result in ranks]
+        per_rank = 10000 // config.data.batch_size * config.data.batch_size  # full batches only
+        assert len(shards[0]) == len(shards[1]) == per_rank
+        assert not torch.equal(shards[0], shards[1])
+        for shard in shards:  # each rank's own draws follow the class distribution
+            share = torch.bincount(shard, minlength=10).double() / len(shard)
+            assert torch.allclose(share, probs, atol=0.02), (sampler, share, probs)
+
+    for name, tensor in ranks[0]["heads"].items():  # gradients averaged over ranks: identical heads
+        assert torch.equal(tensor, ranks[1]["heads"][name]), name
+
+
+STAGE2_METHODS = ("crt", "lws", "tau_norm", "mislas", "ladc")
+STAGE2_RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                        if "_base" not in p.parts and p.stem.split("_resnet")[0] in STAGE2_METHODS)
+
+
+def test_stage2_recipes_build_their_methods():
+    assert len(STAGE2_RECIPES) == 50  # CIFAR-10/100-LT x 4 imbalance factors, ImageNet-LT, iNat 2018 x 5 methods
+    for path in STAGE2_RECIPES:
+        config = load_config(path)
+        assert config.stage2.method == path.stem.split("_resnet")[0], path
+        counts = lt_counts(10, 500, 100)
+        STAGE2.build(config.stage2.method, config.stage2.params, where="stage2.params", class_counts=counts,
+                     num_classes=10, seed=0)
+        SAMPLERS.build(config.stage2.sampler or "instance", config.stage2.sampler_params,
+                       targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0)

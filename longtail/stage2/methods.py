@@ -121,7 +121,8 @@ class NCM(Stage2Method):
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         train = ctx.features("train")
-        _replace_heads(ctx.model, [NCMHead.fit(features, train.targets, ctx.num_classes) for features in train.features])
+        heads = [NCMHead.fit(features, train.targets, ctx.num_classes) for features in train.features]
+        _replace_heads(ctx.model, heads)
         return {}
 
 
@@ -186,7 +187,8 @@ class MiSLAS(Stage2Method):
         else:
             heads = [LWSHead(h, train_base=True) for h in old]
             _replace_heads(ctx.model, heads)
-            groups = [([h.scales for h in heads], 1.0), ([p for h in heads for p in h.base.parameters()], self.lr_factor)]
+            bases = [p for h in heads for p in h.base.parameters()]
+            groups = [([h.scales for h in heads], 1.0), (bases, self.lr_factor)]
         history = train_heads(ctx, groups, ctx.loss(self.smoothing), ctx.image_batches(self.bn_shift))
         if self.bn_shift:
             average_bn_statistics(ctx.model)
