@@ -1,6 +1,6 @@
-"""Losses between the experts of a multi-expert model: SHIKE's distillation (seed
-003_c38ed24e8c8e66ce.txt) and RIDE's diversity term (seed 000_aa1c4ab53dd5e13c.txt).
-``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
+"""Formulas of multi-expert and multi-branch models: SHIKE's distillation (seed
+003_c38ed24e8c8e66ce.txt), RIDE's diversity term and BBN's cumulative-learning weight (seed
+000_aa1c4ab53dd5e13c.txt). ``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from longtail.functional.losses import Counts, _counts, _reduce, _upcast
 
 __all__ = ["shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss", "ride_diversity_loss",
-           "ride_class_temperatures"]
+           "ride_class_temperatures", "bbn_alpha"]
 
 
 def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
@@ -116,3 +116,17 @@ def ride_class_temperatures(class_counts: Counts, temperature: float = 1.0, gamm
     if bool((beta <= 0).any()):
         raise ValueError(f"gamma={gamma} makes some class temperatures non-positive; use a value in [0, 1]")
     return (temperature * beta / beta.max()).float()
+
+
+def bbn_alpha(epoch: int, total_epochs: int) -> float:
+    """BBN's cumulative-learning weight of the conventional branch, ``alpha = 1 - (T / T_max)^2``.
+
+    BBN (Zhou et al. CVPR 2020) in seed 000_aa1c4ab53dd5e13c.txt, Fig. 3 ("cumulative learning
+    strategy"): the logits are ``alpha W_c f_c + (1 - alpha) W_r f_r`` and the loss
+    ``alpha L(y_uniform) + (1 - alpha) L(y_reversed)``, so the weight moves from the uniform branch
+    to the re-balancing one as a parabola. T = ``epoch`` is the number of epochs done (0 at the start),
+    as BBN's code ``1 - ((epoch - 1) / max_epoch) ** 2`` with 1-based epochs.
+    """
+    if total_epochs < 1 or not 0 <= epoch <= total_epochs:
+        raise ValueError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch} of {total_epochs}")
+    return 1.0 - (epoch / total_epochs) ** 2

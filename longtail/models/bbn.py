@@ -18,7 +18,8 @@ How the trainer feeds it (``data.pair_sampler: reversed``; ``engine.trainer.Pair
   ``alpha * L(logits, y_uniform) + (1 - alpha) * L(logits, y_reversed)``.
 - evaluation: one ordinary batch through both branches with an equal mix (alpha = 1/2), i.e.
   ``logits = W [f_c ; f_r] + b``.
-- ``on_epoch_start(epoch, total_epochs)`` sets alpha = 1 - (epoch / total_epochs)^2.
+- ``on_epoch_start(epoch, total_epochs)`` sets alpha = ``bbn_alpha(epoch, total_epochs)``
+  (longtail.functional), 1 - (epoch / total_epochs)^2.
 
 BBN's code runs the two halves through the shared stages in separate calls (batch-norm statistics
 per half); here they share one call (statistics over both halves).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longtail.functional import bbn_alpha
 from longtail.models.cifar_resnet import BasicBlock, cifar_trunk, init_weights
 from longtail.models.classifier import expert_head_logits, global_pool, parameters_outside
 from longtail.models.heads import make_head
@@ -37,13 +39,9 @@ from longtail.types import ModelOutput
 __all__ = ["cumulative_alpha", "BBN", "bbn_resnet32"]
 
 
-def cumulative_alpha(epoch: int, total_epochs: int) -> float:
-    """BBN's cumulative-learning weight of the conventional branch, the parabolic decay
-    ``alpha = 1 - (T / T_max)^2`` with T = ``epoch`` (epochs done, 0 at the start): BBN's code
-    ``1 - ((epoch - 1) / max_epoch) ** 2`` with 1-based epochs."""
-    if total_epochs < 1 or not 0 <= epoch <= total_epochs:
-        raise ValueError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch} of {total_epochs}")
-    return 1.0 - (epoch / total_epochs) ** 2
+# the formula lives in longtail.functional; this name stays while longtail.models and
+# tests/test_models.py import it
+cumulative_alpha = bbn_alpha
 
 
 class BBN(nn.Module):
@@ -62,7 +60,7 @@ class BBN(nn.Module):
         self.register_buffer("alpha", torch.tensor(1.0), persistent=False)
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
-        self.alpha.fill_(cumulative_alpha(epoch, total_epochs))
+        self.alpha.fill_(bbn_alpha(epoch, total_epochs))
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         h = self.stem(x)
