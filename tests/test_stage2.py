@@ -29,8 +29,17 @@ STAGE1 = ["device=cpu", "train.epochs=2", "model.params.hidden=[32]", "data.val_
           "train.eval_every=0"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add overhead (and spin on a loaded CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
+def stage1(tmp_path_factory, one_thread):
     """A Digits-LT stage-1 run (2 epochs, MLP with BatchNorm) whose checkpoints each test copies."""
     run_dir = tmp_path_factory.mktemp("stage1")
     config = load_config(None, STAGE1)
@@ -162,6 +171,8 @@ def test_multi_expert_heads_are_each_retrained(tmp_path, two_experts):
 def test_config_errors_name_the_fix(stage1, tmp_path):
     with pytest.raises(ConfigError, match="allowed: .*eps_head"):
         run_method(stage1, tmp_path, "mislas", params={"eps": 0.1})
+    with pytest.raises(ConfigError, match="stage2.params of mislas: unknown smoothing shape 'cubic'"):
+        run_method(stage1, tmp_path / "a", "mislas", params={"shape": "cubic"})
     with pytest.raises(ConfigError, match="stage2.epochs"):
         run_method(stage1, tmp_path / "b", "crt", epochs=0)
     with pytest.raises(ConfigError, match="stage2.augment"):

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "SMOOTHING_SHAPES",
     "label_aware_epsilons",
+    "smoothed_targets",
     "label_aware_smoothing",
     "ladc_head_classes",
     "ladc_class_statistics",
@@ -70,11 +71,9 @@ def label_aware_epsilons(class_counts: Counts, eps_head: float = 0.4, eps_tail: 
     return eps.float()
 
 
-def label_aware_smoothing(targets: torch.Tensor, class_counts: Counts, eps_head: float = 0.4,
-                          eps_tail: float = 0.1, shape: str = "concave", spread: str = "all") -> torch.Tensor:
-    """MiSLAS's label-aware smoothed targets (seed 001, "Label-aware Smoothing"), (B, C) float32.
-
-    Sample with label y uses ``eps_y = label_aware_epsilons(...)[y]``. Where the smoothed mass goes:
+def smoothed_targets(targets: torch.Tensor, epsilons: torch.Tensor, spread: str = "all") -> torch.Tensor:
+    """Soft targets (B, C) where a sample of class y keeps ``1 - epsilons[y]`` of its mass (MiSLAS's
+    label-aware smoothing, seed 001, "Label-aware Smoothing"; ``epsilons`` (C,) on the targets' device):
 
     - ``spread="all"`` (default, MiSLAS's public code ``LabelAwareSmoothing``): eps_y is spread over
       all C classes, so the target gets ``1 - eps_y + eps_y / C`` and every other class ``eps_y / C``;
@@ -83,15 +82,23 @@ def label_aware_smoothing(targets: torch.Tensor, class_counts: Counts, eps_head:
     """
     if spread not in ("all", "others"):
         raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
-    eps = label_aware_epsilons(class_counts, eps_head, eps_tail, shape).to(targets.device)
-    num_classes = eps.numel()
+    num_classes = epsilons.numel()
     if spread == "others" and num_classes < 2:
         raise ValueError("spread='others' needs at least two classes")
-    eps_y = eps[targets].unsqueeze(1)
+    eps_y = epsilons[targets].unsqueeze(1).float()
     one_hot = torch.nn.functional.one_hot(targets, num_classes).float()
     if spread == "all":
         return (1 - eps_y) * one_hot + eps_y / num_classes
     return (1 - eps_y) * one_hot + eps_y / (num_classes - 1) * (1 - one_hot)
+
+
+def label_aware_smoothing(targets: torch.Tensor, class_counts: Counts, eps_head: float = 0.4,
+                          eps_tail: float = 0.1, shape: str = "concave", spread: str = "all") -> torch.Tensor:
+    """MiSLAS's label-aware smoothed targets (seed 001, "Label-aware Smoothing"), (B, C) float32:
+    ``smoothed_targets`` with ``eps_y = label_aware_epsilons(class_counts, eps_head, eps_tail, shape)[y]``;
+    ``spread`` "all" (MiSLAS's code, the default) or "others" (the slides), as ``smoothed_targets``."""
+    return smoothed_targets(targets, label_aware_epsilons(class_counts, eps_head, eps_tail, shape).to(targets.device),
+                            spread)
 
 
 # --------------------------------------------------------------------------------------------- LADC

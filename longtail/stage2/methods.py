@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from longtail.engine.logging import LOG
-from longtail.functional import (SMOOTHING_SHAPES, label_aware_epsilons, label_aware_smoothing, ladc_head_classes,
-                                 soft_target_cross_entropy)
+from longtail.functional import label_aware_epsilons, ladc_head_classes, smoothed_targets, soft_target_cross_entropy
 from longtail.losses.basic import CrossEntropy
 from longtail.models.heads import LWSHead, TauNormHead
 from longtail.registry import STAGE2
@@ -127,22 +126,20 @@ class NCM(Stage2Method):
 
 
 class LabelAwareSmoothingLoss(nn.Module):
-    """Per-sample CE against MiSLAS's label-aware smoothed targets (``label_aware_smoothing``)."""
-
-    uses_images = True
+    """Per-sample CE against MiSLAS's label-aware smoothed targets (``label_aware_smoothing``); the
+    per-class epsilons are a buffer, so a step needs no host-to-device copy."""
 
     def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
                  shape: str = "concave", spread: str = "all") -> None:
         super().__init__()
-        self.class_counts = list(class_counts)
-        self.eps_head, self.eps_tail, self.shape, self.spread = eps_head, eps_tail, shape, spread
-        label_aware_epsilons(self.class_counts, eps_head, eps_tail, shape)  # fail at build time on bad values
         if spread not in ("all", "others"):
             raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
+        self.spread = spread
+        self.register_buffer("epsilons", label_aware_epsilons(class_counts, eps_head, eps_tail, shape))
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        soft = label_aware_smoothing(targets, self.class_counts, self.eps_head, self.eps_tail, self.shape, self.spread)
-        return soft_target_cross_entropy(output.logits, soft, reduction="none")
+        return soft_target_cross_entropy(output.logits, smoothed_targets(targets, self.epsilons, self.spread),
+                                         reduction="none")
 
 
 MISLAS_HEADS = ("enhanced", "lws", "crt")
@@ -170,13 +167,10 @@ class MiSLAS(Stage2Method):
                  head: str = "enhanced") -> None:
         if head not in MISLAS_HEADS:
             raise ValueError(f"unknown mislas head {head!r}; allowed: {', '.join(MISLAS_HEADS)}")
-        if shape not in SMOOTHING_SHAPES:
-            raise ValueError(f"unknown smoothing shape {shape!r}; allowed: {', '.join(SMOOTHING_SHAPES)}")
         if lr_factor < 0:
             raise ValueError(f"lr_factor must be >= 0, got {lr_factor}")
         self.smoothing = LabelAwareSmoothingLoss(class_counts, eps_head, eps_tail, shape, spread)
-        self.bn_shift, self.lr_factor, self.head = bn_shift, lr_factor, head
-        self.shifts_bn = bn_shift
+        self.shifts_bn, self.lr_factor, self.head = bn_shift, lr_factor, head
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         old = list(ctx.model.heads)
@@ -189,8 +183,8 @@ class MiSLAS(Stage2Method):
             _replace_heads(ctx.model, heads)
             bases = [p for h in heads for p in h.base.parameters()]
             groups = [([h.scales for h in heads], 1.0), (bases, self.lr_factor)]
-        history = train_heads(ctx, groups, ctx.loss(self.smoothing), ctx.image_batches(self.bn_shift))
-        if self.bn_shift:
+        history = train_heads(ctx, groups, ctx.loss(self.smoothing), ctx.image_batches(self.shifts_bn))
+        if self.shifts_bn:
             average_bn_statistics(ctx.model)
         return {"history": history}
 

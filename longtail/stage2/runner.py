@@ -85,8 +85,13 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo) -> dict[str, 
     model = builders.build_model(config, bundle, device)
     model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
     torch.manual_seed(config.seed)  # fresh heads start the same on every rank
-    method = STAGE2.build(cfg.method, cfg.params, where="stage2.params", class_counts=bundle.train_counts,
-                          num_classes=bundle.num_classes, seed=config.seed)
+    try:
+        method = STAGE2.build(cfg.method, cfg.params, where="stage2.params", class_counts=bundle.train_counts,
+                              num_classes=bundle.num_classes, seed=config.seed)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a bad value of a stage2.params key: a config error the user can fix
+        raise ConfigError(f"stage2.params of {cfg.method}: {error}") from error
     if cfg.augment is not None and not method.uses_images:
         raise ConfigError(f"stage2.augment is used by methods that pass images through the backbone (mislas); "
                           f"{cfg.method} works on cached features of the un-augmented images. Remove stage2.augment")
