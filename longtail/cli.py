@@ -1,4 +1,4 @@
-"""The ``longtail`` command: train, eval, calibrate, data, list, report.
+"""The ``longtail`` command: train, stage2, eval, calibrate, data, list, report.
 
 Errors a user can fix (bad config, missing data, corrupt image, NaN loss) print one clear message
 and exit non-zero, without a traceback.
@@ -69,12 +69,52 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config.stage2 is not None:
             from longtail.stage2.runner import run_stage2
             run_stage2(config, run_dir, dist_info)
-        if config.calibrate is not None:
+        if config.calibrate is not None:  # calibrates the final model: stage 2's when there is one
             from longtail.calibration.runner import calibrate_run
-            calibrate_run(run_dir, config.calibrate.method, config.calibrate.params, dist_info=dist_info)
+            final = run_dir / "stage2" if config.stage2 is not None else run_dir
+            calibrate_run(final, config.calibrate.method, config.calibrate.params, dist_info=dist_info)
         if dist_info.is_main and args.print_json:
             print(json.dumps(results["last"]["test"], indent=2))
         LOG.info(f"done: {run_dir}")
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def cmd_stage2(args: argparse.Namespace) -> int:
+    """Stage 2 on a finished stage-1 run, so one representation can be compared under several
+    classifiers: the run's own config, with the ``stage2`` section of RECIPE (if given) and overrides."""
+    import yaml
+
+    from longtail.config import apply_overrides, config_from_dict, read_recipe
+    from longtail.engine import distributed
+    from longtail.engine.logging import LOG, setup_text_log
+    from longtail.engine.rundir import new_run_dir
+    from longtail.stage2.runner import run_stage2
+
+    run_dir = _run_dir_of(Path(args.run))
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
+    raw = yaml.safe_load(recorded.read_text())
+    recipe, overrides = _split_config_and_overrides(args.items)
+    if recipe is not None:
+        stage2 = read_recipe(recipe).get("stage2")
+        if not stage2:
+            raise UserError(f"{recipe} has no stage2 section; name a stage-2 recipe (e.g. configs/cifar10_lt/if100/crt.yaml)")
+        raw["stage2"] = stage2
+    config = config_from_dict(apply_overrides(raw, overrides), f"{recorded} (+ stage 2 of {recipe or 'the run'})")
+    if config.stage2 is None:
+        raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=crt|lws|tau_norm|ncm|mislas|ladc")
+    dist_info = distributed.init_distributed(config.device)
+    try:
+        out_dir = new_run_dir(run_dir, f"stage2_{config.stage2.method}") if dist_info.is_main else None
+        out_dir = distributed.broadcast_object(out_dir)
+        setup_text_log(out_dir, dist_info.is_main)
+        if dist_info.is_main:
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        run_stage2(config, run_dir, dist_info, out_dir)
+        LOG.info(f"done: {out_dir}")
     finally:
         distributed.shutdown()
     return 0
@@ -163,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run exactly where it stopped")
     train.add_argument("--print-json", action="store_true", help="print the final test metrics as JSON")
     train.set_defaults(func=cmd_train)
+
+    stage2 = sub.add_parser("stage2", help="run a decoupled stage 2 on a finished stage-1 run")
+    stage2.add_argument("run", metavar="RUN_DIR")
+    stage2.add_argument("items", nargs="*", metavar="STAGE2_RECIPE|key=value",
+                        help="a recipe whose stage2 section to use, then overrides such as stage2.epochs=10")
+    stage2.set_defaults(func=cmd_stage2)
 
     evaluate = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
     evaluate.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")

@@ -12,7 +12,8 @@ import torchvision
 import longtail.models  # noqa: F401  (registers the models)
 from longtail.engine.trainer import mixed_loss
 from longtail.losses import CrossEntropy
-from longtail.models import BBN, Classifier, CosineHead, LinearHead, LWSHead, TauNormHead, cumulative_alpha, make_head
+from longtail.functional import bbn_alpha
+from longtail.models import BBN, Classifier, CosineHead, LinearHead, LWSHead, TauNormHead, make_head
 from longtail.models.cifar_resnet import PadShortcut
 from longtail.registry import MODELS, ConfigError
 from longtail.types import Batch, ModelOutput
@@ -256,10 +257,10 @@ def test_make_head_names_the_allowed_kinds():
 
 # --------------------------------------------------------------------------- BBN
 
-def test_cumulative_alpha_is_a_parabolic_decay():
-    assert [cumulative_alpha(e, 10) for e in (0, 5, 10)] == [1.0, 0.75, 0.0]
+def test_bbn_alpha_is_a_parabolic_decay():
+    assert [bbn_alpha(e, 10) for e in (0, 5, 10)] == [1.0, 0.75, 0.0]
     with pytest.raises(ValueError):
-        cumulative_alpha(11, 10)
+        bbn_alpha(11, 10)
 
 
 def test_bbn_training_mixes_the_two_halves_with_alpha():

@@ -261,3 +261,29 @@ def test_stage2_recipes_build_their_methods():
                      num_classes=10, seed=0)
         SAMPLERS.build(config.stage2.sampler or "instance", config.stage2.sampler_params,
                        targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0)
+
+
+def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate_and_calibrate(stage1, tmp_path):
+    from longtail.cli import main
+    from longtail.config import dump_config
+    config, source = stage1
+    run_dir = tmp_path / "run"
+    shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    assert main(["stage2", str(run_dir)]) == 2  # no stage-2 method named anywhere
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "tau_norm.yaml"
+    assert main(["stage2", str(run_dir), str(recipe)]) == 0
+    assert main(["stage2", str(run_dir), "stage2.method=ncm"]) == 0
+    assert main(["stage2", str(run_dir), "stage2.method=ncm"]) == 0  # a second run never overwrites the first
+    assert {p.name for p in run_dir.glob("stage2_*")} == {"stage2_tau_norm", "stage2_ncm", "stage2_ncm-1"}
+    reported = json.loads((run_dir / "stage2_ncm" / "metrics.json").read_text())["last"]["test"]
+
+    # eval and calibrate rebuild the NCM head from its spec and reproduce stage 2's numbers
+    assert main(["eval", str(run_dir / "stage2_ncm")]) == 0
+    (evaluated,) = (run_dir / "stage2_ncm" / "evals").iterdir()
+    assert json.loads((evaluated / "metrics.json").read_text())["last"]["test"]["top1"] == pytest.approx(
+        reported["top1"])
+    assert main(["calibrate", str(run_dir / "stage2_ncm"), "--method", "ts"]) == 0
+    rows = json.loads((run_dir / "stage2_ncm" / "calibration" / "ts" / "metrics.json").read_text())["rows"]
+    assert rows["uncalibrated"]["top1"] == pytest.approx(reported["top1"])
+    assert rows["ts"]["top1"] == pytest.approx(reported["top1"])  # temperature keeps the argmax

@@ -118,6 +118,8 @@ def test_list_and_data_commands(tmp_path, capsys):
         assert name in out
     assert main(["data", f"output_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "imbalance factor 10.0" in out
+    # the realised factor: lt_counts(10, 124, 10) truncates the smallest class to 12 images, 124/12 = 10.3
+    assert "503 training images, imbalance factor 10.3" in out
+    assert "many 1 classes, medium 7 classes, few 2 classes" in out
     (folder,) = run_dirs(tmp_path)
     assert (folder / "class_histogram.png").stat().st_size > 1000

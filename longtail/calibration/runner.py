@@ -68,8 +68,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
             f"{run_dir} has no validation split to fit a calibrator on (fitting on training data the model has "
             "seen is biased). Train with data.val_fraction=0.2 — the knowledge-transfer paper's 80/20 split of "
             "the long-tailed training data — or data.val_fraction=0.2 data.val_source=test for a balanced split.")
-    model = builders.build_model(config, bundle, dist_info.device)
-    model.load_state_dict(state["model"])
+    model = builders.load_trained_model(config, bundle, state, dist_info.device)
     augment = builders.build_augment(config, bundle)
     needs_features = method == "kt_ts"
     val = _outputs(model, config, bundle.val, augment, dist_info, needs_features)

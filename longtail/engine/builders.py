@@ -29,6 +29,17 @@ def build_model(config: Config, bundle: Any, device: torch.device) -> torch.nn.M
     return model
 
 
+def load_trained_model(config: Config, bundle: Any, state: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The model of a saved checkpoint; a stage-2 checkpoint's re-built heads (cRT, LWS, NCM...) are
+    restored from their specs first so its weights fit."""
+    model = build_model(config, bundle, device)
+    if state.get("heads"):
+        from longtail.stage2.heads import restore_heads
+        restore_heads(model, state["heads"])
+    model.load_state_dict(state["model"])
+    return model
+
+
 def use_channels_last(config: Config, device: torch.device) -> bool:
     choice = config.train.channels_last
     return choice == "yes" or (choice == "auto" and device.type == "cuda")

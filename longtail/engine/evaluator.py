@@ -37,8 +37,7 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     if imageset is None:
         raise FileNotFoundError(f"the run has no {split} split; it was trained with data.val_fraction=0 "
                                 "(pass data.val_fraction=... to carve one, or use --split test)")
-    model = builders.build_model(config, bundle, dist_info.device)
-    model.load_state_dict(state["model"])
+    model = builders.load_trained_model(config, bundle, state, dist_info.device)
     augment = builders.build_augment(config, bundle)
     loader = builders.eval_loader(config, imageset, augment, dist_info)
     outputs = predict(model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))

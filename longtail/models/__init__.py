@@ -3,10 +3,10 @@ SHIKE/RIDE, BBN and tiny models for Digits-LT. Every model's ``forward(x)`` retu
 ``longtail.types.ModelOutput`` and has ``.heads``, ``logits_from_features`` and ``backbone_parameters``
 (docs/ARCHITECTURE.md, "Models"). Importing this package registers them all."""
 from longtail.models import bbn, cifar_resnet, experts, small, torchvision_backbones  # noqa: F401  (registration)
-from longtail.models.bbn import BBN, cumulative_alpha
+from longtail.models.bbn import BBN
 from longtail.models.classifier import Classifier, StagedBackbone, Trunk, load_pretrained
 from longtail.models.experts import DepthwiseKnowledgeFusion
 from longtail.models.heads import CosineHead, LinearHead, LWSHead, TauNormHead, make_head
 
-__all__ = ["BBN", "cumulative_alpha", "Classifier", "StagedBackbone", "Trunk", "load_pretrained",
+__all__ = ["BBN", "Classifier", "StagedBackbone", "Trunk", "load_pretrained",
            "DepthwiseKnowledgeFusion", "CosineHead", "LinearHead", "LWSHead", "TauNormHead", "make_head"]

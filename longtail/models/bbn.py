@@ -36,12 +36,7 @@ from longtail.models.heads import make_head
 from longtail.registry import MODELS
 from longtail.types import ModelOutput
 
-__all__ = ["cumulative_alpha", "BBN", "bbn_resnet32"]
-
-
-# the formula lives in longtail.functional; this name stays while longtail.models and
-# tests/test_models.py import it
-cumulative_alpha = bbn_alpha
+__all__ = ["BBN", "bbn_resnet32"]
 
 
 class BBN(nn.Module):

@@ -71,9 +71,9 @@ def _stage2_augment(config: Config) -> Any:
     return config.data.augment.model_copy(update={"mixup_alpha": 0.0, "remix": False})
 
 
-def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo) -> dict[str, Any]:
+def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path | None = None) -> dict[str, Any]:
     """Run the stage-2 method of ``config.stage2`` on the stage-1 run in ``run_dir``; returns what
-    ``RUN/stage2/metrics.json`` holds."""
+    ``metrics.json`` in ``out_dir`` (default ``RUN/stage2``) holds."""
     cfg = config.stage2
     if cfg is None:
         raise ConfigError("the config has no stage2 section; add one (e.g. stage2: {method: crt})")
@@ -82,8 +82,7 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo) -> dict[str, 
     device = dist_info.device
     checkpoint = stage1_checkpoint(run_dir, cfg.from_checkpoint)
     bundle = builders.build_bundle(config)
-    model = builders.build_model(config, bundle, device)
-    model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+    model = builders.load_trained_model(config, bundle, load_checkpoint(checkpoint, map_location=device), device)
     torch.manual_seed(config.seed)  # fresh heads start the same on every rank
     try:
         method = STAGE2.build(cfg.method, cfg.params, where="stage2.params", class_counts=bundle.train_counts,
@@ -124,7 +123,7 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo) -> dict[str, 
     if bundle.val is not None:
         results["last"]["val"] = evaluate("val")[0]
     results["seconds"] = time.perf_counter() - started
-    out_dir = run_dir / "stage2"
+    out_dir = out_dir or run_dir / "stage2"
     if dist_info.is_main:
         save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
                          "config": config.model_dump(mode="json"), "epoch": epochs - 1,
