@@ -109,8 +109,11 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
     if method == "ncm":  # not a linear layer: rebuilt from its spec
         assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm"}]
         assert restored_top1(stage1[0], run_dir) == pytest.approx(results["last"]["test"]["top1"])
-    if method == "tau_norm":  # the validation split exists, so tau was searched on it
-        assert str(written["tau"]) in written["val_top1_by_tau"]
+    if method == "tau_norm":  # the validation split exists, so tau was searched on it, class-balanced
+        search = written["val_balanced_top1_by_tau"]
+        assert search[str(written["tau"])] == max(search.values())
+        per_class = [a for a in written["last"]["val"]["per_class_top1"] if a is not None]
+        assert search[str(written["tau"])] == pytest.approx(sum(per_class) / len(per_class), abs=1e-6)
 
 
 def test_set_bn_shift_puts_only_batchnorm_in_train_mode():

@@ -48,7 +48,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.T
 
 def per_class_accuracy(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Accuracy of each class (NaN for a class with no test sample)."""
-    correct = torch.zeros(num_classes).index_add_(0, targets, (predictions == targets).float())
+    correct = torch.zeros(num_classes, device=targets.device).index_add_(0, targets, (predictions == targets).float())
     seen = torch.bincount(targets, minlength=num_classes).float()
     return torch.where(seen > 0, correct / seen.clamp(min=1), torch.full_like(seen, float("nan")))
 
