@@ -290,3 +290,13 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     rows = json.loads((run_dir / "stage2_ncm" / "calibration" / "ts" / "metrics.json").read_text())["rows"]
     assert rows["uncalibrated"]["top1"] == pytest.approx(reported["top1"])
     assert rows["ts"]["top1"] == pytest.approx(reported["top1"])  # temperature keeps the argmax
+
+    # the report shows what each stage 2 bought over stage 1, and never overwrites itself
+    shutil.copy(source / "metrics.json", run_dir / "metrics.json")
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |"):
+        assert stage in table
+    assert f"| {100 * reported['top1']:.2f} |" in table
+    assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 2

@@ -16,9 +16,10 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json; is it a finished `longtail train` run?")
     results = json.loads(path.read_text())
-    stage2 = run_dir / "stage2" / "metrics.json"
-    if stage2.is_file():
-        results["stage2"] = json.loads(stage2.read_text())
+    # stage 2 of the recipe (RUN/stage2) and those of `longtail stage2` (RUN/stage2_<method>[-N])
+    folders = [run_dir / "stage2", *sorted(run_dir.glob("stage2_*"))]
+    results["stage2"] = {folder.name: json.loads((folder / "metrics.json").read_text())
+                         for folder in folders if (folder / "metrics.json").is_file()}
     return results
 
 
@@ -29,9 +30,9 @@ def rows_for(run_dir: Path) -> list[dict[str, Any]]:
     for key, label in (("last", "last"), ("best", "best")):
         if key in results:
             rows.append({"run": run_dir.name, "stage": label, **results[key]["test"]})
-    if "stage2" in results:
-        rows.append({"run": run_dir.name, "stage": f"stage 2 ({results['stage2'].get('method', '?')})",
-                     **results["stage2"]["last"]["test"]})
+    for folder, stage2 in results["stage2"].items():
+        label = stage2.get("method", "?") if folder == "stage2" else folder.removeprefix("stage2_")
+        rows.append({"run": run_dir.name, "stage": f"stage 2 ({label})", **stage2["last"]["test"]})
     return rows
 
 
