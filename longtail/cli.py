@@ -86,7 +86,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     classifiers: the run's own config, with the ``stage2`` section of RECIPE (if given) and overrides."""
     import yaml
 
-    from longtail.config import apply_overrides, config_from_dict, read_recipe
+    from longtail.config import apply_overrides, config_from_dict, dump_config, read_recipe
     from longtail.engine import distributed
     from longtail.engine.logging import LOG, setup_text_log
     from longtail.engine.rundir import new_run_dir
@@ -112,7 +112,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
         out_dir = distributed.broadcast_object(out_dir)
         setup_text_log(out_dir, dist_info.is_main)
         if dist_info.is_main:
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+            (out_dir / "config.yaml").write_text(dump_config(config))
         run_stage2(config, run_dir, dist_info, out_dir)
         LOG.info(f"done: {out_dir}")
     finally:
