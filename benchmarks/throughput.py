@@ -178,11 +178,16 @@ def main() -> int:
             result["longtail_over_reference"] = result["longtail_img_s"] / result["reference_img_s"]
         result["longtail_over_ceiling"] = result["longtail_img_s"] / result["ceiling_img_s"]
         result["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(result, indent=2))
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"throughput-{args.model}-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(result, args.out, f"throughput-{args.model}-{device.type}.json")
     return 0
+
+
+def write_result(result: dict, out: str | None, default_name: str) -> None:
+    """Print the result and write it as JSON to ``out`` (default: benchmarks/results/<default_name>)."""
+    print(json.dumps(result, indent=2))
+    path = Path(out) if out else REPO / "benchmarks" / "results" / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class DataConfig(Section):
     batch_size: int = Field(32, ge=1, description="per process; the default suits Digits-LT, CIFAR recipes use 128")
     eval_batch_size: int = Field(1024, ge=1)
     num_workers: int = Field(4, ge=0)
+    decode_on_device: Literal["auto", "yes", "no"] = Field(
+        "auto", description="file sets: workers read JPEG bytes and the training device decodes them "
+        "(torchvision.io, nvJPEG on CUDA); auto: on CUDA when every file is a JPEG")
     sampler: str = "instance"
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     pair_sampler: str | None = Field(

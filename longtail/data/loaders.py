@@ -3,31 +3,33 @@
 In-memory sets live on the training device as one uint8 tensor: a step indexes its batch there with
 the sampler's indices, with no workers and no host-to-device copies. File sets are decoded by
 DataLoader workers to uint8 at a fixed size (pinned, prefetched, persistent across epochs), then
-copied to the device. Both then run the same device-side augmentation.
+copied to the device; or, with ``data.decode_on_device`` (on CUDA by default), the workers only read
+the JPEG bytes and the device decodes them (``longtail.data.decoding``). All then run the same
+device-side augmentation.
 
 Reproducibility: the sampler's indices, the augmentation generator (on the device) and, for file
 sets, each image's RandomResizedCrop draw are all seeded from (seed, epoch), so resuming at an epoch
-boundary reproduces the epoch exactly, whatever the number of workers.
+boundary reproduces the epoch exactly, whatever the number of workers or where images are decoded.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import functional as TF
 
 from longtail.data.datasets import ImageSet
 from longtail.data.samplers import Sampler, epoch_seed
-from longtail.data.sources import read_image_file, resize_center_crop
+from longtail.data.decoding import EncodedFiles, collate_encoded, decode_views, use_device_decoding
+from longtail.data.sources import file_image_view, read_image_file
 from longtail.types import Batch
 
 __all__ = ["TrainLoader", "EvalLoader", "FileImages", "eval_shard"]
 
 AUGMENT_STREAM = 101  # random streams of the loader, apart from the samplers'
 CROP_STREAM = 102
+DecodeSetting = Literal["auto", "yes", "no"]
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int],
                    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
@@ -49,14 +51,7 @@ class FileImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         index, crop_seed = key if isinstance(key, tuple) else (key, None)
         image = read_image_file(self.paths[index])  # file datasets are RGB
-        if crop_seed is None:
-            image = resize_center_crop(image, self.size)
-        else:
-            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
-                torch.manual_seed(crop_seed)
-                top, left, height, width = RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
-            image = TF.resized_crop(image, top, left, height, width, [self.size, self.size], antialias=True)
-        return image, self.targets[index], index
+        return file_image_view(image, self.size, crop_seed), self.targets[index], index
 
 
 class _KeyBatches:
@@ -77,11 +72,33 @@ class _KeyBatches:
             yield self.keys[start:start + self.batch_size]
 
 
-def _file_loader(dataset: FileImages, batch_sampler: Any, num_workers: int, device: torch.device,
-                 persistent: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None)
+class _FileBatches:
+    """uint8 (B, C, size, size) batches of a file set on ``device``, with targets and indices: decoded by
+    DataLoader workers (pinned, prefetched), or with ``decode_on_device`` read by the workers and
+    decoded on the device (``longtail.data.decoding``). ``batches`` gives the keys of each batch."""
+
+    def __init__(self, imageset: ImageSet, batches: _KeyBatches, num_workers: int, device: torch.device,
+                 persistent: bool, decode_on_device: DecodeSetting) -> None:
+        assert imageset.paths is not None and imageset.image_size is not None
+        self.device = device
+        self.size = imageset.image_size
+        self.on_device = use_device_decoding(decode_on_device, imageset.paths, device)
+        dataset = EncodedFiles(imageset) if self.on_device else FileImages(imageset)
+        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                 collate_fn=collate_encoded if self.on_device else None,
+                                 pin_memory=device.type == "cuda" and not self.on_device,
+                                 persistent_workers=persistent and num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for batch in self.loader:
+            if self.on_device:
+                data, paths, targets, index, crop_seeds = batch
+                images = decode_views(data, paths, crop_seeds, self.size, self.device)
+            else:
+                images, targets, index = batch
+                images = images.to(self.device, non_blocking=True)
+            yield images, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
 
 
 class TrainLoader:
@@ -89,12 +106,13 @@ class TrainLoader:
     last incomplete batch dropped), augmented on ``device`` by ``augment(images_uint8, targets,
     generator, epoch)``. Call ``set_epoch`` before iterating each epoch.
 
-    For file sets ``random_resized_crop`` chooses the decoding view (None: ``augment.cfg``'s setting).
+    For file sets ``random_resized_crop`` chooses the decoding view (None: ``augment.cfg``'s setting) and
+    ``decode_on_device`` where JPEGs are decoded (``data.decode_on_device``; auto: on CUDA).
     """
 
     def __init__(self, imageset: ImageSet, sampler: Sampler, batch_size: int, augment: Augment,
                  device: torch.device | str, seed: int, num_workers: int = 0,
-                 random_resized_crop: bool | None = None) -> None:
+                 random_resized_crop: bool | None = None, decode_on_device: DecodeSetting = "auto") -> None:
         if len(sampler) < batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the {len(sampler)} samples this rank draws "
                              "per epoch; lower data.batch_size")
@@ -114,7 +132,8 @@ class TrainLoader:
             self.targets = imageset.targets.to(self.device)
         else:
             self.batches = _KeyBatches([], batch_size, drop_last=True)
-            self.loader = _file_loader(FileImages(imageset), self.batches, num_workers, self.device, persistent=True)
+            self.files = _FileBatches(imageset, self.batches, num_workers, self.device, persistent=True,
+                                      decode_on_device=decode_on_device)
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
         """Draw the epoch's indices (and file crops); everything random in the epoch follows from (seed, epoch)."""
@@ -138,9 +157,7 @@ class TrainLoader:
                 index = self.indices[start:start + self.batch_size]
                 yield self.images[index], self.targets[index], index
             return
-        for images, targets, index in self.loader:
-            yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
-                   index.to(self.device, non_blocking=True))
+        yield from self.files
 
     def __iter__(self) -> Iterator[Batch]:
         if self.epoch is None:
@@ -163,7 +180,8 @@ class EvalLoader:
     """Evaluation batches ``(normalize(images_uint8), targets)`` on ``device`` for this rank's shard."""
 
     def __init__(self, imageset: ImageSet, batch_size: int, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device | str, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+                 device: torch.device | str, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 decode_on_device: DecodeSetting = "auto") -> None:
         if len(imageset) == 0:
             raise ValueError("cannot evaluate on an empty split")
         self.imageset = imageset
@@ -176,7 +194,8 @@ class EvalLoader:
             self.targets = imageset.targets[self.shard].to(self.device)
         else:
             batches = _KeyBatches(self.shard.tolist(), batch_size, drop_last=False)
-            self.loader = _file_loader(FileImages(imageset), batches, num_workers, self.device, persistent=False)
+            self.files = _FileBatches(imageset, batches, num_workers, self.device, persistent=False,
+                                      decode_on_device=decode_on_device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.shard) / self.batch_size)
@@ -187,8 +206,7 @@ class EvalLoader:
                 end = start + self.batch_size
                 yield self.normalize(self.images[start:end]), self.targets[start:end]
             return
-        for images, targets, _ in self.loader:
-            yield (self.normalize(images.to(self.device, non_blocking=True)),
-                   targets.to(self.device, non_blocking=True))
+        for images, targets, _ in self.files:
+            yield self.normalize(images), targets
 
 

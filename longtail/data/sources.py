@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["DataError", "Decoded", "Listed", "ARCHIVE_SUFFIXES", "is_archive", "decode_bytes", "read_image_file",
-           "resize_center_crop", "decode_files", "read_digits", "read_archive", "list_tree",
+           "resize_center_crop", "file_image_view", "decode_files", "read_digits", "read_archive", "list_tree",
            "read_cifar_python", "read_list_file", "check_files_exist", "read_mnist", "read_idx"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
@@ -96,6 +97,18 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """The evaluation view of a file image: shorter side to ``size / 0.875``, centre ``size`` x ``size``."""
     image = TF.resize(image, [round(size / EVAL_CROP_FRACTION)], antialias=True)
     return TF.center_crop(image, [size, size])
+
+
+def file_image_view(image: torch.Tensor, size: int, crop_seed: int | None) -> torch.Tensor:
+    """A file image's ``size`` x ``size`` view: the evaluation view when ``crop_seed`` is None, else an
+    Inception-style RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) drawn from ``crop_seed`` alone, so
+    a view does not depend on which worker, process or device cuts it."""
+    if crop_seed is None:
+        return resize_center_crop(image, size)
+    with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+        torch.manual_seed(crop_seed)
+        top, left, height, width = RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+    return TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
 
 
 def _stack(images: list[torch.Tensor], names: list[str], where: str) -> torch.Tensor:

@@ -62,4 +62,4 @@ def eval_loader(config: Config, imageset: Any, augment: Any, dist_info: DistInfo
     from longtail.data.loaders import EvalLoader
     return EvalLoader(imageset, config.data.eval_batch_size, augment.normalize, dist_info.device,
                       rank=dist_info.rank, world_size=dist_info.world_size,
-                      num_workers=config.data.num_workers)
+                      num_workers=config.data.num_workers, decode_on_device=config.data.decode_on_device)

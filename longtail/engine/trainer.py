@@ -131,7 +131,8 @@ class Trainer:
         if data.pair_sampler:
             samplers.append(self._sampler(data.pair_sampler, {}, "data.pair_sampler"))
         loaders = [TrainLoader(self.bundle.train, sampler, data.batch_size, self.augment, self.device,
-                               seed=self.config.seed + 7919 * i, num_workers=data.num_workers)
+                               seed=self.config.seed + 7919 * i, num_workers=data.num_workers,
+                               decode_on_device=data.decode_on_device)
                    for i, sampler in enumerate(samplers)]
         loader = loaders[0] if len(loaders) == 1 else PairedLoader(*loaders)
         return loader, samplers

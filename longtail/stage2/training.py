@@ -91,7 +91,8 @@ class Stage2Context:
     def image_batches(self, bn_shift: bool) -> "ImageBatches":
         from longtail.data.loaders import TrainLoader
         loader = TrainLoader(self.bundle.train, self.sampler(), self.batch_size, self.augment, self.device,
-                             seed=self.config.seed + SAMPLER_SEED_OFFSET, num_workers=self.config.data.num_workers)
+                             seed=self.config.seed + SAMPLER_SEED_OFFSET, num_workers=self.config.data.num_workers,
+                             decode_on_device=self.config.data.decode_on_device)
         return ImageBatches(self.model, loader, bn_shift, self.amp_dtype)
 
     def loss(self, default: nn.Module) -> nn.Module:
