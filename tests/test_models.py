@@ -274,6 +274,7 @@ def test_bbn_training_mixes_the_two_halves_with_alpha():
     out = model(x)
     assert out.logits.shape == (4, C) and out.features.shape == (4, 128)
     assert out.extras["mix_weight"].item() == pytest.approx(alpha)
+    assert out.expert_logits is None  # the branches saw different images: no per-branch logits of one batch
     with torch.no_grad():  # by hand: shared stages on all 8 images, each branch on its half
         h = model.stem(x)
         for stage in model.shared:
@@ -309,6 +310,12 @@ def test_bbn_evaluates_one_batch_with_an_equal_mix():
     torch.testing.assert_close(model.logits_from_features(out.features.unsqueeze(0))[0], out.logits)
     branch_sum = out.extras["conventional_logits"] + out.extras["rebalancing_logits"] - model.heads[0].bias
     torch.testing.assert_close(branch_sum, out.logits, rtol=1e-4, atol=1e-4)
+    # each branch alone, as an "expert" for per-branch accuracy: the head on its half of the features
+    d = features.shape[1] // 2
+    weight, bias = model.heads[0].weight, model.heads[0].bias
+    assert out.expert_logits.shape == (2, 3, C)
+    torch.testing.assert_close(out.expert_logits[0], features[:, :d] @ weight[:, :d].T + bias)
+    torch.testing.assert_close(out.expert_logits[1], features[:, d:] @ weight[:, d:].T + bias)
 
 
 # --------------------------------------------------------------------------- pretrained weights

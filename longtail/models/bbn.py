@@ -17,7 +17,8 @@ How the trainer feeds it (``data.pair_sampler: reversed``; ``engine.trainer.Pair
   ``mix_targets`` the reversed ones, so the trainer's mixed loss is BBN's
   ``alpha * L(logits, y_uniform) + (1 - alpha) * L(logits, y_reversed)``.
 - evaluation: one ordinary batch through both branches with an equal mix (alpha = 1/2), i.e.
-  ``logits = W [f_c ; f_r] + b``.
+  ``logits = W [f_c ; f_r] + b``; ``expert_logits`` (2, B, C) are the head on each branch alone
+  (``W_c f_c + b``, ``W_r f_r + b``), so evaluation reports each branch's accuracy.
 - ``on_epoch_start(epoch, total_epochs)`` sets alpha = ``bbn_alpha(epoch, total_epochs)``
   (longtail.functional), 1 - (epoch / total_epochs)^2.
 
@@ -82,10 +83,13 @@ class BBN(nn.Module):
             "conventional_logits": self.heads[0](torch.cat([f_c, zeros], dim=1)),
             "rebalancing_logits": self.heads[0](torch.cat([zeros, f_r], dim=1)),
         }
+        branch_logits = None
         if self.training:
             extras["mix_weight"] = self.alpha
-        return ModelOutput(logits=logits, features=features, intermediate=maps + [conventional_map, rebalancing_map],
-                           extras=extras)
+        else:  # both branches saw the same images: report each branch's accuracy as an "expert"
+            branch_logits = torch.stack([extras["conventional_logits"], extras["rebalancing_logits"]])
+        return ModelOutput(logits=logits, features=features, expert_logits=branch_logits,
+                           intermediate=maps + [conventional_map, rebalancing_map], extras=extras)
 
     def logits_from_features(self, expert_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, expert_logits (1, B, C)) from cached features (1, B, 2D), as ``forward``."""
