@@ -58,6 +58,9 @@ def test_recipe_base_inheritance():
     assert config.data.dataset == "cifar100_lt" and config.data.imbalance_factor == 50
     assert config.model.name == "resnet32" and config.loss.params["drw_epoch"] == 160
     assert config.schedule.milestones == [160, 180] and config.optim.weight_decay == 2e-4
+    # the cosine head scales by s = 30 itself, so evaluation sees the logits the loss trained
+    assert config.model.params == {"head": "cosine", "head_scale": 30.0}
+    assert config.loss.params["max_margin"] == 15.0 and config.loss.params["scale"] == 1.0
 
 
 def test_registry_duplicate_and_unknown_names():

@@ -68,6 +68,9 @@ def test_ldam_two_classes_by_hand():
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
     weighted = ldam_loss(logits, targets, [16, 1], weight=t([1.0, 3.0]))
     assert weighted.item() == pytest.approx((expected[0] + 3 * expected[1]) / 4, rel=1e-5)
+    # the recipes' form: a head that already multiplies its cosines by s = 30, margins in those units
+    prescaled = ldam_loss(30 * logits, targets, [16, 1], max_margin=15.0, scale=1.0, reduction="none")
+    assert prescaled.tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_focal_with_gamma_zero_is_cross_entropy():
