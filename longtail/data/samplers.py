@@ -4,7 +4,11 @@ Every rank draws the same global sequence from a CPU ``torch.Generator`` seeded 
 an epoch is reproducible from the seed alone and resuming at an epoch boundary replays it exactly,
 and keeps its shard ``[rank::world_size]``, padded by wrapping around to the sequence's start so all
 ranks have the same length (DDP needs the same number of steps everywhere). The draws are batched
-torch ops (``randperm``, ``multinomial``), never a Python loop over samples.
+torch ops (``randperm``, ``multinomial``), never a Python loop over samples. The epoch's indices are
+drawn on the CPU and copied to the training device once per epoch (``TrainLoader.set_epoch``), not
+drawn there: a CPU generator gives the same sequence on every device type (a run resumed on another
+machine, or the gloo DDP test against a GPU run, replays the same epoch), and one copy per epoch
+leaves nothing to synchronise per step.
 
 Class-weighted samplers draw a class from their class distribution, then an image of it uniformly:
 - ``class_balanced``: every class equally likely (Kang et al. 2020, MiSLAS's class-aware stage 2);
