@@ -90,8 +90,7 @@ def stage2_table(root: Path) -> str:
     return "\n".join(lines)
 
 
-def calibration_table(root: Path) -> str:
-    run = root / "cifar10_lt_if100_ce"
+def calibration_table(run: Path) -> str:
     lines = ["| calibrator | top-1 | ECE | many ECE | medium ECE | few ECE | NLL | conf − acc |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base_written = False
@@ -115,8 +114,10 @@ def main() -> int:
     print(methods_table(root))
     print("\n## Stage 2 on the CE run\n")
     print(stage2_table(root))
-    print("\n## Calibrators on the CE run (fitted on the 20 % validation split)\n")
-    print(calibration_table(root))
+    for run in sorted(root.glob("cifar10_lt_if*_ce"), key=lambda path: -int(path.name.split("_if")[1].split("_")[0])):
+        if (run / "calibration").is_dir():
+            print(f"\n## Calibrators on {run.name} (fitted on the 20 % validation split)\n")
+            print(calibration_table(run))
     return 0
 
 
