@@ -15,6 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "wheels missing: run benchmarks/gpu/prepare.sh here and carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 ARCHIVE=$PWD/.carry/cifar10_jpg.tar.gz
+export LONGTAIL_SHARED_DATA=$PWD/.carry  # the tests' real data (../shared does not travel)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RESULTS/gpu.txt" 2>&1
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   >> "$RESULTS/gpu.txt"
