@@ -52,17 +52,21 @@ def register_synthetic() -> None:
 
 def epoch_time(overrides: list[str], run_root: Path, device: str) -> dict[str, float]:
     from longtail.config import load_config
+    from longtail.engine import builders
     from longtail.engine.distributed import init_distributed
     from longtail.engine.rundir import new_run_dir
     from longtail.engine.trainer import Trainer
     config = load_config(REPO / "configs/cifar10_lt/if100/ce.yaml",
                          ["train.epochs=1", "train.eval_every=0", f"output_dir={run_root}", f"device={device}",
                           "name=scaling", *overrides])
-    trainer = Trainer(config, new_run_dir(config.output_dir, config.name), init_distributed(device))
+    dist_info = init_distributed(device)
+    bundle = builders.build_bundle(config)
+    trainer = Trainer(config, builders.stage1_job(config, bundle, dist_info), bundle,
+                      new_run_dir(config.output_dir, config.name), dist_info)
     trainer._train_epoch(0)  # warm-up: first-call kernel set-up is not part of the scaling
     start = time.perf_counter()
     stats = trainer._train_epoch(0)
-    return {"train_images": len(trainer.bundle.train.targets), "epoch_seconds": time.perf_counter() - start,
+    return {"train_images": len(bundle.train.targets), "epoch_seconds": time.perf_counter() - start,
             "images_per_second": stats["images_per_second"]}
 
 

@@ -76,13 +76,17 @@ def time_ceiling(config, device: torch.device, steps: int, warmup: int) -> float
 
 def time_longtail(config, device: torch.device) -> tuple[float, int]:
     """img/s of one full epoch of the real Trainer (after a short warm-up epoch fragment)."""
+    from longtail.engine import builders
     from longtail.engine.distributed import DistInfo
     from longtail.engine.rundir import new_run_dir
-    from longtail.engine.trainer import Trainer
+    from longtail.engine.trainer import Trainer, seed_everything
     run_dir = new_run_dir(config.output_dir, config.name)
-    trainer = Trainer(config, run_dir, DistInfo(0, 1, 0, device))
+    dist_info = DistInfo(0, 1, 0, device)
+    seed_everything(config.seed)
+    bundle = builders.build_bundle(config)
+    trainer = Trainer(config, builders.stage1_job(config, bundle, dist_info), bundle, run_dir, dist_info)
     stats = trainer._train_epoch(0)
-    return stats["images_per_second"], len(trainer.loader)
+    return stats["images_per_second"], len(trainer.job.loader)
 
 
 def extracted_tree(archive: Path) -> Path:

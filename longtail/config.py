@@ -136,6 +136,12 @@ class Stage2Config(Section):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.1, weight_decay=5e-4))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     augment: AugmentConfig | None = None
+    features: Literal["images", "cached"] | None = Field(
+        None, description="images: augmented images through the frozen backbone, BN in train mode (the authors' "
+                          "cRT/SHIKE); cached: one pass over un-augmented images, BN frozen (fast); "
+                          "None: the method's default")
+    stop_at_epoch: int | None = Field(
+        None, ge=1, description="stop stage 2 after this epoch with a checkpoint; --resume continues exactly")
 
 
 class CalibrateConfig(Section):

@@ -71,9 +71,10 @@ LOSSES = Registry("loss")
 SAMPLERS = Registry("sampler")
 CALIBRATORS = Registry("calibrator")
 STAGE2 = Registry("stage2 method")
+HEADS = Registry("head kind")  # how a saved stage-2 checkpoint rebuilds its heads (models.heads)
 
 ALL = {"datasets": DATASETS, "models": MODELS, "losses": LOSSES, "samplers": SAMPLERS,
-       "calibrators": CALIBRATORS, "stage2": STAGE2}
+       "calibrators": CALIBRATORS, "stage2": STAGE2, "heads": HEADS}
 
 _PACKAGES = ("longtail.data", "longtail.models", "longtail.losses", "longtail.calibration", "longtail.stage2")
 

@@ -45,3 +45,13 @@ class Batch:
     indices: torch.Tensor
     mix_targets: torch.Tensor | None = None
     mix_weight: torch.Tensor | None = None
+
+
+@dataclass
+class LossTerms:
+    """What a loss with several parts returns instead of a bare per-sample tensor, so every part is
+    logged: ``total`` (B,) is what is trained, ``terms`` its named, already weighted parts (each (B,),
+    summing to ``total``; e.g. SHIKE's ``ce``, ``dkt``, ``mutual``)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]

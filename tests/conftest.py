@@ -20,6 +20,16 @@ def decoded_data_cache(tmp_path_factory):
         yield Path(os.environ["LONGTAIL_CACHE"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors (Digits-LT): intra-op threads only add overhead (and spin on a loaded CPU)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real datasets beside the repo ($LONGTAIL_SHARED_DATA, default ../shared/data)."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import longtail.losses  # noqa: F401  (registers the losses)
 from longtail.functional import balanced_softmax_loss, ldam_loss, ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
+from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES, ConfigError
 from longtail.types import Batch, ModelOutput
 
@@ -36,8 +37,11 @@ def test_every_loss_returns_a_differentiable_per_sample_loss(name):
         loss.on_epoch_start(0, 10)
     output = make_output()
     batch = Batch(images=torch.zeros(6, 3, 2, 2), targets=targets(), indices=torch.arange(6))
-    values = loss(output, targets(), batch)
+    result = as_terms(loss(output, targets(), batch))
+    values = result.total
     assert values.shape == (6,) and bool(torch.isfinite(values).all())
+    if result.terms:  # the named parts add up to what is trained
+        torch.testing.assert_close(sum(result.terms.values()), values)
     values.mean().backward()
     assert output.expert_logits.grad.abs().sum() > 0
 
@@ -93,10 +97,14 @@ def test_shike_loss_is_eq_10_with_the_authors_effective_weights():
     ce = sum(F.cross_entropy(z, y, reduction="none") for z in experts)
     expected = ce + 10.0 / C * shike_dkt_loss(experts, y, reduction="none") \
         + 1.0 / C * shike_mutual_loss(experts, reduction="none")
-    torch.testing.assert_close(build("shike")(output, y), expected)
+    result = build("shike")(output, y)
+    torch.testing.assert_close(result.total, expected)
+    torch.testing.assert_close(result.terms["ce"], ce)
+    torch.testing.assert_close(result.terms["dkt"], 10.0 / C * shike_dkt_loss(experts, y, reduction="none"))
+    torch.testing.assert_close(result.terms["mutual"], 1.0 / C * shike_mutual_loss(experts, reduction="none"))
     custom = ce + 2.0 * shike_dkt_loss(experts, y, reduction="none") \
         + 0.5 * shike_mutual_loss(experts, reduction="none")
-    torch.testing.assert_close(build("shike", alpha=2.0, beta=0.5)(output, y), custom)
+    torch.testing.assert_close(build("shike", alpha=2.0, beta=0.5)(output, y).total, custom)
     single = ModelOutput(logits=output.logits, features=output.features)
     with pytest.raises(ValueError, match="multi-expert model"):
         build("shike")(single, y)
@@ -108,7 +116,9 @@ def test_ride_loss_per_expert_base_plus_diversity_and_class_temperature():
     loss = build("ride", base="balanced_softmax", diversity_factor=-0.2, diversity_temperature=1.5)
     loss.on_epoch_start(0, 10)
     base = sum(balanced_softmax_loss(z, y, COUNTS, reduction="none") for z in experts)
-    torch.testing.assert_close(loss(output, y), base - 0.2 * ride_diversity_loss(experts, 1.5, reduction="none"))
+    result = loss(output, y)
+    torch.testing.assert_close(result.total, base - 0.2 * ride_diversity_loss(experts, 1.5, reduction="none"))
+    torch.testing.assert_close(result.terms["base"], base)
     loss.on_epoch_start(8, 10)  # from 80 % of the run: per-class temperature as RIDE's code
     prior = np.array(COUNTS) / sum(COUNTS)
     weights = C * prior * 0.05 + 1 - 0.05

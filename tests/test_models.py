@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 import longtail.models  # noqa: F401  (registers the models)
-from longtail.engine.trainer import mixed_loss
+from longtail.losses.terms import batch_loss
 from longtail.losses import CrossEntropy
 from longtail.functional import bbn_alpha
 from longtail.models import BBN, Classifier, CosineHead, LinearHead, LWSHead, TauNormHead, make_head
@@ -273,7 +273,6 @@ def test_bbn_training_mixes_the_two_halves_with_alpha():
     x = torch.cat([uniform, reversed_])
     out = model(x)
     assert out.logits.shape == (4, C) and out.features.shape == (4, 128)
-    assert out.extras["mix_weight"].item() == pytest.approx(alpha)
     assert out.expert_logits is None  # the branches saw different images: no per-branch logits of one batch
     with torch.no_grad():  # by hand: shared stages on all 8 images, each branch on its half
         h = model.stem(x)
@@ -286,9 +285,13 @@ def test_bbn_training_mixes_the_two_halves_with_alpha():
     torch.testing.assert_close(out.logits, by_hand, rtol=1e-4, atol=1e-4)
 
     targets, mix_targets = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 4, 3, 2])
-    batch = Batch(images=x, targets=targets, indices=torch.arange(4), mix_targets=mix_targets)
+    batch = Batch(images=x, targets=targets, indices=torch.arange(4), mix_targets=mix_targets,
+                  mix_weight=torch.full((4,), alpha))  # what the paired loader sets (test_loaders)
     expected = alpha * F.cross_entropy(out.logits, targets) + (1 - alpha) * F.cross_entropy(out.logits, mix_targets)
-    torch.testing.assert_close(mixed_loss(CrossEntropy([1] * C, C), out, batch), expected)
+    loss, terms = batch_loss(CrossEntropy([1] * C, C), out, batch)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(terms["targets"], alpha * F.cross_entropy(out.logits, targets))
+    torch.testing.assert_close(terms["mix_targets"], (1 - alpha) * F.cross_entropy(out.logits, mix_targets))
 
     with pytest.raises(ValueError, match="pair_sampler"):
         model(images((3, 3, 32, 32)))
@@ -304,7 +307,7 @@ def test_bbn_evaluates_one_batch_with_an_equal_mix():
         for stage in model.shared:
             h = stage(h)
         features = torch.cat([model.conventional(h).mean(dim=(2, 3)), model.rebalancing(h).mean(dim=(2, 3))], dim=1)
-    assert "mix_weight" not in out.extras and out.logits.shape == (3, C)
+    assert out.logits.shape == (3, C)
     torch.testing.assert_close(out.features, features)
     torch.testing.assert_close(out.logits, model.heads[0](features))
     torch.testing.assert_close(model.logits_from_features(out.features.unsqueeze(0))[0], out.logits)

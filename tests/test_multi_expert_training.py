@@ -131,10 +131,11 @@ def test_shike_trains_then_retrains_one_head_per_expert(tmp_path):
     before = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     after = load_checkpoint(run / "stage2" / "checkpoints" / "last.pt")["model"]
     assert before.keys() == after.keys()  # fresh cosine heads of the same kind
+    assert stage2["features"] == "images"  # the authors' stage 2: augmented images, BN in train mode
     for key, value in before.items():
         if key.startswith("heads."):
             assert not torch.equal(value, after[key]), key
-        else:
+        elif not key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(value, after[key]), f"stage 2 changed the frozen backbone: {key}"
 
 
@@ -146,19 +147,28 @@ def test_ride_trains_with_drw_and_class_temperatures_switched_on(tmp_path):
 
 
 def test_bbn_trains_on_uniform_plus_reversed_batches_with_moving_alpha(tmp_path, monkeypatch):
+    import longtail.engine.trainer as trainer
     calls = []
+    batch_loss = trainer.batch_loss
+
+    def recording_loss(loss_fn, output, batch):
+        model_alpha = float(output.extras["model_alpha"])
+        calls.append((len(batch.images), len(output.logits), model_alpha, *set(batch.mix_weight.tolist())))
+        return batch_loss(loss_fn, output, batch)
+
     forward = BBN.forward
 
-    def recording_forward(self, x):
+    def forward_with_alpha(self, x):
         output = forward(self, x)
-        if self.training:
-            calls.append((len(x), len(output.logits), float(self.alpha), float(output.extras["mix_weight"])))
+        output.extras["model_alpha"] = self.alpha
         return output
 
-    monkeypatch.setattr(BBN, "forward", recording_forward)
+    monkeypatch.setattr(BBN, "forward", forward_with_alpha)
+    monkeypatch.setattr(trainer, "batch_loss", recording_loss)
     run = train(tmp_path, "cifar10_lt/if100/bbn.yaml")
     assert calls and all(images == 2 * rows for images, rows, _, _ in calls)  # paired batches, one row each
-    assert all(alpha == weight for _, _, alpha, weight in calls)  # the loss mixes with the model's alpha
+    # the paired loader's label weight is the model's feature weight, one value per batch
+    assert all(alpha == pytest.approx(weight) for _, _, alpha, weight in calls)
     alphas = [alpha for _, _, alpha, _ in calls]
     assert sorted(set(alphas), reverse=True) == [1.0, 0.75] and alphas == sorted(alphas, reverse=True)
     assert len(last_test_metrics(run)["expert_top1"]) == 2  # the conventional and the re-balancing branch

@@ -12,30 +12,26 @@ from torch import nn
 
 from longtail.config import Stage2Config, load_config
 from longtail.data.augment import BatchAugment
+from longtail.commands.evaluate import evaluate_checkpoint
+from longtail.commands.train import train_stage1, train_stage2
 from longtail.engine.builders import build_augment, build_bundle, build_model
 from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
 from longtail.engine.distributed import init_distributed, shutdown
-from longtail.engine.evaluator import evaluate_checkpoint
-from longtail.engine.trainer import Trainer
 from longtail.models.classifier import Classifier, StagedBackbone
 from longtail.models.heads import CosineHead, LinearHead, LWSHead, TauNormHead
 from longtail.functional import ladc_sampling_probs, lt_counts
 from longtail.registry import MODELS, SAMPLERS, STAGE2, ConfigError
-from longtail.stage2 import restore_heads, run_stage2
-from longtail.stage2.heads import LWSPlusHead, fold_head
-from longtail.stage2.training import Stage2Context, set_bn_shift
+from longtail.models.heads import fold_head, restore_heads
+from longtail.stage2.heads import LWSPlusHead
+from longtail.stage2.training import FeatureLoader, Stage2Context, set_bn_shift
 
 STAGE1 = ["device=cpu", "train.epochs=2", "model.params.hidden=[32]", "data.val_fraction=0.2",
           "train.eval_every=0"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and spin on a loaded CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +39,7 @@ def stage1(tmp_path_factory, one_thread):
     """A Digits-LT stage-1 run (2 epochs, MLP with BatchNorm) whose checkpoints each test copies."""
     run_dir = tmp_path_factory.mktemp("stage1")
     config = load_config(None, STAGE1)
-    Trainer(config, run_dir, init_distributed("cpu")).fit()
+    train_stage1(config, run_dir, init_distributed("cpu"))
     return config, run_dir
 
 
@@ -52,7 +48,7 @@ def run_method(stage1, tmp_path, method, **stage2):
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
     config = config.model_copy(update={"stage2": Stage2Config(method=method, **{"epochs": 2, **stage2})})
-    results = run_stage2(config, run_dir, init_distributed("cpu"))
+    results = train_stage2(config, run_dir, init_distributed("cpu"), run_dir / "stage2")
     return results, run_dir
 
 
@@ -78,15 +74,17 @@ def restored_top1(config, run_dir):
         return float((model.eval()(images).logits.argmax(1) == bundle.test.targets).float().mean())
 
 
-@pytest.mark.parametrize("method, params", [
-    ("crt", {}), ("lws", {}), ("tau_norm", {}), ("ncm", {}),
-    ("ladc", {"m": 2, "coverage": 0.5}),
-    ("mislas", {"bn_shift": True, "eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}),
+@pytest.mark.parametrize("method, params, features", [
+    ("crt", {}, None), ("crt", {}, "cached"), ("lws", {}, "cached"), ("tau_norm", {}, None), ("ncm", {}, None),
+    ("ladc", {"m": 2, "coverage": 0.5}, None),
+    ("mislas", {"bn_shift": True, "eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}, None),
 ])
-def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method, params):
-    results, run_dir = run_method(stage1, tmp_path, method, params=params)
+def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method, params, features):
+    results, run_dir = run_method(stage1, tmp_path, method, params=params, features=features)
     written = json.loads((run_dir / "stage2" / "metrics.json").read_text())
     assert written["method"] == method and written["seconds"] > 0
+    default_mode = {"crt": "images", "mislas": "images", "ladc": "cached", "tau_norm": None, "ncm": None}
+    assert written["features"] == (features or default_mode[method])
     for split in ("test", "val"):
         assert 0.0 <= written["last"][split]["top1"] <= 1.0
         assert written["last"][split]["num_samples"] > 0
@@ -94,12 +92,12 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
 
     before = backbone_tensors(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
     after = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["model"]
-    shifted = bn_statistics(before) if method == "mislas" else set()  # BN shift: running statistics move
+    # images mode runs the backbone's BN in train mode: its running statistics move, nothing else does
+    shifted = bn_statistics(before) if written["features"] == "images" else set()
     for name in before.keys() - shifted:
         assert torch.equal(before[name], after[name]), name
     for name in shifted - {n for n in shifted if n.endswith("num_batches_tracked")}:
         assert not torch.equal(before[name], after[name]), name
-    assert shifted or method != "mislas"
 
     # the saved checkpoint reproduces the reported numbers
     if method == "lws":  # folded into a plain linear head: `longtail eval` loads it as it is
@@ -161,7 +159,7 @@ def test_multi_expert_heads_are_each_retrained(tmp_path, two_experts):
     model = build_model(config, build_bundle(config), torch.device("cpu"))
     save_checkpoint({"model": model.state_dict()}, run_dir / "checkpoints" / "last.pt")
     config = config.model_copy(update={"stage2": Stage2Config(method="lws", epochs=1)})
-    results = run_stage2(config, run_dir, init_distributed("cpu"))
+    results = train_stage2(config, run_dir, init_distributed("cpu"), run_dir / "stage2")
     state = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")
     assert [h["kind"] for h in state["heads"]] == ["lws", "lws"]  # scales on cosine heads do not fold
     stage1_heads = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
@@ -179,7 +177,9 @@ def test_config_errors_name_the_fix(stage1, tmp_path):
     with pytest.raises(ConfigError, match="stage2.epochs"):
         run_method(stage1, tmp_path / "b", "crt", epochs=0)
     with pytest.raises(ConfigError, match="stage2.augment"):
-        run_method(stage1, tmp_path / "c", "lws", augment={"flip": True})
+        run_method(stage1, tmp_path / "c", "lws", augment={"flip": True}, features="cached")
+    with pytest.raises(ConfigError, match="stage2.features=images is not supported by stage2.method=ladc"):
+        run_method(stage1, tmp_path / "d", "ladc", features="images")
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -195,15 +195,17 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         model = build_model(config, bundle, torch.device("cpu"))
         for param in model.backbone_parameters():
             param.requires_grad_(False)
-        ctx = Stage2Context(config, model, bundle, dist_info, None, build_augment(config, bundle))
+        ctx = Stage2Context(config, model, bundle, dist_info, build_augment(config, bundle), "cached",
+                            Path(out_dir) / "stage2")
         drawn = {}
         for sampler, params in DDP_SAMPLERS.items():
             ctx.config = config.model_copy(update={"stage2": config.stage2.model_copy(
                 update={"sampler": sampler, "sampler_params": params})})
-            batches = ctx.feature_batches()
-            drawn[sampler] = torch.cat([targets for _, targets, _ in batches.epoch(0, 1)])
+            batches = FeatureLoader(ctx.features("train"), ctx.sampler(), ctx.batch_size, seed=0)
+            batches.set_epoch(0, 1)
+            drawn[sampler] = torch.cat([batch.targets for batch in batches])
         ctx.config = config
-        STAGE2.build("ladc", config.stage2.params, class_counts=bundle.train_counts, num_classes=10, seed=0).run(ctx)
+        STAGE2.build("ladc", config.stage2.params, class_counts=bundle.train_counts, num_classes=10).run(ctx)
         torch.save({"features": ctx.features("train").features, "drawn": drawn,
                     "heads": model.heads.state_dict()}, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -261,7 +263,7 @@ def test_stage2_recipes_build_their_methods():
         assert config.stage2.method == path.stem.split("_resnet")[0], path
         counts = lt_counts(10, 500, 100)
         STAGE2.build(config.stage2.method, config.stage2.params, where="stage2.params", class_counts=counts,
-                     num_classes=10, seed=0)
+                     num_classes=10)
         SAMPLERS.build(config.stage2.sampler or "instance", config.stage2.sampler_params,
                        targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0)
 

@@ -4,7 +4,7 @@ reliability diagrams (``longtail.calibration.diagrams``, imported on use: it loa
 from longtail.calibration.calibrators import (Calibrator, EnsembleTemperatureScaling, HistogramBinning,
                                               IsotonicOneVsAll, TemperatureScaling, VectorScaling, load_calibrator)
 from longtail.calibration.knowledge_transfer import KnowledgeTransferTS, head_mask_from_counts
-from longtail.calibration.metrics import calibration_report
+from longtail.metrics import calibration_report
 
 __all__ = ["Calibrator", "TemperatureScaling", "VectorScaling", "EnsembleTemperatureScaling", "HistogramBinning",
            "IsotonicOneVsAll", "KnowledgeTransferTS", "head_mask_from_counts", "load_calibrator",

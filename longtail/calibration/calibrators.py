@@ -33,9 +33,12 @@ def _checked(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class Calibrator(abc.ABC):
-    """Common interface; subclasses implement fitting, the probability map and their fitted state."""
+    """Common interface; subclasses implement fitting, the probability map and their fitted state.
+    ``needs_features``: ``fit`` needs the validation and training features (``features``,
+    ``train_features``, ``train_targets``), not only logits."""
 
     name: ClassVar[str]
+    needs_features: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.num_classes: int | None = None

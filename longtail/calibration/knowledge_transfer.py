@@ -56,6 +56,7 @@ class KnowledgeTransferTS(TemperatureScaling):
     """
 
     name = "kt_ts"
+    needs_features = True
 
     def __init__(self, alpha: float = 0.998, head_threshold: float | None = None,
                  eta: Sequence[float] = (0.3, 5.0), var_floor: float = 1e-6) -> None:

@@ -1,14 +1,16 @@
-"""Build the pieces of a run from a config: data, model, loaders. Shared by train, eval, stage 2
-and calibrate so that all of them see the same data the same way."""
+"""Build the pieces of a run from a config: data, model, loaders, the stage-1 training job. Shared by
+train, eval, stage 2 and calibrate so that all of them see the same data the same way."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from longtail.config import Config
 from longtail.engine.distributed import DistInfo
-from longtail.registry import MODELS, load_all
+from longtail.engine.optim import build_optimizer, build_scheduler
+from longtail.models.heads import restore_heads
+from longtail.registry import LOSSES, MODELS, SAMPLERS, ConfigError, load_all
 
 
 def build_bundle(config: Config) -> Any:
@@ -21,8 +23,7 @@ def build_model(config: Config, bundle: Any, device: torch.device) -> torch.nn.M
     load_all()
     model = MODELS.build(config.model.name, config.model.params, where="model.params",
                          num_classes=bundle.num_classes, in_channels=bundle.channels,
-                         image_size=bundle.image_size, pretrained_path=config.model.pretrained_path,
-                         class_counts=bundle.train_counts)
+                         image_size=bundle.image_size, pretrained_path=config.model.pretrained_path)
     model = model.to(device)
     if use_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
@@ -34,7 +35,7 @@ def load_trained_model(config: Config, bundle: Any, state: dict[str, Any], devic
     restored from their specs first so its weights fit."""
     model = build_model(config, bundle, device)
     if state.get("heads"):
-        from longtail.stage2.heads import restore_heads
+        load_all()  # registers every head kind, also those of stage 2
         restore_heads(model, state["heads"])
     model.load_state_dict(state["model"])
     return model
@@ -57,9 +58,56 @@ def build_augment(config: Config, bundle: Any, augment_cfg: Any = None) -> Any:
     return BatchAugment(augment_cfg or config.data.augment, bundle.mean, bundle.std, bundle.train_counts)
 
 
-def eval_loader(config: Config, imageset: Any, augment: Any, dist_info: DistInfo) -> Any:
+def eval_loader(config: Config, imageset: Any, normalize: Callable[[torch.Tensor], torch.Tensor],
+                dist_info: DistInfo) -> Any:
     """This rank's shard (``rank::world_size``, padded) of an evaluation split."""
     from longtail.data.loaders import EvalLoader
-    return EvalLoader(imageset, config.data.eval_batch_size, augment.normalize, dist_info.device,
+    return EvalLoader(imageset, config.data.eval_batch_size, normalize, dist_info.device,
                       rank=dist_info.rank, world_size=dist_info.world_size,
                       num_workers=config.data.num_workers, decode_on_device=config.data.decode_on_device)
+
+
+def build_sampler(config: Config, bundle: Any, dist_info: DistInfo, name: str, params: dict[str, Any],
+                  where: str, seed: int) -> Any:
+    return SAMPLERS.build(name, params, where=where, targets=bundle.train.targets, num_classes=bundle.num_classes,
+                          seed=seed, rank=dist_info.rank, world_size=dist_info.world_size)
+
+
+def train_loader(config: Config, bundle: Any, sampler: Any, augment: Any, device: torch.device, seed: int,
+                 batch_size: int | None = None) -> Any:
+    from longtail.data.loaders import TrainLoader
+    data = config.data
+    return TrainLoader(bundle.train, sampler, batch_size or data.batch_size, augment, device, seed=seed,
+                       num_workers=data.num_workers, decode_on_device=data.decode_on_device)
+
+
+def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:
+    """Stage 1 (representation learning): the recipe's model, loss, sampler(s), augmentation,
+    optimiser and schedule as a ``TrainingJob``. Call ``trainer.seed_everything`` first: the model's
+    initial weights come from the global generator."""
+    from longtail.data.loaders import PairedLoader
+    from longtail.engine.trainer import TrainingJob
+    data, device = config.data, dist_info.device
+    model = build_model(config, bundle, device)
+    loss_fn = LOSSES.build(config.loss.name, config.loss.params, where="loss.params",
+                           class_counts=bundle.train_counts, num_classes=bundle.num_classes,
+                           num_samples=len(bundle.train.targets)).to(device)
+    augment = build_augment(config, bundle)
+    samplers = [build_sampler(config, bundle, dist_info, data.sampler, data.sampler_params, "data.sampler_params",
+                              config.seed)]
+    loader = train_loader(config, bundle, samplers[0], augment, device, config.seed)
+    if data.pair_sampler:
+        if data.augment.mixup_alpha > 0 or data.augment.remix:
+            raise ConfigError("data.pair_sampler mixes the two samplers' labels itself (BBN); it cannot be combined "
+                              "with data.augment.mixup_alpha or remix. Turn one of them off")
+        samplers.append(build_sampler(config, bundle, dist_info, data.pair_sampler, {}, "data.pair_sampler",
+                                      config.seed))
+        second = train_loader(config, bundle, samplers[1], augment, device, config.seed + 7919)
+        loader = PairedLoader(loader, second)
+    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    scheduler = build_scheduler(optimizer, config.schedule, len(loader), config.train.epochs)
+    train = config.train
+    return TrainingJob(label="stage 1", model=model, net=model, loss_fn=loss_fn, loader=loader, optimizer=optimizer,
+                       scheduler=scheduler, epochs=train.epochs, stop_at_epoch=train.stop_at_epoch,
+                       select=train.select, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
+                       hooked=[model, loss_fn, *samplers])

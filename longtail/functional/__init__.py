@@ -7,6 +7,5 @@ from longtail.functional.data import *  # noqa: F401,F403
 from longtail.functional.losses import *  # noqa: F401,F403
 from longtail.functional.calibration import *  # noqa: F401,F403
 from longtail.functional.experts import *  # noqa: F401,F403
-from longtail.functional.transfer import *  # noqa: F401,F403
 from longtail.functional.decoupling import *  # noqa: F401,F403
 from longtail.functional.mixing import *  # noqa: F401,F403

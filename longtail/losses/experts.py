@@ -12,8 +12,9 @@ from torch.nn import functional as F
 
 from longtail.functional import ride_class_temperatures, ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
 from longtail.losses.basic import checked_counts
+from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
-from longtail.types import Batch, ModelOutput
+from longtail.types import Batch, LossTerms, ModelOutput
 
 __all__ = ["SHIKELoss", "RIDELoss"]
 
@@ -33,8 +34,11 @@ class SHIKELoss(nn.Module):
     mixed labels come from the trainer); ``L_nt`` is ``shike_dkt_loss`` (eq. 5-9) and ``L_mu``
     ``shike_mutual_loss`` (eq. 4), both with batch-mean KL. The authors' code weighs them 10 and 1
     with ``F.kl_div(reduction="mean")``, which also averages over the C classes, so the defaults
-    here are ``alpha = 10 / C`` and ``beta = 1 / C`` (DESIGN.md "Recipes").
+    here are ``alpha = 10 / C`` and ``beta = 1 / C`` (DESIGN.md "Recipes"). The terms are logged as
+    ``ce``, ``dkt`` (alpha L_nt) and ``mutual`` (beta L_mu).
     """
+
+    single_prediction = False  # reads every expert's logits: never a per-expert base loss
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, alpha: float | None = None,
                  beta: float | None = None, temperature: float = 1.0) -> None:
@@ -44,12 +48,12 @@ class SHIKELoss(nn.Module):
         self.beta = beta if beta is not None else 1.0 / num_classes
         self.temperature = temperature
 
-    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> LossTerms:
         experts = _expert_logits(output, "shike")
-        ce = sum(F.cross_entropy(logits, targets, reduction="none") for logits in experts)
-        dkt = shike_dkt_loss(experts, targets, self.temperature, reduction="none")
-        mutual = shike_mutual_loss(experts, self.temperature, reduction="none")
-        return ce + self.alpha * dkt + self.beta * mutual
+        terms = {"ce": sum(F.cross_entropy(logits, targets, reduction="none") for logits in experts),
+                 "dkt": self.alpha * shike_dkt_loss(experts, targets, self.temperature, reduction="none"),
+                 "mutual": self.beta * shike_mutual_loss(experts, self.temperature, reduction="none")}
+        return LossTerms(total=terms["ce"] + terms["dkt"] + terms["mutual"], terms=terms)
 
 
 @LOSSES.register("ride")
@@ -61,20 +65,23 @@ class RIDELoss(nn.Module):
     is forwarded. The diversity term is ``ride_diversity_loss`` with RIDE's negative factor -0.2.
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
     becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
-    ``reweight_factor=0`` keeps it uniform.
+    ``reweight_factor=0`` keeps it uniform. The terms are logged as ``base`` (the experts' losses
+    summed) and ``diversity`` (``diversity_factor`` x the diversity loss).
     """
+
+    single_prediction = False  # reads every expert's logits: never a per-expert base loss
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, base: str = "ldam_drw",
                  base_params: dict[str, Any] | None = None, diversity_factor: float = -0.2,
                  diversity_temperature: float = 1.0, reweight_factor: float = 0.05,
                  reweight_epoch: int | None = None) -> None:
         super().__init__()
-        if base in ("ride", "shike", "ikl"):
-            raise ValueError(f"ride's base must be a single-prediction loss (e.g. ldam_drw, balanced_softmax), "
-                             f"got {base!r}")
         counts = checked_counts(class_counts, num_classes)
         self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
                                  class_counts=list(class_counts), num_classes=num_classes)
+        if not getattr(self.base, "single_prediction", True):
+            raise ValueError(f"ride's base must be a single-prediction loss (e.g. ldam_drw, balanced_softmax), "
+                             f"got {base!r}")
         self.diversity_factor = diversity_factor
         self.diversity_temperature = diversity_temperature
         self.reweight_epoch = reweight_epoch
@@ -93,8 +100,9 @@ class RIDELoss(nn.Module):
         else:
             self.temperature.fill_(self.diversity_temperature)
 
-    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> LossTerms:
         experts = _expert_logits(output, "ride")
-        base = sum(self.base(ModelOutput(logits=logits, features=output.features), targets, batch)
+        base = sum(as_terms(self.base(ModelOutput(logits=logits, features=output.features), targets, batch)).total
                    for logits in experts)
-        return base + self.diversity_factor * ride_diversity_loss(experts, self.temperature, reduction="none")
+        diversity = self.diversity_factor * ride_diversity_loss(experts, self.temperature, reduction="none")
+        return LossTerms(total=base + diversity, terms={"base": base, "diversity": diversity})

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from longtail.functional import (ikl_alpha, ikl_class_medians, ikl_correlation_labels, ikl_uncertainty_loss,
                                  soft_target_cross_entropy)
 from longtail.losses.basic import checked_counts
+from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
 
@@ -50,6 +51,8 @@ class IKLLoss(nn.Module):
     current epoch are kept in fp16 (N x D, not saved in checkpoints) and reduced at the epoch's end.
     Under torch.distributed every rank records its own samples and ``on_epoch_end`` merges them.
     """
+
+    single_prediction = False  # keeps per-sample state: never a per-expert base loss
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, num_samples: int | None = None,
                  base: str = "ce", base_params: dict[str, Any] | None = None, tau: float = 2.0,
@@ -135,7 +138,7 @@ class IKLLoss(nn.Module):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        base = self.base(output, targets, batch)
+        base = as_terms(self.base(output, targets, batch)).total
         if self.alpha == 0.0:
             return base
         if batch is None:

@@ -6,15 +6,15 @@ duplicated into a conventional branch (fed by the uniform sampler) and a re-bala
 by the reversed sampler). One linear classifier reads both branches' pooled features side by side,
 so the two "heads" W_c, W_r are the halves of its weight, as in BBN's code.
 
-How the trainer feeds it (``data.pair_sampler: reversed``; ``engine.trainer.PairedLoader``):
+How the trainer feeds it (``data.pair_sampler: reversed``; ``data.loaders.PairedLoader``):
 
 - training: ``forward`` takes the uniform batch and the reversed batch concatenated along the batch
   axis, ``[x_uniform; x_reversed]`` (2B images). The shared stages run on all 2B images; the
   conventional branch sees the first B, the re-balancing branch the last B. It returns B rows:
   ``logits = W [2 alpha f_c ; 2 (1 - alpha) f_r] + b = 2 (alpha W_c f_c + (1 - alpha) W_r f_r) + b``
-  (BBN's ``mixed_feature = 2 * cat(l * feature_a, (1 - l) * feature_b)``), and
-  ``extras["mix_weight"] = alpha``. The batch's ``targets`` are the uniform labels and
-  ``mix_targets`` the reversed ones, so the trainer's mixed loss is BBN's
+  (BBN's ``mixed_feature = 2 * cat(l * feature_a, (1 - l) * feature_b)``). The paired loader sets
+  the batch's ``targets`` to the uniform labels, ``mix_targets`` to the reversed ones and
+  ``mix_weight`` to the same alpha (both follow ``bbn_alpha`` of the epoch), so the mixed loss is BBN's
   ``alpha * L(logits, y_uniform) + (1 - alpha) * L(logits, y_reversed)``.
 - evaluation: one ordinary batch through both branches with an equal mix (alpha = 1/2), i.e.
   ``logits = W [f_c ; f_r] + b``; ``expert_logits`` (2, B, C) are the head on each branch alone
@@ -84,9 +84,7 @@ class BBN(nn.Module):
             "rebalancing_logits": self.heads[0](torch.cat([zeros, f_r], dim=1)),
         }
         branch_logits = None
-        if self.training:
-            extras["mix_weight"] = self.alpha
-        else:  # both branches saw the same images: report each branch's accuracy as an "expert"
+        if not self.training:  # both branches saw the same images: report each branch's accuracy as an "expert"
             branch_logits = torch.stack([extras["conventional_logits"], extras["rebalancing_logits"]])
         return ModelOutput(logits=logits, features=features, expert_logits=branch_logits,
                            intermediate=maps + [conventional_map, rebalancing_map], extras=extras)

@@ -8,15 +8,14 @@ every rank holds the whole set in the dataset's order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from longtail.data.samplers import Sampler
 from longtail.engine.distributed import DistInfo, gather_rows
 from longtail.types import ModelOutput
 
-__all__ = ["FeatureSet", "expert_features", "extract_features", "FeatureBatches"]
+__all__ = ["FeatureSet", "expert_features", "extract_features"]
 
 
 @dataclass
@@ -52,35 +51,3 @@ def extract_features(model: torch.nn.Module, loader: Any, dist_info: DistInfo, t
     model.train(was_training)
     gathered = gather_rows(torch.cat(features), total).transpose(0, 1).contiguous()
     return FeatureSet(gathered, gather_rows(torch.cat(targets), total))
-
-
-# (features (M, B, D), training-set indices (B,)) -> the features to train on
-FeatureTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class FeatureBatches:
-    """Training batches of cached features: this rank's sampler indices for the epoch in batches of
-    ``batch_size`` (the last incomplete one dropped, as ``TrainLoader``), optionally transformed
-    (LADC replaces tail features by draws from their calibrated Gaussians)."""
-
-    def __init__(self, cached: FeatureSet, sampler: Sampler, batch_size: int,
-                 transform: FeatureTransform | None = None) -> None:
-        if len(sampler) < batch_size:
-            raise ValueError(f"stage-2 batch size {batch_size} is larger than the {len(sampler)} samples this rank "
-                             "draws per epoch; lower stage2.batch_size")
-        self.cached = cached
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
-
-    def epoch(self, epoch: int, total_epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, None]]:
-        order = self.sampler.epoch_indices(epoch, total_epochs).to(self.cached.targets.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
-            features, targets = self.cached.features[:, index], self.cached.targets[index]
-            if self.transform is not None:
-                features = self.transform(features, index)
-            yield features, targets, None

@@ -1,8 +1,8 @@
 """Stage-2 methods (registered in ``longtail.registry.STAGE2``): what to do with the classifier(s)
 of a model whose backbone stage 1 trained and stage 2 keeps frozen.
 
-- ``crt``: re-initialise every head and retrain it (Kang et al. 2020), on cached features;
-- ``lws``: learn one scale per class on top of each frozen head (Kang et al. 2020), on cached features;
+- ``crt``: re-initialise every head and retrain it (Kang et al. 2020);
+- ``lws``: learn one scale per class on top of each frozen head (Kang et al. 2020);
 - ``tau_norm``: post-hoc ``w_c / ||w_c||^tau``, tau grid-searched on the validation split when there
   is one (Kang et al. 2020);
 - ``ncm``: nearest class mean of L2-normalised features (Kang et al. 2020);
@@ -10,9 +10,10 @@ of a model whose backbone stage 1 trained and stage 2 keeps frozen.
   ``z = diag(s)(rW + dW)^T x`` (seed 001_9389938eb33d47c2.txt), on backbone passes over augmented images;
 - ``ladc``: LADC's calibrated tail features and LWS-Plus (seed 002_6b2bba2c1b62b163.txt), on cached features.
 
-A method's constructor takes its ``stage2.params``; ``run(ctx)`` replaces ``ctx.model.heads`` and
-returns what metrics.json should record about it. Sampling (``stage2.sampler``), the loss
-(``stage2.loss``, else the method's own), the optimizer and schedule come from the config.
+A method's constructor takes its ``stage2.params``; ``run(ctx)`` replaces ``ctx.model.heads``, trains
+them with ``ctx.train`` (the engine's Trainer) and returns what metrics.json should record about it.
+Sampling (``stage2.sampler``), the loss (``stage2.loss``, else the method's own), the optimizer,
+schedule and feature mode (``stage2.features``, see ``longtail.stage2.training``) come from the config.
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from longtail.engine.evaluate import per_class_accuracy
 from longtail.engine.logging import LOG
 from longtail.functional import label_aware_epsilons, ladc_head_classes, smoothed_targets, soft_target_cross_entropy
 from longtail.losses.basic import CrossEntropy
-from longtail.models.heads import LWSHead, TauNormHead
+from longtail.metrics import per_class_accuracy
+from longtail.models.heads import LWSHead, TauNormHead, fresh_like
 from longtail.registry import STAGE2
-from longtail.stage2.heads import LWSPlusHead, NCMHead, fresh_like
+from longtail.stage2.heads import LWSPlusHead, NCMHead
 from longtail.stage2.ladc import TailGaussians, choose_covariance, log_choice, memory_budget
-from longtail.stage2.training import Stage2Context, average_bn_statistics, train_heads
+from longtail.stage2.training import Stage2Context
 from longtail.types import Batch, ModelOutput
 
 __all__ = ["Stage2Method", "CRT", "LWS", "TauNorm", "NCM", "LabelAwareSmoothingLoss", "MiSLAS", "LADC",
@@ -40,12 +41,10 @@ DEFAULT_TAU_GRID = [round(0.1 * i, 1) for i in range(21)]  # 0.0, 0.1, ..., 2.0
 
 class Stage2Method:
     """Base of the registered methods. ``post_hoc`` methods do not train (stage2.epochs is unused);
-    ``uses_images`` methods run the backbone on augmented images instead of cached features;
-    ``shifts_bn`` methods change the backbone's BatchNorm running statistics (never its weights)."""
+    ``feature_modes`` are the ``stage2.features`` modes a method supports, its default first."""
 
     post_hoc = False
-    uses_images = False
-    shifts_bn = False
+    feature_modes: tuple[str, ...] = ("images", "cached")
 
     def __init__(self) -> None:
         """No parameters (an explicit signature, so the registry rejects unknown stage2.params)."""
@@ -66,12 +65,13 @@ def _ce(ctx: Stage2Context) -> nn.Module:
 
 @STAGE2.register("crt")
 class CRT(Stage2Method):
-    """Classifier re-training: fresh heads of the same kind, trained on cached features with the
-    stage-2 sampler (class-balanced by default) and CE (or ``stage2.loss``)."""
+    """Classifier re-training: fresh heads of the same kind, trained with the stage-2 sampler
+    (class-balanced by default) and CE (or ``stage2.loss``); by default on augmented images through
+    the backbone with BN in train mode, as Kang et al.'s code."""
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         params = _replace_heads(ctx.model, [fresh_like(head) for head in ctx.model.heads])
-        return {"history": train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches())}
+        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
 
 
 @STAGE2.register("lws")
@@ -80,7 +80,7 @@ class LWS(Stage2Method):
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         params = _replace_heads(ctx.model, [LWSHead(head) for head in ctx.model.heads])
-        return {"history": train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches())}
+        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
 
 
 @STAGE2.register("tau_norm")
@@ -95,6 +95,7 @@ class TauNorm(Stage2Method):
     benchmarks/RESULTS.md). On a balanced validation split (Kang et al.'s setting) the two agree."""
 
     post_hoc = True
+    feature_modes = ("cached",)
 
     def __init__(self, tau: float = 1.0, tau_grid: list[float] | None = None) -> None:
         self.tau = tau
@@ -124,6 +125,7 @@ class NCM(Stage2Method):
     """Nearest class mean on L2-normalised cached features, one classifier per expert."""
 
     post_hoc = True
+    feature_modes = ("cached",)
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         train = ctx.features("train")
@@ -160,14 +162,15 @@ class MiSLAS(Stage2Method):
       ``stage2.loss`` names another;
     - ``bn_shift``: the backbone's BatchNorm layers run in train mode under no_grad, so their running
       mean/variance follow the class-balanced stage-2 batches while their affine weights stay frozen;
-      the features are therefore recomputed from the augmented training images every step (no cache);
+      the features are therefore recomputed from the augmented training images every step (no cache;
+      with ``bn_shift: false`` the backbone runs in eval mode, as MiSLAS's CIFAR-10 configs);
     - ``head``: ``enhanced`` (the code's default) fine-tunes the stage-1 head at ``lr_factor`` x lr and
       learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the slides' ``diag(s)(rW + dW)^T x``
       with r = 1: the code starts dW at 0 and does not learn r); ``lws`` learns the scales only;
       ``crt`` retrains a fresh head at lr.
     """
 
-    uses_images = True
+    feature_modes = ("images",)
 
     def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
                  shape: str = "concave", spread: str = "all", bn_shift: bool = True, lr_factor: float = 0.2,
@@ -177,7 +180,7 @@ class MiSLAS(Stage2Method):
         if lr_factor < 0:
             raise ValueError(f"lr_factor must be >= 0, got {lr_factor}")
         self.smoothing = LabelAwareSmoothingLoss(class_counts, eps_head, eps_tail, shape, spread)
-        self.shifts_bn, self.lr_factor, self.head = bn_shift, lr_factor, head
+        self.bn_shift, self.lr_factor, self.head = bn_shift, lr_factor, head
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         old = list(ctx.model.heads)
@@ -190,10 +193,7 @@ class MiSLAS(Stage2Method):
             _replace_heads(ctx.model, heads)
             bases = [p for h in heads for p in h.base.parameters()]
             groups = [([h.scales for h in heads], 1.0), (bases, self.lr_factor)]
-        history = train_heads(ctx, groups, ctx.loss(self.smoothing), ctx.image_batches(self.shifts_bn))
-        if self.shifts_bn:
-            average_bn_statistics(ctx.model)
-        return {"history": history}
+        return {"history": ctx.train(groups, ctx.loss(self.smoothing), bn_train=self.bn_shift)}
 
 
 LADC_HEADS = ("lws_plus", "lws", "crt")
@@ -212,9 +212,12 @@ class LADC(Stage2Method):
 
     ``covariance``: full, lowrank (``covariance_rank``), diagonal, or auto (the most exact that fits
     ``covariance_memory_gb``, default a quarter of the free memory); see longtail.stage2.ladc.
+    The draws come from the trainer's per-epoch generator, so a resumed stage 2 draws the same.
     """
 
-    def __init__(self, class_counts: Sequence[int], seed: int, coverage: float = 0.6, m: int = 2,
+    feature_modes = ("cached",)
+
+    def __init__(self, class_counts: Sequence[int], coverage: float = 0.6, m: int = 2,
                  alpha: float = 0.1, beta: float = 1.0, weighting: str = "inverse", head: str = "lws_plus",
                  covariance: str = "auto", covariance_rank: int = 64,
                  covariance_memory_gb: float | None = None) -> None:
@@ -229,7 +232,7 @@ class LADC(Stage2Method):
         if m > len(self.head_classes):
             raise ValueError(f"m={m} nearest head classes asked for, but only {len(self.head_classes)} classes are "
                              "head classes; lower stage2.params.m or raise coverage")
-        self.class_counts, self.seed = list(class_counts), seed
+        self.class_counts = list(class_counts)
         self.m, self.alpha, self.beta, self.weighting, self.head = m, alpha, beta, weighting, head
         self.covariance, self.rank, self.memory_gb = covariance, covariance_rank, covariance_memory_gb
 
@@ -245,10 +248,8 @@ class LADC(Stage2Method):
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         banks, kind = self._banks(ctx)
-        # every rank draws its own noise, reproducibly from the seed
-        generator = torch.Generator(device=ctx.device).manual_seed(self.seed * 1000 + ctx.dist.rank)
 
-        def calibrate(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        def calibrate(features: torch.Tensor, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             tail = banks[0].is_tail[indices]
             features = features.clone()
             for expert, bank in enumerate(banks):
@@ -259,5 +260,5 @@ class LADC(Stage2Method):
         wrapper = {"lws_plus": LWSPlusHead, "lws": LWSHead, "crt": None}[self.head]
         heads = [fresh_like(h) if wrapper is None else wrapper(h) for h in old]
         params = _replace_heads(ctx.model, heads)
-        history = train_heads(ctx, [(params, 1.0)], _ce(ctx), ctx.feature_batches(calibrate))
+        history = ctx.train([(params, 1.0)], _ce(ctx), transform=calibrate)
         return {"history": history, "head_classes": len(self.head_classes), "covariance": kind}

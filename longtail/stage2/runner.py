@@ -3,12 +3,14 @@ recipe has a ``stage2`` section).
 
 It loads stage 1's checkpoint, freezes the backbone, lets the method (``stage2.method``) replace and
 train the heads, checks that the backbone's weights are bit-identical afterwards (and its BatchNorm
-statistics too, unless the method shifts them), evaluates, and writes ``RUN/stage2/``: metrics.json,
-the plots of stage 1, and ``checkpoints/last.pt``.
+statistics too, unless it ran the backbone's BN in train mode), folds the heads, evaluates and writes
+the final ``checkpoints/last.pt`` (``finished: true``) to its output folder; the command writes
+metrics.json and the plots.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,14 @@ from longtail.config import Config
 from longtail.engine import builders
 from longtail.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, barrier
-from longtail.engine.evaluate import compute_metrics, predict, summary
+from longtail.engine.predict import predict
 from longtail.engine.logging import LOG
-from longtail.engine.trainer import write_results
+from longtail.metrics import compute_metrics, summary
+from longtail.models.heads import fold_head, head_spec
 from longtail.registry import STAGE2, ConfigError, load_all
-from longtail.stage2.heads import fold_head, head_spec
-from longtail.stage2.training import BATCH_NORMS, Stage2Context
+from longtail.stage2.training import BATCH_NORMS, Stage2Context, Stage2Stopped
 
-__all__ = ["run_stage2", "stage1_checkpoint", "backbone_state", "check_backbone"]
+__all__ = ["run_stage2", "Stage2Result", "stage1_checkpoint", "backbone_state", "check_backbone"]
 
 
 def stage1_checkpoint(run_dir: Path, choice: str) -> Path:
@@ -71,9 +73,33 @@ def _stage2_augment(config: Config) -> Any:
     return config.data.augment.model_copy(update={"mixup_alpha": 0.0, "remix": False})
 
 
-def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path | None = None) -> dict[str, Any]:
-    """Run the stage-2 method of ``config.stage2`` on the stage-1 run in ``run_dir``; returns what
-    ``metrics.json`` in ``out_dir`` (default ``RUN/stage2``) holds."""
+def _feature_mode(config: Config, method: Any) -> str:
+    cfg = config.stage2
+    mode = cfg.features or method.feature_modes[0]
+    if mode not in method.feature_modes:
+        raise ConfigError(f"stage2.features={mode} is not supported by stage2.method={cfg.method}; "
+                          f"allowed: {', '.join(method.feature_modes)}")
+    if cfg.augment is not None and mode != "images":
+        raise ConfigError(f"stage2.augment is used when stage 2 passes images through the backbone "
+                          f"(stage2.features=images); {cfg.method} runs on cached features of the un-augmented "
+                          "images here. Remove stage2.augment or set stage2.features=images")
+    return mode
+
+
+@dataclass
+class Stage2Result:
+    """``results`` (what metrics.json holds) and the test predictions (for the plots); ``stopped_at_epoch``
+    when ``stage2.stop_at_epoch`` stopped it (then only the training checkpoint was written)."""
+
+    results: dict[str, Any]
+    test_outputs: dict[str, torch.Tensor] | None = None
+    train_counts: list[int] | None = None
+    stopped_at_epoch: int | None = None
+
+
+def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path, resume: bool = False) -> Stage2Result:
+    """Run the stage-2 method of ``config.stage2`` on the stage-1 run in ``run_dir``, writing its
+    checkpoints to ``out_dir`` (``resume``: continue from ``out_dir/checkpoints/last.pt``)."""
     cfg = config.stage2
     if cfg is None:
         raise ConfigError("the config has no stage2 section; add one (e.g. stage2: {method: crt})")
@@ -83,34 +109,36 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
     checkpoint = stage1_checkpoint(run_dir, cfg.from_checkpoint)
     bundle = builders.build_bundle(config)
     model = builders.load_trained_model(config, bundle, load_checkpoint(checkpoint, map_location=device), device)
-    torch.manual_seed(config.seed)  # fresh heads start the same on every rank
+    torch.manual_seed(config.seed)  # fresh heads start the same on every rank, and again on resume
     try:
         method = STAGE2.build(cfg.method, cfg.params, where="stage2.params", class_counts=bundle.train_counts,
-                              num_classes=bundle.num_classes, seed=config.seed)
+                              num_classes=bundle.num_classes)
     except ConfigError:
         raise
     except ValueError as error:  # a bad value of a stage2.params key: a config error the user can fix
         raise ConfigError(f"stage2.params of {cfg.method}: {error}") from error
-    if cfg.augment is not None and not method.uses_images:
-        raise ConfigError(f"stage2.augment is used by methods that pass images through the backbone (mislas); "
-                          f"{cfg.method} works on cached features of the un-augmented images. Remove stage2.augment")
+    mode = _feature_mode(config, method)
     if method.post_hoc and cfg.epochs:
         LOG.info(f"stage 2: {cfg.method} is post-hoc; stage2.epochs={cfg.epochs} is not used")
     for param in model.backbone_parameters():
         param.requires_grad_(False)
     before = backbone_state(model)
     augment = builders.build_augment(config, bundle, _stage2_augment(config))
-    ctx = Stage2Context(config, model, bundle, dist_info, builders.amp_dtype(config, device), augment)
-    LOG.info(f"stage 2: {cfg.method} on {checkpoint} ({len(model.heads)} head(s))")
-    info = method.run(ctx)
+    ctx = Stage2Context(config, model, bundle, dist_info, augment, mode, out_dir, resume)
+    LOG.info(f"stage 2: {cfg.method} on {checkpoint} ({len(model.heads)} head(s), "
+             f"{'post-hoc' if method.post_hoc else f'{mode} features'})")
+    try:
+        info = method.run(ctx)
+    except Stage2Stopped as stop:
+        return Stage2Result(results={"stopped_at_epoch": stop.epoch}, stopped_at_epoch=stop.epoch)
     train_seconds = time.perf_counter() - started
-    check_backbone(model, before, method.shifts_bn)
+    check_backbone(model, before, ctx.bn_moved)
     for i, head in enumerate(list(model.heads)):
         model.heads[i] = fold_head(head)
 
     def evaluate(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         imageset = getattr(bundle, split)
-        loader = builders.eval_loader(config, imageset, augment, dist_info)
+        loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
         outputs = predict(model, loader, dist_info, len(imageset), ctx.amp_dtype)
         return compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
                                outputs.get("expert_logits")), outputs
@@ -118,18 +146,16 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
     epochs = 0 if method.post_hoc else cfg.epochs
     test_metrics, test_outputs = evaluate("test")
     results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
-                               "train_seconds": train_seconds, **info,
-                               "last": {"epoch": epochs, "test": test_metrics}}
+                               "features": None if method.post_hoc else mode, "train_seconds": train_seconds,
+                               **info, "last": {"epoch": epochs, "test": test_metrics}}
     if bundle.val is not None:
         results["last"]["val"] = evaluate("val")[0]
     results["seconds"] = time.perf_counter() - started
-    out_dir = out_dir or run_dir / "stage2"
     if dist_info.is_main:
         save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
-                         "config": config.model_dump(mode="json"), "epoch": epochs - 1,
+                         "config": config.model_dump(mode="json"), "epoch": epochs - 1, "finished": True,
                          "stage2": {"method": cfg.method, "from_checkpoint": str(checkpoint)}},
                         out_dir / "checkpoints" / "last.pt")
-        write_results(out_dir, results, test_outputs, bundle.train_counts, test_metrics)
         LOG.info(f"stage 2 ({cfg.method}, {results['seconds']:.1f} s): {summary(test_metrics)}")
     barrier()
-    return results
+    return Stage2Result(results=results, test_outputs=test_outputs, train_counts=bundle.train_counts)

@@ -1,113 +1,56 @@
-"""What every stage-2 method shares: the context it runs in (model, data, cached features, loaders)
-and the classifier training loop.
+"""What every stage-2 method shares: the context it runs in (model, data, cached features) and how its
+classifier is trained — as a ``TrainingJob`` of the one ``engine.Trainer``, so stage 2 has the same
+progress bar, loss terms, NaN stop, DDP, atomic checkpoints and exact ``--resume`` as stage 1.
 
-The loop trains only the heads (``model.heads``) with its own optimizer and schedule
-(``stage2.optim``, ``stage2.schedule``). Each expert's head is trained on its own logits and the
-losses are summed (SHIKE's stage 2, seed 003_c38ed24e8c8e66ce.txt eq. 11; one term for a single
-model). Under DDP the heads start from rank 0's weights and their gradients are averaged over ranks,
-which is what DistributedDataParallel would do for them.
+Two feature modes (``stage2.features``; each method says which it supports, its default first):
+
+- ``images``: every step passes augmented training images through the frozen backbone (no gradient)
+  with its BatchNorm layers in train mode, so their running statistics follow the stage-2 batches,
+  and trains the heads on the result — what the authors of cRT (Kang et al.) and SHIKE do;
+- ``cached``: one pass of the frozen backbone over the un-augmented training images, BN frozen; the
+  heads then train on those features in seconds (LADC, which samples features, needs it).
+
+Each expert's head is trained on its own logits and the losses are summed (SHIKE's stage 2, seed
+003_c38ed24e8c8e66ce.txt eq. 11; one term for a single model).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from longtail.config import Config
+from longtail.data.samplers import epoch_seed
 from longtail.engine import builders
 from longtail.engine.distributed import DistInfo, all_reduce_sum
 from longtail.engine.logging import LOG
 from longtail.engine.optim import build_optimizer, build_scheduler
-from longtail.engine.trainer import NonFiniteLossError, mixed_loss
-from longtail.registry import LOSSES, SAMPLERS, ConfigError
-from longtail.stage2.features import FeatureBatches, FeatureSet, FeatureTransform, expert_features, extract_features
+from longtail.engine.trainer import Trainer, TrainingJob
+from longtail.losses.terms import ExpertSum
+from longtail.models.heads import head_spec
+from longtail.registry import LOSSES, ConfigError
+from longtail.stage2.features import FeatureSet, expert_features, extract_features
 from longtail.types import Batch, ModelOutput
 
-__all__ = ["BATCH_NORMS", "Stage2Context", "ImageBatches", "set_bn_shift", "average_bn_statistics", "train_heads"]
+__all__ = ["BATCH_NORMS", "FEATURE_MODES", "Stage2Context", "FeatureView", "ImageView", "FeatureLoader",
+           "set_bn_shift", "average_bn_statistics"]
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+FEATURE_MODES = ("images", "cached")
 SAMPLER_SEED_OFFSET = 1  # stage 2 draws its own sample sequence, apart from stage 1's
+FEATURE_DRAW_STREAM = 103  # LADC's per-epoch feature draws, apart from the loaders' streams
 
-
-class BatchSource(Protocol):
-    def __len__(self) -> int: ...
-
-    def epoch(self, epoch: int, total_epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Batch | None]]: ...
-
-
-@dataclass
-class Stage2Context:
-    """Everything a stage-2 method works with. ``model`` holds the stage-1 weights with its backbone
-    frozen; a method replaces ``model.heads[i]`` and trains them."""
-
-    config: Config
-    model: nn.Module
-    bundle: Any
-    dist: DistInfo
-    amp_dtype: torch.dtype | None
-    augment: Any
-    cached: dict[str, FeatureSet] = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
-
-    @property
-    def counts(self) -> list[int]:
-        return self.bundle.train_counts
-
-    @property
-    def num_classes(self) -> int:
-        return self.bundle.num_classes
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.stage2.batch_size or self.config.data.batch_size
-
-    def features(self, split: str) -> FeatureSet:
-        """The frozen backbone's features of ``split`` (train, val or test), extracted once."""
-        if split not in self.cached:
-            imageset = getattr(self.bundle, split)
-            if imageset is None:
-                raise ValueError(f"the run has no {split} split")
-            loader = builders.eval_loader(self.config, imageset, self.augment, self.dist)
-            LOG.info(f"stage 2: caching {split} features of {len(imageset)} images")
-            self.cached[split] = extract_features(self.model, loader, self.dist, len(imageset), self.amp_dtype)
-        return self.cached[split]
-
-    def sampler(self) -> Any:
-        cfg = self.config.stage2
-        return SAMPLERS.build(cfg.sampler or "instance", cfg.sampler_params, where="stage2.sampler_params",
-                              targets=self.bundle.train.targets, num_classes=self.num_classes,
-                              seed=self.config.seed + SAMPLER_SEED_OFFSET, rank=self.dist.rank,
-                              world_size=self.dist.world_size)
-
-    def feature_batches(self, transform: FeatureTransform | None = None) -> FeatureBatches:
-        return FeatureBatches(self.features("train"), self.sampler(), self.batch_size, transform)
-
-    def image_batches(self, bn_shift: bool) -> "ImageBatches":
-        from longtail.data.loaders import TrainLoader
-        loader = TrainLoader(self.bundle.train, self.sampler(), self.batch_size, self.augment, self.device,
-                             seed=self.config.seed + SAMPLER_SEED_OFFSET, num_workers=self.config.data.num_workers,
-                             decode_on_device=self.config.data.decode_on_device)
-        return ImageBatches(self.model, loader, bn_shift, self.amp_dtype)
-
-    def loss(self, default: nn.Module) -> nn.Module:
-        """``stage2.loss`` when the config names one, else the method's ``default``."""
-        cfg = self.config.stage2.loss
-        if cfg is None:
-            return default.to(self.device)
-        return LOSSES.build(cfg.name, cfg.params, where="stage2.loss.params", class_counts=self.counts,
-                            num_classes=self.num_classes, num_samples=len(self.bundle.train)).to(self.device)
+# (features (M, B, D), training-set indices (B,), generator) -> the features to train on
+FeatureTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def set_bn_shift(model: nn.Module, enabled: bool) -> None:
     """Eval mode, except BatchNorm layers in train mode when ``enabled``: their running statistics
     follow the stage-2 (re-sampled) batches while their affine weights stay frozen (MiSLAS's shift
-    learning on BN, seed 001_9389938eb33d47c2.txt)."""
+    learning on BN, seed 001_9389938eb33d47c2.txt; cRT's backbone in train mode)."""
     model.eval()
     if enabled:
         for module in model.modules():
@@ -127,88 +70,199 @@ def average_bn_statistics(model: nn.Module) -> None:
                 buffer.copy_(all_reduce_sum(buffer.clone()) / world)
 
 
-class ImageBatches:
-    """Batches of features from backbone passes over augmented training images (no gradient), for
-    methods that change the backbone's BN statistics and so cannot use cached features."""
+def _heads_output(model: nn.Module, features: torch.Tensor) -> ModelOutput:
+    logits, expert_logits = model.logits_from_features(features)
+    return ModelOutput(logits=logits, features=features[0], expert_logits=expert_logits, expert_features=features)
 
-    def __init__(self, model: nn.Module, loader: Any, bn_shift: bool, amp_dtype: torch.dtype | None) -> None:
-        self.model, self.loader, self.bn_shift, self.amp_dtype = model, loader, bn_shift, amp_dtype
+
+class FeatureView(nn.Module):
+    """The model as stage 2 trains it in ``cached`` mode: cached features (M, B, D) -> the heads' output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> "FeatureView":
+        self.training = mode
+        self.model.eval()  # only the heads run, and they have no mode-dependent layers
+        return self
+
+    def forward(self, features: torch.Tensor) -> ModelOutput:
+        return _heads_output(self.model, features)
+
+
+class ImageView(nn.Module):
+    """The model as stage 2 trains it in ``images`` mode: the frozen backbone runs without gradient
+    (BN in train mode when ``bn_train``), the heads on its features with gradient."""
+
+    def __init__(self, model: nn.Module, bn_train: bool) -> None:
+        super().__init__()
+        self.model, self.bn_train = model, bn_train
+
+    def train(self, mode: bool = True) -> "ImageView":
+        self.training = mode
+        set_bn_shift(self.model, self.bn_train and mode)
+        return self
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        with torch.no_grad():
+            features = expert_features(self.model(images)).float()
+        return _heads_output(self.model, features)
+
+
+class FeatureLoader:
+    """Training batches of cached features: this rank's sampler indices for the epoch in batches of
+    ``batch_size`` (the last incomplete one dropped, as ``TrainLoader``), optionally transformed with a
+    generator seeded from (seed, epoch) (LADC replaces tail features by draws from their calibrated
+    Gaussians). ``Batch.images`` holds the features (M, B, D)."""
+
+    def __init__(self, cached: FeatureSet, sampler: Any, batch_size: int, seed: int,
+                 transform: FeatureTransform | None = None) -> None:
+        if len(sampler) < batch_size:
+            raise ConfigError(f"stage-2 batch size {batch_size} is larger than the {len(sampler)} samples this rank "
+                              "draws per epoch; lower stage2.batch_size")
+        self.cached, self.sampler, self.batch_size, self.seed = cached, sampler, batch_size, seed
+        self.transform = transform
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.generator = torch.Generator(device=cached.features.device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, total_epochs: int) -> None:
+        self.epoch = epoch
+        self.order = self.sampler.epoch_indices(epoch, total_epochs).to(self.cached.targets.device)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.sampler) // self.batch_size
 
-    def epoch(self, epoch: int, total_epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Batch]]:
-        self.loader.set_epoch(epoch, total_epochs)
-        set_bn_shift(self.model, self.bn_shift)
-        for batch in self.loader:
-            with torch.no_grad(), torch.autocast(self.loader.device.type, dtype=self.amp_dtype,
-                                                 enabled=self.amp_dtype is not None):
-                output: ModelOutput = self.model(batch.images)
-            yield expert_features(output).float(), batch.targets, batch
-        self.model.eval()
-
-
-def _optimizer(groups: list[tuple[list[nn.Parameter], float]], ctx: Stage2Context) -> torch.optim.Optimizer:
-    """``stage2.optim`` over parameter groups, each at ``lr_factor`` x the configured lr."""
-    cfg = ctx.config.stage2.optim
-    (first, first_factor), *rest = groups
-    optimizer = build_optimizer(first, cfg, ctx.device)
-    optimizer.param_groups[0]["lr"] = cfg.lr * first_factor
-    for params, factor in rest:
-        optimizer.add_param_group({"params": [p for p in params if p.requires_grad], "lr": cfg.lr * factor})
-    return optimizer
+    def __iter__(self) -> Iterator[Batch]:
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, FEATURE_DRAW_STREAM))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = self.order[start:start + self.batch_size]
+            features, targets = self.cached.features[:, index], self.cached.targets[index]
+            if self.transform is not None:
+                features = self.transform(features, index, self.generator)
+            yield Batch(images=features, targets=targets, indices=index)
 
 
-def _expert_loss(loss_fn: nn.Module, expert_logits: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
-                 batch: Batch | None) -> torch.Tensor:
-    total = expert_logits.new_zeros(())
-    for logits, feats in zip(expert_logits, features):
-        output = ModelOutput(logits=logits, features=feats)
-        total = total + (mixed_loss(loss_fn, output, batch) if batch is not None
-                         else loss_fn(output, targets, None).mean())
-    return total
+@dataclass
+class Stage2Context:
+    """Everything a stage-2 method works with. ``model`` holds the stage-1 weights with its backbone
+    frozen; a method replaces ``model.heads[i]`` and trains them with ``train``. ``out_dir`` receives
+    the checkpoints; ``resume`` continues from its ``checkpoints/last.pt``."""
+
+    config: Config
+    model: nn.Module
+    bundle: Any
+    dist: DistInfo
+    augment: Any
+    feature_mode: str
+    out_dir: Path
+    resume: bool = False
+    cached: dict[str, FeatureSet] = field(default_factory=dict)
+    bn_moved: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return builders.amp_dtype(self.config, self.device)
+
+    @property
+    def counts(self) -> list[int]:
+        return self.bundle.train_counts
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.stage2.batch_size or self.config.data.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed + SAMPLER_SEED_OFFSET
+
+    def features(self, split: str) -> FeatureSet:
+        """The frozen backbone's features of ``split`` (train, val or test), extracted once."""
+        if split not in self.cached:
+            imageset = getattr(self.bundle, split)
+            if imageset is None:
+                raise ValueError(f"the run has no {split} split")
+            loader = builders.eval_loader(self.config, imageset, self.augment.normalize, self.dist)
+            LOG.info(f"stage 2: caching {split} features of {len(imageset)} images")
+            self.cached[split] = extract_features(self.model, loader, self.dist, len(imageset), self.amp_dtype)
+        return self.cached[split]
+
+    def sampler(self) -> Any:
+        cfg = self.config.stage2
+        return builders.build_sampler(self.config, self.bundle, self.dist, cfg.sampler or "instance",
+                                      cfg.sampler_params, "stage2.sampler_params", self.seed)
+
+    def loss(self, default: nn.Module) -> nn.Module:
+        """``stage2.loss`` when the config names one, else the method's ``default``."""
+        cfg = self.config.stage2.loss
+        if cfg is None:
+            return default.to(self.device)
+        return LOSSES.build(cfg.name, cfg.params, where="stage2.loss.params", class_counts=self.counts,
+                            num_classes=self.num_classes, num_samples=len(self.bundle.train)).to(self.device)
+
+    def _optimizer(self, groups: list[tuple[list[nn.Parameter], float]]) -> torch.optim.Optimizer:
+        """``stage2.optim`` over parameter groups, each at ``lr_factor`` x the configured lr."""
+        cfg = self.config.stage2.optim
+        (first, first_factor), *rest = groups
+        optimizer = build_optimizer(first, cfg, self.device)
+        optimizer.param_groups[0]["lr"] = cfg.lr * first_factor
+        for params, factor in rest:
+            optimizer.add_param_group({"params": [p for p in params if p.requires_grad], "lr": cfg.lr * factor})
+        return optimizer
+
+    def train(self, groups: list[tuple[list[nn.Parameter], float]], loss_fn: nn.Module,
+              transform: FeatureTransform | None = None, bn_train: bool = True) -> list[dict[str, Any]]:
+        """Train the parameter ``groups`` (params, lr factor) of ``model.heads`` for ``stage2.epochs``
+        epochs with the Trainer; returns one row per epoch. ``bn_train``: in ``images`` mode, run the
+        backbone's BatchNorm layers in train mode (cRT's authors; MiSLAS's ``bn_shift``)."""
+        cfg = self.config.stage2
+        if cfg.epochs < 1:
+            raise ConfigError(f"stage2.method={cfg.method} trains the classifier; set stage2.epochs >= 1")
+        sampler = self.sampler()
+        if self.feature_mode == "images":
+            if transform is not None:
+                raise ConfigError(f"stage2.method={cfg.method} transforms cached features; set stage2.features=cached")
+            loader = builders.train_loader(self.config, self.bundle, sampler, self.augment, self.device, self.seed,
+                                           self.batch_size)
+            net: nn.Module = ImageView(self.model, bn_train)
+            self.bn_moved = bn_train
+        else:
+            # every rank draws its own feature noise
+            draw_seed = self.seed * 1009 + self.dist.rank
+            loader = FeatureLoader(self.features("train"), sampler, self.batch_size, draw_seed, transform)
+            net = FeatureView(self.model)
+        optimizer = self._optimizer(groups)
+        scheduler = build_scheduler(optimizer, cfg.schedule, len(loader), cfg.epochs)
+        loss = ExpertSum(loss_fn)
+        job = TrainingJob(
+            label=f"stage 2 ({cfg.method})", model=self.model, net=net, loss_fn=loss, loader=loader,
+            optimizer=optimizer, scheduler=scheduler, epochs=cfg.epochs, stop_at_epoch=cfg.stop_at_epoch,
+            select="last", eval_every=0, evaluate_at_end=False, hooked=[sampler, loss_fn],
+            checkpoint_extra=lambda: {"heads": [head_spec(h) for h in self.model.heads],
+                                      "stage2": {"method": cfg.method, "features": self.feature_mode}},
+            broadcast_buffers=False)  # each rank shifts BN on its own batches; averaged at the end
+        last = self.out_dir / "checkpoints" / "last.pt"
+        resume_from = last if self.resume and last.is_file() else None
+        result = Trainer(self.config, job, self.bundle, self.out_dir, self.dist, resume_from).fit()
+        if result.stopped_at_epoch is not None:
+            raise Stage2Stopped(result.stopped_at_epoch)
+        if self.bn_moved:
+            average_bn_statistics(self.model)
+        return result.results.get("history", [])
 
 
-def _sync_start(params: Iterable[nn.Parameter]) -> None:
-    if torch.distributed.is_initialized():
-        for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+class Stage2Stopped(Exception):
+    """Stage 2 stopped at ``stage2.stop_at_epoch``; its checkpoint is written and ``--resume`` continues."""
 
-
-def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    if world_size > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad.copy_(all_reduce_sum(p.grad) / world_size)
-
-
-def train_heads(ctx: Stage2Context, groups: list[tuple[list[nn.Parameter], float]], loss_fn: nn.Module,
-                batches: BatchSource) -> list[dict[str, float]]:
-    """Train the parameter ``groups`` (params, lr factor) of ``model.heads`` for ``stage2.epochs``
-    epochs; returns one row per epoch (mean loss, lr)."""
-    cfg = ctx.config.stage2
-    if cfg.epochs < 1:
-        raise ConfigError(f"stage2.method={cfg.method} trains the classifier; set stage2.epochs >= 1")
-    params = [p for group, _ in groups for p in group if p.requires_grad]
-    _sync_start(params)
-    optimizer = _optimizer(groups, ctx)
-    scheduler = build_scheduler(optimizer, cfg.schedule, len(batches), cfg.epochs)
-    history = []
-    for epoch in range(cfg.epochs):
-        loss_sum = torch.zeros((), device=ctx.device)
-        for features, targets, batch in batches.epoch(epoch, cfg.epochs):
-            _, expert_logits = ctx.model.logits_from_features(features)
-            loss = _expert_loss(loss_fn, expert_logits, features, targets, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_gradients(params, ctx.dist.world_size)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach()
-        mean_loss = float(all_reduce_sum(loss_sum)) / ctx.dist.world_size / max(len(batches), 1)
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(f"stage-2 loss became {mean_loss} in epoch {epoch + 1}; lower stage2.optim.lr")
-        lr = optimizer.param_groups[0]["lr"]
-        history.append({"epoch": epoch + 1, "train_loss": mean_loss, "lr": lr})
-        LOG.info(f"stage 2 ({cfg.method}) epoch {epoch + 1}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.4g}")
-    return history
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stage 2 stopped after epoch {epoch}")
+        self.epoch = epoch

@@ -2,27 +2,33 @@
 evaluate before/after on the balanced test set (overall and per shot group), save everything."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longtail.config import config_from_dict
+from longtail.calibration.diagrams import reliability_diagrams_by_group
+from longtail.commands.common import run_dir_of
+from longtail.commands.evaluate import resolve_checkpoint
+from longtail.config import config_from_dict, parse_value
 from longtail.engine import builders
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.distributed import DistInfo, init_distributed
-from longtail.engine.evaluate import predict
-from longtail.engine.evaluator import resolve_checkpoint
+from longtail.engine.predict import predict
 from longtail.engine.rundir import new_run_dir
+from longtail.metrics import calibration_report
 from longtail.registry import CALIBRATORS, ConfigError, load_all
+
+__all__ = ["cmd_calibrate", "calibrate_run", "markdown_table"]
 
 GROUPS = ("many", "medium", "few")
 
 
 def _outputs(model: torch.nn.Module, config: Any, imageset: Any, augment: Any, dist_info: DistInfo,
              features: bool) -> dict[str, torch.Tensor]:
-    loader = builders.eval_loader(config, imageset, augment, dist_info)
+    loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
     return predict(model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device),
                    keep_features=features)
 
@@ -54,9 +60,6 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     calibrator.pt (load with ``longtail.calibration.load_calibrator``), metrics.json, table.md and
     reliability diagrams before and after."""
     load_all()
-    from longtail.calibration.diagrams import reliability_diagrams_by_group
-    from longtail.calibration.metrics import calibration_report
-
     run_dir, file = resolve_checkpoint(Path(run_dir), checkpoint)
     dist_info = dist_info or init_distributed("auto")
     calibrator = CALIBRATORS.build(method, params, where="calibrate.params")
@@ -70,7 +73,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
             "the long-tailed training data — or data.val_fraction=0.2 data.val_source=test for a balanced split.")
     model = builders.load_trained_model(config, bundle, state, dist_info.device)
     augment = builders.build_augment(config, bundle)
-    needs_features = method == "kt_ts"
+    needs_features = calibrator.needs_features
     val = _outputs(model, config, bundle.val, augment, dist_info, needs_features)
     test = _outputs(model, config, bundle.test, augment, dist_info, False)
     extra: dict[str, Any] = {"class_counts": bundle.train_counts}
@@ -99,3 +102,13 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     reliability_diagrams_by_group(calibrated, test["targets"], counts, out / "reliability_after.png")
     print(markdown_table(rows))
     return out
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    params = {}
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = parse_value(value)
+    out = calibrate_run(run_dir_of(Path(args.run)), args.method, params, checkpoint=args.checkpoint)
+    print(f"results in {out}")
+    return 0

@@ -1,15 +1,20 @@
 """``longtail eval``: evaluate a saved checkpoint with the config it was trained with."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
+from longtail.commands.results import write_results
 from longtail.config import apply_overrides, config_from_dict
 from longtail.engine import builders
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.distributed import init_distributed
-from longtail.engine.evaluate import compute_metrics, predict, summary
+from longtail.engine.predict import predict
 from longtail.engine.rundir import new_run_dir
+from longtail.metrics import compute_metrics, summary
+
+__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint"]
 
 
 def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
@@ -39,12 +44,11 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
                                 "(pass data.val_fraction=... to carve one, or use --split test)")
     model = builders.load_trained_model(config, bundle, state, dist_info.device)
     augment = builders.build_augment(config, bundle)
-    loader = builders.eval_loader(config, imageset, augment, dist_info)
+    loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
     outputs = predict(model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
                                               outputs.get("expert_logits"))
     out_dir = new_run_dir(run_dir / "evals", f"{file.stem}_{split}")
-    from longtail.engine.trainer import write_results
     write_results(out_dir, {"selection": "evaluated", "checkpoint": str(file),
                             "last": {"epoch": int(state["epoch"]) + 1, split: metrics}},
                   outputs, bundle.train_counts, metrics)
@@ -52,3 +56,9 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     print(summary(metrics))
     return out_dir
 
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    out = evaluate_checkpoint(Path(args.run), checkpoint=args.checkpoint, split=args.split, overrides=args.overrides)
+    print(f"results in {out}")
+    return 0

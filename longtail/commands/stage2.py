@@ -1,0 +1,73 @@
+"""``longtail stage2``: a decoupled stage 2 on a finished stage-1 run, so one representation can be
+compared under several classifiers; each lands in ``RUN/stage2_<method>[-N]`` (never overwritten).
+``--resume STAGE2_DIR`` continues one that was stopped (``stage2.stop_at_epoch``) or interrupted."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from longtail.commands.common import UserError, run_dir_of, split_config_and_overrides
+from longtail.commands.train import train_stage2
+from longtail.config import apply_overrides, config_from_dict, dump_config, load_config, read_recipe
+from longtail.engine import distributed
+from longtail.engine.logging import LOG, setup_text_log
+from longtail.engine.rundir import new_run_dir
+
+__all__ = ["cmd_stage2"]
+
+
+def cmd_stage2(args: argparse.Namespace) -> int:
+    if args.resume:
+        return _resume(Path(args.run), args.items)
+    run_dir = run_dir_of(Path(args.run))
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
+    raw = yaml.safe_load(recorded.read_text())
+    recipe, overrides = split_config_and_overrides(args.items)
+    if recipe is not None:
+        stage2 = read_recipe(recipe).get("stage2")
+        if not stage2:
+            raise UserError(f"{recipe} has no stage2 section; name a stage-2 recipe (e.g. configs/cifar10_lt/if100/crt.yaml)")
+        raw["stage2"] = stage2
+    config = config_from_dict(apply_overrides(raw, overrides), f"{recorded} (+ stage 2 of {recipe or 'the run'})")
+    if config.stage2 is None:
+        raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
+    dist_info = distributed.init_distributed(config.device)
+    try:
+        out_dir = new_run_dir(run_dir, f"stage2_{config.stage2.method}") if dist_info.is_main else None
+        out_dir = distributed.broadcast_object(out_dir)
+        setup_text_log(out_dir, dist_info.is_main)
+        if dist_info.is_main:
+            (out_dir / "config.yaml").write_text(dump_config(config))
+        results = train_stage2(config, run_dir, dist_info, out_dir)
+        if "stopped_at_epoch" in results:
+            LOG.info(f"continue with `longtail stage2 --resume {out_dir}`")
+        else:
+            LOG.info(f"done: {out_dir}")
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _resume(out_dir: Path, overrides: list[str]) -> int:
+    if not (out_dir / "config.yaml").is_file() or not (out_dir / "checkpoints" / "last.pt").is_file():
+        raise UserError(f"{out_dir} is not a stage-2 directory with a checkpoint (RUN/stage2_<method>/checkpoints/"
+                        "last.pt); give the folder `longtail stage2` printed")
+    if (out_dir / "metrics.json").is_file():
+        raise UserError(f"stage 2 in {out_dir} is already finished (metrics.json); start a new one with "
+                        f"`longtail stage2 {out_dir.parent} ...`")
+    config = load_config(out_dir / "config.yaml", overrides)
+    if not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
+        config.stage2.stop_at_epoch = None
+    dist_info = distributed.init_distributed(config.device)
+    try:
+        setup_text_log(out_dir, dist_info.is_main)
+        results = train_stage2(config, out_dir.parent, dist_info, out_dir, resume=True)
+        if "stopped_at_epoch" not in results:
+            LOG.info(f"done: {out_dir}")
+    finally:
+        distributed.shutdown()
+    return 0

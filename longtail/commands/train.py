@@ -1,0 +1,108 @@
+"""``longtail train``: stage 1, then the recipe's stage 2 and calibration steps, in one run directory.
+
+``--resume RUN`` continues wherever the run stopped: inside stage 1, between the stages, or inside
+stage 2 (its checkpoints are in ``RUN/stage2/checkpoints``)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from longtail.commands.calibrate import calibrate_run
+from longtail.commands.common import UserError, run_dir_of, split_config_and_overrides
+from longtail.commands.results import write_results
+from longtail.config import Config, load_config
+from longtail.engine import builders, distributed
+from longtail.engine.distributed import DistInfo
+from longtail.engine.logging import LOG, setup_text_log
+from longtail.engine.rundir import new_run_dir, write_run_record
+from longtail.engine.trainer import Trainer, seed_everything
+from longtail.stage2 import run_stage2
+
+__all__ = ["cmd_train", "train_stage1", "train_stage2"]
+
+
+def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from: Path | None = None) -> dict[str, Any]:
+    """Stage 1 of ``config`` in ``run_dir``; writes metrics.json and plots at the end. Returns the
+    results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it)."""
+    seed_everything(config.seed, config.train.deterministic)
+    bundle = builders.build_bundle(config)
+    job = builders.stage1_job(config, bundle, dist_info)
+    LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
+             f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | model {config.model.name} | "
+             f"loss {config.loss.name} | device {dist_info.device}"
+             f"{f' x{dist_info.world_size}' if dist_info.distributed else ''}")
+    fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from).fit()
+    if fit.stopped_at_epoch is None and dist_info.is_main:
+        write_results(run_dir, fit.results, fit.test_outputs, bundle.train_counts, fit.results["last"]["test"])
+        LOG.info(f"results in {run_dir}")
+    return fit.results
+
+
+def train_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Stage 2 of ``config`` on the stage-1 run in ``run_dir``, into ``out_dir``; writes metrics.json
+    and plots there when it finishes."""
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    result = run_stage2(config, run_dir, dist_info, out_dir, resume=resume)
+    if result.stopped_at_epoch is None and dist_info.is_main:
+        write_results(out_dir, result.results, result.test_outputs, result.train_counts,
+                      result.results["last"]["test"])
+    return result.results
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "metrics.json").is_file()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config_path, overrides = split_config_and_overrides(args.items)
+    resume_from: Path | None = None
+    if args.resume:
+        resume_from = Path(args.resume)
+        run_dir = run_dir_of(resume_from)
+        if config_path is not None:
+            raise UserError("--resume continues a run with its own config.yaml; give overrides only")
+        config = load_config(run_dir / "config.yaml", overrides)
+        # the earlier job's stop points are behind us, unless the overrides set new ones
+        if not any(o.startswith("train.stop_at_epoch=") for o in overrides):
+            config.train.stop_at_epoch = None
+        if config.stage2 is not None and not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
+            config.stage2.stop_at_epoch = None
+        if resume_from.is_dir():
+            resume_from = run_dir / "checkpoints" / "last.pt"
+    else:
+        config = load_config(config_path, overrides)
+    dist_info = distributed.init_distributed(config.device)
+    try:
+        if not args.resume:
+            run_dir = new_run_dir(config.output_dir, config.name) if dist_info.is_main else None
+            run_dir = distributed.broadcast_object(run_dir)
+        setup_text_log(run_dir, dist_info.is_main)
+        if dist_info.is_main and not args.resume:
+            write_run_record(run_dir, config, dist_info.device, dist_info.world_size)
+        if args.resume and _finished(run_dir):
+            LOG.info(f"stage 1 of {run_dir} is finished; continuing with the steps after it")
+            results = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            results = train_stage1(config, run_dir, dist_info, resume_from)
+            if "stopped_at_epoch" in results:
+                return 0
+        final = run_dir
+        if config.stage2 is not None:
+            final = run_dir / "stage2"
+            if not _finished(final):
+                stage2 = train_stage2(config, run_dir, dist_info, final, resume=bool(args.resume))
+                if "stopped_at_epoch" in stage2:
+                    return 0
+        if config.calibrate is not None:  # calibrates the final model: stage 2's when there is one
+            calibrate_run(final, config.calibrate.method, config.calibrate.params, dist_info=dist_info)
+        if dist_info.is_main and args.print_json:
+            print(json.dumps(results["last"]["test"], indent=2))
+        LOG.info(f"done: {run_dir}")
+    finally:
+        distributed.shutdown()
+    return 0
+
