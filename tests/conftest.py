@@ -58,3 +58,34 @@ def cifar10_small(shared_data, tmp_path_factory) -> dict[str, Path]:
         for split in ("train", "test"):
             archive.add(tree / split, arcname=split)
     return {"tree": tree, "archive": packed}
+
+
+# Digits-LT at imbalance factor 100 (124 ... 1 training images a class, 288 in all; balanced test set of 50
+# a class; six of the ten classes are few-shot), the MLP for 10 epochs: the long tail of the behavioural tests.
+LONG_TAIL = ["device=cpu", "data.imbalance_factor=100", "train.epochs=10", "model.params.hidden=[64]",
+             "train.eval_every=0"]
+
+
+@pytest.fixture(scope="session")
+def long_tail_ce(tmp_path_factory):
+    """One plain cross-entropy run on ``LONG_TAIL`` (seed 0), the baseline every method family is
+    compared with and the stage 1 of the stage-2 tests: (config, run_dir, last test metrics)."""
+    import torch
+    from longtail.commands.train import train_stage1
+    from longtail.config import load_config
+    from longtail.engine.distributed import init_distributed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = tmp_path_factory.mktemp("long_tail_ce")
+        config = load_config(None, LONG_TAIL)
+        results = train_stage1(config, run_dir, init_distributed("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return config, run_dir, results["last"]["test"]
+
+
+def balanced_accuracy(metrics: dict) -> float:
+    """Mean per-class accuracy of a metrics dict (classes absent from the split left out)."""
+    per_class = [a for a in metrics["per_class_top1"] if a is not None]
+    return sum(per_class) / len(per_class)

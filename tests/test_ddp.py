@@ -47,7 +47,7 @@ def assert_same_weights(run_a: Path, run_b: Path, atol: float) -> None:
     a, b = (load_checkpoint(run)["model"] for run in (run_a, run_b))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=key)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=lambda message: f"{key}: {message}")
 
 
 @pytest.mark.parametrize("extra", [[], ["data.sampler=class_balanced"]], ids=["instance", "class_balanced"])

@@ -25,6 +25,8 @@ from longtail.models.heads import fold_head, restore_heads
 from longtail.stage2.heads import LWSPlusHead
 from longtail.stage2.training import FeatureLoader, Stage2Context, set_bn_shift
 
+from conftest import balanced_accuracy
+
 STAGE1 = ["device=cpu", "train.epochs=2", "model.params.hidden=[32]", "data.val_fraction=0.2",
           "train.eval_every=0"]
 
@@ -306,8 +308,7 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
 
 
 # ------------------------------------------------------------------ behaviour on a real long tail
-# Digits-LT at imbalance factor 100 (124 ... 1 training images a class, 288 in all; the balanced test set
-# has 50 a class, six of the ten classes are few-shot), stage 1 CE for 10 epochs, stage 2 for 10 epochs.
+# conftest.long_tail_ce: Digits-LT at imbalance factor 100, stage 1 CE for 10 epochs; stage 2 for 10 epochs.
 # Measured over seeds 0-4 (balanced = mean per-class test accuracy; few = few-shot classes'):
 #   stage 1          balanced 0.730 0.676 0.680 0.724 0.724   few 0.557 0.470 0.477 0.553 0.543
 #   cRT (images)     balanced 0.830 0.842 0.824 0.826 0.822   few 0.727 0.750 0.717 0.723 0.713
@@ -316,29 +317,12 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
 # Gains over stage 1: balanced >= +0.098, few >= +0.17 for every method and seed, while one method's
 # spread across seeds is 0.05 (stage 1) and 0.02-0.04 (stage 2). The asserted margins (+0.05 balanced,
 # +0.10 few) sit between: a cRT whose heads are not trained scores about chance (0.1) instead.
-LONG_TAIL = ["device=cpu", "data.imbalance_factor=100", "train.epochs=10", "model.params.hidden=[64]",
-             "train.eval_every=0"]
-
-
-def balanced_accuracy(metrics: dict) -> float:
-    per_class = [a for a in metrics["per_class_top1"] if a is not None]
-    return sum(per_class) / len(per_class)
-
-
-@pytest.fixture(scope="module")
-def long_tail_stage1(tmp_path_factory, one_thread):
-    run_dir = tmp_path_factory.mktemp("stage1_if100")
-    config = load_config(None, LONG_TAIL)
-    results = train_stage1(config, run_dir, init_distributed("cpu"))
-    return config, run_dir, results["last"]["test"]
-
-
 @pytest.mark.parametrize("method, params, features", [
     ("crt", {}, "images"), ("crt", {}, "cached"),
     ("mislas", {"eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}, None),
 ])
-def test_rebalancing_stage2_lifts_balanced_and_tail_accuracy(long_tail_stage1, tmp_path, method, params, features):
-    config, source, before = long_tail_stage1
+def test_rebalancing_stage2_lifts_balanced_and_tail_accuracy(long_tail_ce, tmp_path, method, params, features):
+    config, source, before = long_tail_ce
     results, _ = run_method((config, source), tmp_path, method, params=params, features=features, epochs=10)
     after = results["last"]["test"]
     assert balanced_accuracy(after) >= balanced_accuracy(before) + 0.05
