@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="registered datasets, models, losses, samplers, ...")
     listing.set_defaults(func=_command("inspect", "cmd_list"))
 
-    report = sub.add_parser("report", help="compare finished runs in a Markdown table and plot")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report = sub.add_parser("report", help="compare finished runs or studies: report.md and report.html")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR|STUDY_DIR")
     report.add_argument("--out", help="output folder (default runs/report, numbered if it exists)")
+    report.add_argument("--papers", metavar="YAML", help="published numbers to show beside matching settings "
+                                                          "(default benchmarks/paper_numbers.yaml)")
     report.set_defaults(func=_command("inspect", "cmd_report"))
 
     study = sub.add_parser("study", help="run many recipes x seeds from a study file, resumably")

@@ -58,5 +58,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "report")
     if args.out and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
-    print(f"report: {write_report([Path(r) for r in args.runs], out)}")
+    report = write_report([Path(r) for r in args.runs], out, papers=args.papers)
+    print(f"report: {report} and {report.with_suffix('.html')}")
     return 0
