@@ -62,7 +62,7 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     assert (first / "study_run.json").is_file() and not (out / "ce" / "seed1").exists()
     kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in
             [first / "metrics.json", first / "checkpoints" / "last.pt", first / "stage2_crt" / "metrics.json",
-             first / "calibration" / "ts" / "metrics.json"]}
+             first / "calibration" / "ts" / "metrics.json", first / "study_run.json"]}
 
     # the second run is killed after its first epoch: a checkpoint, no results
     second = plan_runs(load_study(TINY), TINY, out)[1]
@@ -75,9 +75,16 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]  # resumed, not started again
     assert "resumed from epoch 1" in (second.run_dir / "train.log").read_text()
     assert len(list(out.glob("*/*/study_run.json"))) == 4
-    assert main(["study", str(TINY), "--out", str(out)]) == 0  # nothing left: nothing runs
+    # every step done but the marker lost (the steps ran from --print-commands elsewhere): nothing reruns
+    (first / "study_run.json").unlink()
+    del kept[first / "study_run.json"]
+    assert main(["study", str(TINY), "--out", str(out)]) == 0
+    assert (first / "study_run.json").is_file()
     for path, (mtime, _) in kept.items():
-        assert path.stat().st_mtime_ns == mtime
+        assert path.stat().st_mtime_ns == mtime, path
+    assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]
+    assert [p.name for p in first.glob("stage2_*")] == ["stage2_crt"]
+    assert [p.name for p in (first / "calibration").iterdir()] == ["ts"]
 
     report = tmp_path / "report"
     assert main(["report", str(out), "--out", str(report)]) == 0

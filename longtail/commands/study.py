@@ -29,10 +29,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from longtail.commands.common import UserError
 from longtail.config import Section, apply_overrides, format_validation_error, load_config, read_recipe
 from longtail.registry import ConfigError
+from longtail.report.compare import STUDY_MARKER as MARKER
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
 
-MARKER = "study_run.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
