@@ -165,16 +165,17 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
     base = _shown(study_file.parent)
     keys = list(study.grid)
     runs = []
-    for recipe in study.recipes:
-        config_path = _shown(base / recipe.config)
-        for values in itertools.product(*(study.grid[k] for k in keys)):
-            grid = dict(zip(keys, values))
-            cell = "__".join([recipe.name, *(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in grid.items())])
-            for selection_seed in study.selection_seeds:
-                for seed in study.seeds:
-                    folder = f"seed{seed}" + (f"-sel{selection_seed}" if len(study.selection_seeds) > 1 else "")
+    # seed-major: a study cut short has every recipe on the first seeds rather than some recipes on all
+    for selection_seed in study.selection_seeds:
+        for seed in study.seeds:
+            folder = f"seed{seed}" + (f"-sel{selection_seed}" if len(study.selection_seeds) > 1 else "")
+            for recipe in study.recipes:
+                config_path = _shown(base / recipe.config)
+                for values in itertools.product(*(study.grid[k] for k in keys)):
+                    grid = dict(zip(keys, values))
+                    cell = "__".join([recipe.name, *(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in grid.items())])
                     overrides = [*study.overrides, *recipe.overrides,
-                                 *(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in grid.items()),
+                                 *(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in grid.items()),
                                  f"seed={seed}", f"data.selection_seed={selection_seed}",
                                  f"output_dir={study_dir / cell}", f"name={folder}"]
                     config = load_config(config_path, overrides)
