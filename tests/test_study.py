@@ -69,7 +69,13 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     assert main([*second.steps[0].argv, "train.stop_at_epoch=1"]) == 0
     assert (second.run_dir / "checkpoints" / "last.pt").is_file() and not (second.run_dir / "metrics.json").exists()
 
+    # another run died before its first checkpoint: its folder holds nothing to resume and is started afresh
+    (dead,) = [r for r in plan_runs(load_study(TINY), TINY, out) if r.recipe == "balanced_softmax" and r.seed == 1]
+    dead.run_dir.mkdir(parents=True)
+    (dead.run_dir / "config.yaml").write_text("name: seed1\n")
+
     assert main(["study", str(TINY), "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "balanced_softmax").iterdir()) == ["seed0", "seed1"]
     for path, (mtime, content) in kept.items():  # the finished run was not touched
         assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content, path
     assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]  # resumed, not started again
@@ -192,3 +198,15 @@ def test_paper_numbers_appear_only_where_the_setting_matches():
     if seeds.is_dir():
         for entry in entries:
             assert (seeds / entry["seed_file"]).is_file(), entry["seed_file"]
+
+
+def test_a_failing_step_stops_the_study_with_a_clear_error(tmp_path, capsys, one_thread):
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(seeds=[0], recipes=[{**raw["recipes"][1], "config": str(TINY.parent / raw["recipes"][1]["config"]),
+                                    "overrides": ["data.val_fraction=0"]}])  # calibration needs a validation split
+    study = tmp_path / "no_val.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no validation split" in err and "calibrate" in err and "rerun the study" in err
+    assert not list((tmp_path / "out").glob("*/*/study_run.json"))
