@@ -189,7 +189,8 @@ def test_paper_numbers_appear_only_where_the_setting_matches():
     assert ce is not None and ce["row"] == "Cross-entropy training" and ce["metrics"]["top1"] == 70.14
     for change in ("train.epochs=10", "data.imbalance_factor=50", "model.name=resnet56", "loss.name=focal_typo"):
         assert paper_entry_for(_row((change,)), entries) is None, change  # never compared
-    assert paper_entry_for(_row(("data.dataset=cifar100_lt",)), entries)["metrics"]["top1"] == 37.92
+    ce100 = paper_entry_for(_row(("data.dataset=cifar100_lt",)), entries)
+    assert ce100["metrics"]["top1"] == 37.92 and "IKL" in ce100["also"][0] and "41.4" in ce100["also"][0]
     # cRT: the CE stage 1 row gets CE's value, its stage-2 row cRT's; never the other way round
     crt = paper_entry_for(_row(("stage2.method=crt",), stage="stage 2 (crt)"), entries)
     assert crt is not None and crt["row"] == "cRT" and crt["metrics"]["top1"] == 73.02
@@ -210,3 +211,11 @@ def test_a_failing_step_stops_the_study_with_a_clear_error(tmp_path, capsys, one
     err = capsys.readouterr().err
     assert "no validation split" in err and "calibrate" in err and "rerun the study" in err
     assert not list((tmp_path / "out").glob("*/*/study_run.json"))
+
+
+def test_runs_of_one_recipe_in_two_data_settings_are_not_averaged():
+    from longtail.report.aggregate import group_rows
+    rows = [{**_row((f"data.imbalance_factor={factor}",)), "label": "ce", "pair": (0, 0), "top1": 0.5}
+            for factor in (10, 100)]
+    with pytest.raises(ValueError, match="differ in their data"):
+        group_rows(rows)

@@ -26,10 +26,10 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
         if (path / "metrics.json").is_file():
             runs.append(path)
             continue
-        cells = sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file()) if path.is_dir() else []
-        if not cells:
-            raise FileNotFoundError(f"{path} has no metrics.json and no study runs (<cell>/seed<k>/); give finished "
-                                    "`longtail train` runs or a `longtail study` folder")
+        if not (path / "study.yaml").is_file():
+            raise FileNotFoundError(f"{path} is neither a finished run (metrics.json) nor a study folder (study.yaml, "
+                                    "written by `longtail study`); give finished `longtail train` runs or a study")
+        cells = sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file())
         runs += [p for p in cells if (p / STUDY_MARKER).is_file()]
         unfinished += [p for p in cells if not (p / STUDY_MARKER).is_file()]
     return runs, unfinished
@@ -110,9 +110,15 @@ def summary_rows(groups: Sequence[Group], papers: Sequence[dict[str, Any]]) -> t
                       *(format_mean_std(group.calibrated_ece(m), "ece") for m in calibrators),
                       "–" if paper is None else f"{paper:.2f}",
                       "–" if paper is None or ours is None else f"{100 * ours - paper:+.2f}",
-                      "–" if entry is None else f"{entry['paper']}, {entry['table']}, row {entry['row']!r} "
-                                                f"({entry['selection']})"])
+                      _source(entry)])
     return header, cells
+
+
+def _source(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry['paper']}, {entry['table']}, row {entry['row']!r} (model selection: {entry['selection']})"
+    return text + "".join(f"; also {other}" for other in entry.get("also", []))
 
 
 def pairwise_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:

@@ -47,5 +47,6 @@ def paper_entry_for(row: dict[str, Any], entries: Sequence[dict[str, Any]]) -> d
                and all(_stage_view(row, key) == value for key, value in entry["method"].items())]
     if len(matches) > 1:
         # two papers report the same method and setting: show the first, the table names both
-        return {**matches[0], "also": [f"{m['paper']} {m['table']}: {m['metrics']}" for m in matches[1:]]}
+        return {**matches[0], "also": [f"{m['paper']}, {m['table']}, row {m['row']!r}: top-1 {m['metrics'].get('top1')}"
+                                       for m in matches[1:]]}
     return matches[0] if matches else None
