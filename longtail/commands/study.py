@@ -188,7 +188,7 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
 def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Any, run_dir: Path,
            base: Path) -> list[Step]:
     final = run_dir / "stage2" if config.stage2 is not None else run_dir
-    train = Step(["train", str(config_path), *overrides], final if config.stage2 is not None else run_dir,
+    train = Step(["train", str(config_path), *overrides], final,
                  resume_argv=["train", "--resume", str(run_dir)],
                  can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file())
     steps = [train]

@@ -29,7 +29,7 @@ def _table(table: Table, table_id: str) -> str:
     body = []
     for row in rows:
         verdict = row[-1] if table_id == "differences" else ""
-        css = ' class="within"' if verdict == "within noise" else ' class="outside"' if verdict == "outside noise" else ""
+        css = {"within noise": ' class="within"', "outside noise": ' class="outside"'}.get(verdict, "")
         body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>")
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

@@ -43,7 +43,8 @@ def _stage_view(row: dict[str, Any], key: str) -> Any:
 def paper_entry_for(row: dict[str, Any], entries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The one entry whose setting (all of SETTING_KEYS) and method keys equal the row's config."""
     matches = [entry for entry in entries
-               if all(key in entry["setting"] and _stage_view(row, key) == entry["setting"][key] for key in SETTING_KEYS)
+               if all(key in entry["setting"] and _stage_view(row, key) == entry["setting"][key]
+                      for key in SETTING_KEYS)
                and all(_stage_view(row, key) == value for key, value in entry["method"].items())]
     if len(matches) > 1:
         # two papers report the same method and setting: show the first, the table names both
