@@ -9,7 +9,9 @@ from typing import Any, Sequence
 import yaml
 
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
+from longtail.report.html import write_html
 from longtail.report.papers import load_paper_numbers, paper_entry_for
+from longtail.report.plots import accuracy_by_class_size, calibration_bars, shot_group_bars
 
 __all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
 
@@ -140,9 +142,6 @@ def markdown(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 
 def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = None) -> Path:
     """``out`` is a folder: report.md, report.html (self-contained) and the plots as PNGs."""
-    from longtail.report.html import write_html
-    from longtail.report.plots import accuracy_by_class_size, calibration_bars, shot_group_bars
-
     runs, unfinished = expand_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
