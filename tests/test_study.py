@@ -118,6 +118,14 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_file_plans_valid_runs(path, tmp_path):
+    study = load_study(path)
+    runs = plan_runs(study, path, tmp_path)  # builds and validates every run's config
+    assert len(runs) == len(study.seeds) * len(study.selection_seeds) * len(study.recipes)
+    assert len({run.run_dir for run in runs}) == len(runs)
+
+
 def test_study_file_is_validated_before_anything_runs(tmp_path, capsys):
     raw = yaml.safe_load(TINY.read_text())
     bad = tmp_path / "bad.yaml"

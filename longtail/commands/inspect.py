@@ -50,7 +50,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}: {', '.join(registry.names()) or '(none)'}")
     configs = Path(__file__).resolve().parents[2] / "configs"
     if configs.is_dir():
-        print("recipes: " + ", ".join(str(p.relative_to(configs)) for p in sorted(configs.rglob("*.yaml"))))
+        files = [p.relative_to(configs) for p in sorted(configs.rglob("*.yaml"))]
+        print("recipes: " + ", ".join(str(p) for p in files if p.parts[0] != "studies"))
+        print("studies (longtail study): " + ", ".join(str(p) for p in files if p.parts[0] == "studies"))
     return 0
 
 
