@@ -139,6 +139,12 @@ def test_study_file_is_validated_before_anything_runs(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(raw))
     assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "unknown key 'optim.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+
+    raw["recipes"][0]["overrides"] = []
+    raw["recipes"][0]["stage2"] = [{"overrides": ["stage2.method=crt", "stage2.epoch=2"]}]
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown key 'stage2.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
 
 from longtail.commands.common import UserError
-from longtail.config import Section, apply_overrides, format_validation_error, load_config, read_recipe
+from longtail.config import (Config, Section, apply_overrides, config_from_dict, format_validation_error, load_config,
+                             read_recipe)
 from longtail.registry import ConfigError
 from longtail.report.compare import STUDY_MARKER as MARKER
 
@@ -144,19 +146,19 @@ def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
 
 
-def _stage2_method(step: Stage2Step, base: Path, recipe_config: Any) -> str:
-    section: dict[str, Any] = {}
+def _stage2_method(step: Stage2Step, base: Path, recipe_config: Config) -> str:
+    """The method a ``longtail stage2`` step will run, resolved as that command resolves it (the run's
+    config, the step recipe's stage2 section, the overrides), so a bad stage-2 key fails here."""
+    raw = recipe_config.model_dump(mode="json")
     if step.recipe is not None:
-        section = read_recipe(base / step.recipe).get("stage2") or {}
-        if not section:
+        raw["stage2"] = read_recipe(base / step.recipe).get("stage2")
+        if not raw["stage2"]:
             raise ConfigError(f"stage2 step {step.recipe} has no stage2 section; name a stage-2 recipe "
                               "(e.g. configs/cifar10_lt/if100/crt.yaml)")
-    elif recipe_config.stage2 is not None:
-        section = {"method": recipe_config.stage2.method}
-    method = apply_overrides({"stage2": dict(section)}, step.overrides)["stage2"].get("method")
-    if not method:
+    config = config_from_dict(apply_overrides(raw, step.overrides), f"stage2 step {step.recipe or step.overrides}")
+    if config.stage2 is None:
         raise ConfigError("a stage2 step needs a recipe with a stage2 section or stage2.method=NAME in its overrides")
-    return str(method)
+    return config.stage2.method
 
 
 def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]:
@@ -185,7 +187,7 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
     return runs
 
 
-def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Any, run_dir: Path,
+def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Config, run_dir: Path,
            base: Path) -> list[Step]:
     final = run_dir / "stage2" if config.stage2 is not None else run_dir
     train = Step(["train", str(config_path), *overrides], final,
@@ -239,8 +241,6 @@ def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]],
               max_runs: int | None = None) -> int:
     """Run what is left of ``runs`` one after another with ``execute(argv)``; returns how many ran.
     Progress over the whole study (runs done / total, ETA) on stderr."""
-    from tqdm import tqdm
-
     done = sum(run.finished for run in runs)
     ran = 0
     with tqdm(total=len(runs), initial=done, desc=f"study {study.name}", unit="run", file=sys.stderr,
