@@ -20,6 +20,8 @@ SETTING_KEYS = ("data.dataset", "data.imbalance_factor", "model.name", "train.ep
 def load_paper_numbers(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The entries of ``path`` (default: the repo's benchmarks/paper_numbers.yaml; none when it is
     absent, e.g. in an installed wheel), each checked for the fields a reader needs to trace it."""
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"paper numbers file {path} does not exist (default: {DEFAULT_PAPERS})")
     path = Path(path) if path is not None else DEFAULT_PAPERS
     if not path.is_file():
         return []
