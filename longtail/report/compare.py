@@ -150,8 +150,8 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
         groups = group_rows(rows)
     except ValueError as error:
         raise FileNotFoundError(str(error)) from None
-    out.mkdir(parents=True, exist_ok=True)
     entries = load_paper_numbers(papers)
+    out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(groups, entries)
     paired = pairwise_rows(groups)
     runs_table = runs_rows(rows)
