@@ -55,7 +55,7 @@ class Tables(HTMLParser):
             self._table = None
 
 
-def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_path, one_thread):
+def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_path, capsys, one_thread):
     out = tmp_path / "study"
     assert main(["study", str(TINY), "--out", str(out), "--max-runs", "1"]) == 0  # "interrupted" after one run
     first = out / "ce" / "seed0"
@@ -91,6 +91,16 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]
     assert [p.name for p in first.glob("stage2_*")] == ["stage2_crt"]
     assert [p.name for p in (first / "calibration").iterdir()] == ["ts"]
+
+    # the study file changed under finished runs: they are not silently reused
+    edited = tmp_path / "edited.yaml"
+    raw = yaml.safe_load(TINY.read_text())
+    raw["overrides"] = [*raw["overrides"], "optim.lr=0.05"]
+    for recipe in raw["recipes"]:
+        recipe["config"] = str(TINY.parent / recipe["config"])
+    edited.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(edited), "--out", str(out)]) == 2
+    assert "made from a different version of their recipe" in capsys.readouterr().err
 
     report = tmp_path / "report"
     assert main(["report", str(out), "--out", str(report)]) == 0

@@ -90,6 +90,9 @@ class Study(Section):
         empty = [key for key, values in self.grid.items() if not values]
         if empty:
             raise ValueError(f"grid keys without values: {', '.join(empty)}")
+        last = [key.split(".")[-1] for key in self.grid]
+        if len(set(last)) != len(last):  # cell folders are named by the last part of each key
+            raise ValueError(f"grid keys must end differently (cell folders use the last part): {list(self.grid)}")
         return self
 
 
