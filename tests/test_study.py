@@ -102,8 +102,18 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     assert main(["study", str(edited), "--out", str(out)]) == 2
     assert "made from a different version of their recipe" in capsys.readouterr().err
 
+    # published numbers: one entry matches balanced softmax's setting, the CE one differs in schedule length
+    source = {"paper": "P", "seed_file": "x.txt", "table": "T1", "row": "r", "selection": "last epoch"}
+    setting = {"data.dataset": "digits_lt", "data.imbalance_factor": 10, "model.name": "mlp", "train.epochs": 2}
+    papers = tmp_path / "papers.yaml"
+    papers.write_text(yaml.safe_dump({"entries": [
+        {**source, "setting": setting, "method": {"loss.name": "balanced_softmax", "stage2.method": None},
+         "metrics": {"top1": 80.0, "ece": 30.0}},
+        {**source, "setting": {**setting, "train.epochs": 30}, "method": {"loss.name": "ce", "stage2.method": None},
+         "metrics": {"top1": 90.0}}]}))
+
     report = tmp_path / "report"
-    assert main(["report", str(out), "--out", str(report)]) == 0
+    assert main(["report", str(out), "--out", str(report), "--papers", str(papers)]) == 0
     top1 = {recipe: [json.loads((out / recipe / f"seed{k}" / "metrics.json").read_text())["last"]["test"]["top1"]
                      for k in (0, 1)] for recipe in ("ce", "balanced_softmax")}
     expected = {recipe: f"{100 * sum(v) / 2:.2f} ± {100 * abs(v[0] - v[1]) / math.sqrt(2):.2f}"
@@ -120,6 +130,13 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
     for recipe, cell in expected.items():
         assert recipes[recipe][header.index("n")] == "2" and recipes[recipe][header.index("top-1")] == cell
     assert recipes["ce"][header.index("ECE after ts")] != "–"
+    bsce = sum(top1["balanced_softmax"]) / 2
+    assert recipes["balanced_softmax"][header.index("paper top-1")] == "80.00"
+    assert recipes["balanced_softmax"][header.index("ours − paper top-1")] == f"{100 * bsce - 80:+.2f}"
+    assert recipes["balanced_softmax"][header.index("paper ECE")] == "30.00"
+    assert "P, T1, row 'r' (model selection: last epoch)" in recipes["balanced_softmax"][header.index("paper source")]
+    for label in ("ce", "ce · crt"):  # 2 epochs against the paper's 30 (and a stage 2): never compared
+        assert recipes[label][header.index("paper top-1")] == "–"
     assert len(page.tables["runs"]) == 1 + 6  # 4 runs, 2 of them with a stage 2
     assert {row[2] for row in page.tables["differences"][1:]} == {"top-1", "ECE"}
     assert len(page.images) == 3 + 3  # shot groups, class size, calibration; a reliability diagram per recipe

@@ -11,6 +11,7 @@ spread them over machines (rerunning the study afterwards only writes the marker
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -118,10 +119,14 @@ class StudyRun:
     selection_seed: int
     run_dir: Path
     steps: list[Step] = field(default_factory=list)
+    signature: str = ""  # what the run is (config and steps, not where it lives); kept in its marker
 
     @property
     def finished(self) -> bool:
         return (self.run_dir / MARKER).is_file()
+
+    def recorded_signature(self) -> str | None:
+        return json.loads((self.run_dir / MARKER).read_text()).get("signature") if self.finished else None
 
 
 def load_study(path: str | Path) -> Study:
@@ -186,6 +191,7 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
                     config = load_config(config_path, overrides)
                     run = StudyRun(cell, recipe.name, grid, seed, selection_seed, study_dir / cell / folder)
                     run.steps = _steps(recipe, config_path, overrides, config, run.run_dir, base)
+                    run.signature = _signature(config, recipe)
                     runs.append(run)
     return runs
 
@@ -214,6 +220,23 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
     return steps
 
 
+def _signature(config: Config, recipe: StudyRecipe) -> str:
+    """A digest of the resolved config (less output_dir and name) and the recipe's stage-2 and
+    calibration steps: a finished run whose recipe was edited since is not silently reused."""
+    described = {"config": config.model_dump(mode="json", exclude={"output_dir", "name"}),
+                 "stage2": [step.model_dump() for step in recipe.stage2],
+                 "calibrate": [step.model_dump() for step in recipe.calibrate]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_unchanged(runs: list[StudyRun]) -> None:
+    """Finished runs must still be what the study file describes; else name them and the way out."""
+    changed = [run.run_dir for run in runs if run.recorded_signature() not in (None, run.signature)]
+    if changed:
+        raise UserError(f"{len(changed)} finished runs were made from a different version of their recipe (first: "
+                        f"{changed[0]}); give the study a new name (or --out) to rerun them, or restore the file")
+
+
 def _next_command(step: Step) -> list[str] | None:
     """What runs ``step`` from where it stands: nothing when done, ``--resume`` when it has a checkpoint."""
     if step.done():
@@ -233,7 +256,7 @@ def _clear_unresumable(step: Step, run_dir: Path) -> None:
 
 def _mark_finished(run: StudyRun, study: Study) -> None:
     record = {"study": study.name, "cell": run.cell, "recipe": run.recipe, "grid": run.grid, "seed": run.seed,
-              "selection_seed": run.selection_seed, "steps": [step.argv for step in run.steps],
+              "selection_seed": run.selection_seed, "signature": run.signature, "steps": [step.argv for step in run.steps],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = run.run_dir / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(record, indent=2))
@@ -292,6 +315,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = load_study(study_file)
     study_dir = Path(args.out) if args.out else Path(study.output_dir) / study.name
     runs = plan_runs(study, study_file, study_dir)
+    check_unchanged(runs)
     if args.print_commands:
         print(f"# {sum(r.finished for r in runs)}/{len(runs)} runs of {study.name} finished; the rest, one line "
               "each (NPROC: processes per node, default 1):")

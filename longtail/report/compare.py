@@ -97,22 +97,27 @@ def format_mean_std(values: Sequence[float], metric: str) -> str:
     return f"{scale * mean:.{digits}f} ± {'–' if std is None else f'{scale * std:.{digits}f}'}"
 
 
+def _paper_cells(group: Group, entry: dict[str, Any] | None, metric: str) -> list[str]:
+    """The paper's value of ``metric`` (in %) and our mean minus it, or dashes."""
+    paper = entry["metrics"].get(metric) if entry else None
+    ours = group.values(metric)
+    if paper is None:
+        return ["–", "–"]
+    return [f"{paper:.2f}", f"{100 * mean_std(ours)[0] - paper:+.2f}" if ours else "–"]
+
+
 def summary_rows(groups: Sequence[Group], papers: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the recipes' table: n, mean ± std of each metric and each calibrator's ECE,
-    the paper's top-1 and our mean minus it where the setting matches."""
+    the paper's top-1 and ECE and our mean minus them where the setting matches."""
     calibrators = sorted({m for g in groups for m in g.calibrators()})
     header = ["recipe", "n", *(title for _, title in METRICS), *(f"ECE after {m}" for m in calibrators),
-              "paper top-1", "ours − paper", "paper source"]
+              "paper top-1", "ours − paper top-1", "paper ECE", "ours − paper ECE", "paper source"]
     cells = []
     for group in groups:
         entry = paper_entry_for(group.rows[0], papers)
-        paper = entry["metrics"].get("top1") if entry else None
-        ours = mean_std(group.values("top1"))[0] if group.values("top1") else None
         cells.append([group.label, str(group.n), *(format_mean_std(group.values(m), m) for m, _ in METRICS),
                       *(format_mean_std(group.calibrated_ece(m), "ece") for m in calibrators),
-                      "–" if paper is None else f"{paper:.2f}",
-                      "–" if paper is None or ours is None else f"{100 * ours - paper:+.2f}",
-                      _source(entry)])
+                      *_paper_cells(group, entry, "top1"), *_paper_cells(group, entry, "ece"), _source(entry)])
     return header, cells
 
 
