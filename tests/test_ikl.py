@@ -57,7 +57,7 @@ def test_first_epoch_trains_with_the_base_loss_only():
     idx, logits, batch = second_epoch_batch()
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
     expected = F.cross_entropy(logits, batch.targets, reduction="none")
-    torch.testing.assert_close(loss(output, batch.targets, batch), expected)
+    torch.testing.assert_close(loss(output, batch.targets, batch).total, expected)
 
 
 def test_loss_after_one_epoch_matches_numpy():
@@ -66,7 +66,7 @@ def test_loss_after_one_epoch_matches_numpy():
     record_epoch(loss, logits0, features0)
     loss.on_epoch_start(1, 2)  # linear: alpha = 1/2
     idx, logits, batch = second_epoch_batch()
-    got = loss(ModelOutput(logits=logits, features=torch.zeros(len(idx), D)), batch.targets, batch)
+    result = loss(ModelOutput(logits=logits, features=torch.zeros(len(idx), D)), batch.targets, batch)
 
     # last epoch's softened predictions, stored in fp16; CKS = previously correct samples
     prev = np.exp(np_log_softmax(logits0.numpy() / TAU)).astype(np.float16).astype(np.float64)[idx]
@@ -86,7 +86,9 @@ def test_loss_after_one_epoch_matches_numpy():
     icl = -(soft[y] * np_log_softmax(logits.numpy())).sum(1)
     ce = -np_log_softmax(logits.numpy())[np.arange(len(y)), y]
     expected = 0.5 * ce + 0.5 * (iur + icl)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(result.total.numpy(), expected, rtol=1e-4)
+    for name, part in (("base", 0.5 * ce), ("iur", 0.5 * iur), ("icl", 0.5 * icl)):  # the logged terms
+        np.testing.assert_allclose(result.terms[name].numpy(), part, rtol=1e-4, atol=1e-7)
     # eq. 5: the batch mean of the IUR part is the mean over the selected samples only
     assert iur.mean() == pytest.approx(kl[correct].mean())
 
@@ -101,7 +103,7 @@ def test_cks_mask_and_unseen_samples():
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
     without_iur = (1 - loss.alpha) * F.cross_entropy(logits, batch.targets, reduction="none") + loss.alpha * (
         -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
-    residual = loss(output, batch.targets, batch) - without_iur
+    residual = loss(output, batch.targets, batch).total - without_iur
     # samples 5 (wrong), 7 (unseen) and 1 (wrong) get no IUR; 2 and 0 (right last epoch) do
     assert (residual.abs() > 1e-6).tolist() == [False, True, False, False, True]
 
@@ -114,7 +116,7 @@ def test_topk_with_all_classes_equals_dense_storage_exactly():
         loss.on_epoch_start(1, 2)
     idx, logits, batch = second_epoch_batch()
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
-    assert torch.equal(dense(output, batch.targets, batch), full_topk(output, batch.targets, batch))
+    assert torch.equal(dense(output, batch.targets, batch).total, full_topk(output, batch.targets, batch).total)
     assert torch.equal(dense.previous_probs(idx), full_topk.previous_probs(idx))
 
 
@@ -147,7 +149,7 @@ def test_state_survives_a_state_dict_round_trip():
         module.on_epoch_start(1, 4)
     assert restored.alpha == loss.alpha == pytest.approx(1 / 16)
     assert restored.base.weight.tolist() != [1.0] * C  # the base's own hook ran (DRW from epoch 1)
-    torch.testing.assert_close(restored(output, batch.targets, batch), loss(output, batch.targets, batch))
+    torch.testing.assert_close(restored(output, batch.targets, batch).total, loss(output, batch.targets, batch).total)
 
 
 def test_configuration_errors():

@@ -18,7 +18,7 @@ from longtail.functional import (ikl_alpha, ikl_class_medians, ikl_correlation_l
 from longtail.losses.basic import checked_counts
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
-from longtail.types import Batch, ModelOutput
+from longtail.types import Batch, LossTerms, ModelOutput
 
 __all__ = ["IKLLoss"]
 
@@ -137,10 +137,13 @@ class IKLLoss(nn.Module):
         self.has_previous.fill_(True)
 
     # ---------------------------------------------------------------------------------- forward
-    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+    def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> LossTerms:
+        """Per-sample ``(1 - alpha) L_base + alpha (L_IUR + L_ICL)`` with its three weighted parts as the
+        terms ``base``, ``iur`` and ``icl`` (the last two are 0 while alpha is 0)."""
         base = as_terms(self.base(output, targets, batch)).total
         if self.alpha == 0.0:
-            return base
+            zero = torch.zeros_like(base)
+            return LossTerms(total=base, terms={"base": base, "iur": zero, "icl": zero})
         if batch is None:
             raise ValueError("ikl needs the batch (its indices) to find each sample's previous prediction")
         indices = self._indices(output, batch)
@@ -149,7 +152,8 @@ class IKLLoss(nn.Module):
         iur = ikl_uncertainty_loss(self.previous_probs(indices), logits, selected, self.tau, reduction="none")
         iur = iur * (len(indices) / selected.sum().clamp_min(1))
         icl = soft_target_cross_entropy(logits, self.soft_labels[targets], reduction="none")
-        return (1.0 - self.alpha) * base + self.alpha * (iur + icl)
+        terms = {"base": (1.0 - self.alpha) * base, "iur": self.alpha * iur, "icl": self.alpha * icl}
+        return LossTerms(total=terms["base"] + terms["iur"] + terms["icl"], terms=terms)
 
     def previous_probs(self, indices: torch.Tensor) -> torch.Tensor:
         """Last epoch's softened predictions (B, C) of the samples at ``indices``, as float32."""
