@@ -97,7 +97,7 @@ def test_cks_mask_and_unseen_samples():
     logits0, features0 = epoch_zero_records()
     loss = build()
     record_epoch(loss, logits0, features0, order=(range(0, 4), range(4, 7)))  # sample 7 never drawn
-    assert loss.prev_correct.tolist() == [True, False, True, True, True, False, True, False]
+    assert loss.pred_correct.tolist() == [True, False, True, True, True, False, True, False]
     loss.on_epoch_start(1, 2)
     idx, logits, batch = second_epoch_batch()
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
@@ -139,8 +139,8 @@ def test_state_survives_a_state_dict_round_trip():
     loss = build(topk=2, base="ldam_drw", base_params={"drw_epoch": 1})
     record_epoch(loss, logits0, features0)
     state = loss.state_dict()
-    assert {"prev_values", "prev_indices", "prev_correct", "soft_labels", "has_previous"} <= set(state)
-    assert not any(key.startswith("cur_") for key in state)
+    assert {"pred_values", "pred_indices", "pred_correct", "pred_fresh", "soft_labels", "has_previous"} <= set(state)
+    assert not {"seen", "epoch_keys", "sample_keys", "sample_features", "sample_targets", "projection"} & set(state)
     restored = build(topk=2, base="ldam_drw", base_params={"drw_epoch": 1})
     restored.load_state_dict(state)
     idx, logits, batch = second_epoch_batch()
