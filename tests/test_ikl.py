@@ -172,11 +172,11 @@ def test_configuration_errors():
         loss(output, batch.targets, short)
 
 
-def _merge_worker(rank, world_size, init_file, results):
+def _merge_worker(rank, world_size, init_file, results, params):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         logits0, features0 = epoch_zero_records()
-        loss = build(topk=2)
+        loss = build(**params)
         mine = [list(range(N))[rank::world_size]]  # each rank sees only its shard of the epoch
         record_epoch(loss, logits0, features0, order=mine)
         results[rank] = {k: v.clone() for k, v in loss.state_dict().items()}
@@ -185,12 +185,16 @@ def _merge_worker(rank, world_size, init_file, results):
 
 
 @pytest.mark.ddp
-def test_ranks_merge_their_records_at_epoch_end(tmp_path):
+@pytest.mark.parametrize("params", [
+    dict(topk=2, median_cap=None),  # exact medians: every sample's features travel
+    dict(topk=2, median_cap=2, label_topk=2),  # class 0 (4 samples) is sampled: the merged sample is a single run's
+])
+def test_ranks_merge_their_records_at_epoch_end(tmp_path, params):
     logits0, features0 = epoch_zero_records()
-    single = build(topk=2)
+    single = build(**params)
     record_epoch(single, logits0, features0)
     results = mp.Manager().dict()
-    mp.spawn(_merge_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    mp.spawn(_merge_worker, args=(2, str(tmp_path / "init"), results, params), nprocs=2, join=True)
     for rank in range(2):
         for key, value in single.state_dict().items():
             assert torch.equal(results[rank][key], value), (rank, key)
