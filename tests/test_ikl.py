@@ -198,3 +198,17 @@ def test_ranks_merge_their_records_at_epoch_end(tmp_path, params):
     for rank in range(2):
         for key, value in single.state_dict().items():
             assert torch.equal(results[rank][key], value), (rank, key)
+
+
+def test_a_sample_not_drawn_last_epoch_gets_no_iur_from_an_older_prediction():
+    logits0, features0 = epoch_zero_records()
+    loss = build()
+    record_epoch(loss, logits0, features0, epoch=0, total=3)
+    record_epoch(loss, logits0, features0, epoch=1, total=3, order=([0, 1, 3, 4, 5, 6, 7],))  # no sample 2
+    loss.on_epoch_start(2, 3)
+    idx, logits, batch = second_epoch_batch()  # samples 5, 2, 7, 1, 0; 2 was right in epoch 0
+    output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
+    residual = loss(output, batch.targets, batch).total - (1 - loss.alpha) * F.cross_entropy(
+        logits, batch.targets, reduction="none") - loss.alpha * (
+        -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
+    assert (residual.abs() > 1e-6).tolist() == [False, False, True, False, True]
