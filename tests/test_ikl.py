@@ -212,3 +212,39 @@ def test_a_sample_not_drawn_last_epoch_gets_no_iur_from_an_older_prediction():
         logits, batch.targets, reduction="none") - loss.alpha * (
         -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
     assert (residual.abs() > 1e-6).tolist() == [False, False, True, False, True]
+
+
+def _icl_of_one_sample(base, base_params, reading, logits):
+    loss = build(base=base, base_params=base_params, icl_logits=reading, alpha_schedule="equal")
+    logits0, features0 = epoch_zero_records()
+    record_epoch(loss, logits0, features0)
+    loss.soft_labels.copy_(0.5 * torch.eye(C) + 0.125)  # the target keeps 5/8, every other class 1/8
+    loss.on_epoch_start(1, 2)  # alpha 1/2
+    idx = torch.tensor([0])  # class 0 (4 training images)
+    batch = Batch(images=torch.zeros(1, 1, 1, 1), targets=LABELS[idx], indices=idx)
+    result = loss(ModelOutput(logits=torch.tensor([logits]), features=torch.zeros(1, D)), batch.targets, batch)
+    return float(result.terms["icl"][0]) / loss.alpha
+
+
+def _soft_ce(z, q):
+    import math
+    log_norm = math.log(sum(math.exp(v) for v in z))
+    return -sum(qj * (zj - log_norm) for qj, zj in zip(q, z))
+
+
+@pytest.mark.parametrize("base, base_params, adjusted", [
+    # balanced softmax: + log n_y, n = (4, 2, 1, 1)
+    ("balanced_softmax", None, lambda z: [z[0] + np.log(4), z[1] + np.log(2), z[2], z[3]]),
+    # logit adjustment, tau 2: + 2 log(n_y / 8)
+    ("logit_adjustment", {"tau": 2.0}, lambda z: [v + 2 * np.log(n / 8) for v, n in zip(z, COUNTS)]),
+    # LDAM, scale 2: margin 0.5 * (4 ** -0.25) / 1 at the target (class 0), then x 2
+    ("ldam_drw", {"max_margin": 0.5, "scale": 2.0}, lambda z: [2 * (z[0] - 0.5 * 4 ** -0.25), 2 * z[1], 2 * z[2], 2 * z[3]]),
+    ("ce", None, lambda z: z),  # nothing to adjust
+])
+def test_icl_on_raw_or_on_the_base_loss_adjusted_logits(base, base_params, adjusted):
+    z = [1.0, 0.0, -1.0, 0.5]
+    q = [5 / 8, 1 / 8, 1 / 8, 1 / 8]
+    assert _icl_of_one_sample(base, base_params, "raw", z) == pytest.approx(_soft_ce(z, q), rel=1e-5)
+    assert _icl_of_one_sample(base, base_params, "adjusted", z) == pytest.approx(_soft_ce(adjusted(z), q), rel=1e-5)
+    with pytest.raises(ValueError, match="allowed: raw, adjusted"):
+        build(icl_logits="prior")

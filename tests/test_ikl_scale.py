@@ -89,7 +89,7 @@ def label_rows(loss):
     (64, None, None, 0.004),  # measured 0.0028 (docs/ARCHITECTURE.md, "IKL at scale")
     (8, None, None, 0.02),    # 0.0133
     (64, None, 32, 0.025),    # 0.0163
-    (4, 32, None, 0.06),      # 0.0407
+    (4, 32, None, 0.08),      # 0.0556 (random projection to 32 of 64 dimensions)
 ])
 def test_bounded_medians_and_rows_stay_close_to_the_exact_soft_labels(cap, dim, label_topk, mean_tv):
     features, labels = synthetic_features()

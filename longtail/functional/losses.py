@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "balanced_softmax_logits",
     "balanced_softmax_loss",
+    "logit_adjusted_logits",
     "logit_adjusted_loss",
     "ldam_margins",
+    "ldam_logits",
     "ldam_loss",
     "focal_loss",
     "class_balanced_weights",
@@ -68,6 +71,12 @@ def _counts(class_counts: Counts, num_classes: int | None = None, device: torch.
     return counts
 
 
+def balanced_softmax_logits(logits: torch.Tensor, class_counts: Counts) -> torch.Tensor:
+    """The logits balanced softmax trains its softmax on: ``logits + log n_y`` (Ren et al. 2020;
+    seed 003_c38ed24e8c8e66ce.txt, eq. 11)."""
+    return logits + _counts(class_counts, logits.shape[-1], logits.device).log()
+
+
 def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
                           reduction: str = "mean") -> torch.Tensor:
     """Balanced softmax cross-entropy (Ren et al. 2020): CE on ``logits + log n_y``.
@@ -76,8 +85,13 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_cou
     Adding the log class counts makes the softmax model the long-tailed training distribution,
     so the raw logits estimate the balanced one.
     """
+    return F.cross_entropy(balanced_softmax_logits(logits, class_counts), targets, reduction=reduction)
+
+
+def logit_adjusted_logits(logits: torch.Tensor, class_counts: Counts, tau: float = 1.0) -> torch.Tensor:
+    """The logits logit-adjusted CE trains its softmax on: ``logits + tau * log(prior)`` (Menon et al. 2021)."""
     counts = _counts(class_counts, logits.shape[-1], logits.device)
-    return F.cross_entropy(logits + counts.log(), targets, reduction=reduction)
+    return logits + tau * (counts / counts.sum()).log()
 
 
 def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
@@ -88,9 +102,7 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
     give no equation for it); ``tau=1`` equals the balanced softmax
     (the priors differ from the counts by a constant shift).
     """
-    counts = _counts(class_counts, logits.shape[-1], logits.device)
-    prior = counts / counts.sum()
-    return F.cross_entropy(logits + tau * prior.log(), targets, reduction=reduction)
+    return F.cross_entropy(logit_adjusted_logits(logits, class_counts, tau), targets, reduction=reduction)
 
 
 def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
@@ -110,9 +122,15 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
     from the target logit, then CE on ``scale * logits``. ``logits`` are cosine similarities there;
     for logits already multiplied by s, use ``scale=1`` and ``max_margin = s * 0.5`` (RIDE's form).
     """
+    return F.cross_entropy(ldam_logits(logits, targets, class_counts, max_margin, scale), targets,
+                           weight=weight, reduction=reduction)
+
+
+def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
+                scale: float = 30.0) -> torch.Tensor:
+    """The logits LDAM trains its softmax on: ``scale * (logits - m_y e_y)`` (Cao et al. 2019; see ``ldam_loss``)."""
     margins = ldam_margins(_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
-    shifted = logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1)
-    return F.cross_entropy(scale * shifted, targets, weight=weight, reduction=reduction)
+    return scale * (logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1))
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,

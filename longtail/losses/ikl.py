@@ -24,6 +24,7 @@ from longtail.types import Batch, LossTerms, ModelOutput
 
 __all__ = ["IKLLoss"]
 
+ICL_LOGITS = ("raw", "adjusted")
 EMPTY = torch.iinfo(torch.int32).max  # key of a free slot of the class sample
 
 
@@ -42,7 +43,11 @@ class IKLLoss(nn.Module):
       per-sample values are scaled by ``B / #selected`` so that their batch mean is eq. 5's mean
       over the selected samples.
     - ICL (eq. 6-8): cross-entropy of the current (unsoftened) prediction against
-      ``ikl_correlation_labels`` of last epoch's class-median features.
+      ``ikl_correlation_labels`` of last epoch's class-median features. ``icl_logits="raw"`` (the
+      seed's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
+      logits the base loss trains (its ``adjust_logits``: + log n_y for balanced softmax, + tau log
+      prior for logit adjustment, the target margin and scale for LDAM), so that ICL keeps the base's
+      re-balancing (the seed does not say how ICL meets such a base).
     - alpha: ``max_alpha * ikl_alpha(epoch, total_epochs, alpha_schedule)``, 0 in the first epoch
       (no previous predictions yet), so that epoch trains with the base loss only.
 
@@ -76,7 +81,7 @@ class IKLLoss(nn.Module):
                  base: str = "ce", base_params: dict[str, Any] | None = None, tau: float = 2.0,
                  alpha_schedule: str = "parabolic", max_alpha: float = 1.0, topk: int | None = 32,
                  label_topk: int | None = None, median_cap: int | None = 64, median_dim: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, icl_logits: str = "raw") -> None:
         super().__init__()
         checked_counts(class_counts, num_classes)
         if num_samples is None or num_samples < 1:
@@ -90,12 +95,15 @@ class IKLLoss(nn.Module):
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if not 0.0 <= max_alpha <= 1.0:
             raise ValueError(f"max_alpha must be in [0, 1], got {max_alpha}")
+        if icl_logits not in ICL_LOGITS:
+            raise ValueError(f"unknown icl_logits {icl_logits!r}; allowed: {', '.join(ICL_LOGITS)}")
         ikl_alpha(0, 1, alpha_schedule)  # an unknown schedule fails now, not after the first epoch
         self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
                                  class_counts=list(class_counts), num_classes=num_classes, num_samples=num_samples)
         self.num_classes, self.num_samples, self.tau = num_classes, num_samples, tau
         self.alpha_schedule, self.max_alpha = alpha_schedule, max_alpha
         self.median_cap, self.median_dim, self.seed = median_cap, median_dim, seed
+        self.icl_logits = icl_logits
         self.dense = topk is None or topk >= num_classes
         self.k = num_classes if self.dense else topk
         self.label_k = None if label_topk is None or label_topk >= num_classes else label_topk
@@ -183,7 +191,8 @@ class IKLLoss(nn.Module):
         selected = self.pred_correct[indices] & self.pred_fresh[indices]
         iur = ikl_uncertainty_loss(self.previous_probs(indices), logits, selected, self.tau, reduction="none")
         iur = iur * (len(indices) / selected.sum().clamp_min(1))
-        icl = soft_target_cross_entropy(logits, self.soft_label_rows(targets.to(indices.device)), reduction="none")
+        icl = soft_target_cross_entropy(self._icl_input(logits, targets), self.soft_label_rows(targets.to(indices.device)),
+                                        reduction="none")
         terms = {"base": (1.0 - self.alpha) * base, "iur": self.alpha * iur, "icl": self.alpha * icl}
         return LossTerms(total=terms["base"] + terms["iur"] + terms["icl"], terms=terms)
 
@@ -208,6 +217,12 @@ class IKLLoss(nn.Module):
         return ikl_class_medians(self.sample_features[kept], labels[kept], self.num_classes)
 
     # -------------------------------------------------------------------------------- internals
+    def _icl_input(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The logits ICL trains: raw, or as the base loss adjusts them (its ``adjust_logits``; a base
+        without one, e.g. ce or focal, trains on the raw logits and has nothing to adjust)."""
+        adjust = getattr(self.base, "adjust_logits", None)
+        return adjust(logits, targets) if self.icl_logits == "adjusted" and callable(adjust) else logits
+
     def _indices(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
         indices = batch.indices.to(self.pred_correct.device)
         if len(indices) != len(output.logits):
