@@ -153,3 +153,8 @@ def test_state_at_inaturalist_scale_is_within_one_percent_of_dense():
     state = sum(b.numel() * b.element_size() for b in loss.buffers())
     dense = num_samples * num_classes * 2
     assert state <= 0.01 * dense, state / dense
+
+
+def test_sparse_soft_labels_start_one_hot():
+    loss = LOSSES.build("ikl", {"label_topk": 3}, class_counts=[2] * 6, num_classes=6, num_samples=12)
+    torch.testing.assert_close(loss.soft_label_rows(torch.arange(6)), torch.eye(6))

@@ -117,10 +117,11 @@ class IKLLoss(nn.Module):
         if self.label_k is None:
             self.register_buffer("soft_labels", torch.eye(num_classes))
         else:
+            # one-hot until the first epoch's medians (distinct classes in each row)
             self.register_buffer("label_values", torch.zeros(num_classes, self.label_k))
-            self.register_buffer("label_indices", torch.zeros(num_classes, self.label_k, dtype=index_type))
-            self.label_values[:, 0] = 1.0  # one-hot until the first epoch's medians
-            self.label_indices[:, 0] = torch.arange(num_classes, dtype=index_type)
+            self.label_values[:, 0] = 1.0
+            shifted = (torch.arange(num_classes)[:, None] + torch.arange(self.label_k)) % num_classes
+            self.register_buffer("label_indices", shifted.to(index_type))
         self.register_buffer("has_previous", torch.tensor(False))
         # this epoch's records, rebuilt every epoch (allocated at the first step, when d is known)
         self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool), persistent=False)
