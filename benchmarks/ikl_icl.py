@@ -47,10 +47,10 @@ def main() -> None:
             def avg(get):
                 values = [100 * get(r) for r in runs]
                 return round(statistics.mean(values), 2), round(statistics.stdev(values), 2)
+            groups = {f"test_{g}": avg(lambda r, g=g: r["test"][f"{g}_top1"]) for g in ("many", "medium", "few")}
             rows[reading] = {"val_top1": avg(lambda r: r["val"]["top1"]),
                              "val_mean_per_class": avg(lambda r: mean_per_class(r["val"])),
-                             "test_top1": avg(lambda r: r["test"]["top1"]),
-                             **{f"test_{g}": avg(lambda r, g=g: r["test"][f"{g}_top1"]) for g in ("many", "medium", "few")}}
+                             "test_top1": avg(lambda r: r["test"]["top1"]), **groups}
     chosen = max(rows, key=lambda k: rows[k]["val_top1"][0])
     print(json.dumps({"recipe": args.recipe, "overrides": args.overrides, "seeds": args.seeds,
                       "mean_and_sd": rows, "chosen_by_val_top1": chosen}, indent=2))

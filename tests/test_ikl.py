@@ -238,7 +238,8 @@ def _soft_ce(z, q):
     # logit adjustment, tau 2: + 2 log(n_y / 8)
     ("logit_adjustment", {"tau": 2.0}, lambda z: [v + 2 * np.log(n / 8) for v, n in zip(z, COUNTS)]),
     # LDAM, scale 2: margin 0.5 * (4 ** -0.25) / 1 at the target (class 0), then x 2
-    ("ldam_drw", {"max_margin": 0.5, "scale": 2.0}, lambda z: [2 * (z[0] - 0.5 * 4 ** -0.25), 2 * z[1], 2 * z[2], 2 * z[3]]),
+    ("ldam_drw", {"max_margin": 0.5, "scale": 2.0},
+     lambda z: [2 * (z[0] - 0.5 * 4 ** -0.25), 2 * z[1], 2 * z[2], 2 * z[3]]),
     ("ce", None, lambda z: z),  # nothing to adjust
 ])
 def test_icl_on_raw_or_on_the_base_loss_adjusted_logits(base, base_params, adjusted):

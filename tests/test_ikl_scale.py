@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import longtail.losses  # noqa: F401  (registers the losses)
-from longtail.functional import (ikl_class_medians, ikl_correlation_labels, ikl_correlation_labels_topk,
+from longtail.functional import (ikl_correlation_labels, ikl_correlation_labels_topk,
                                  ikl_keep_smallest_keys, lt_counts, topk_with_even_rest)
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput

@@ -192,8 +192,8 @@ class IKLLoss(nn.Module):
         selected = self.pred_correct[indices] & self.pred_fresh[indices]
         iur = ikl_uncertainty_loss(self.previous_probs(indices), logits, selected, self.tau, reduction="none")
         iur = iur * (len(indices) / selected.sum().clamp_min(1))
-        icl = soft_target_cross_entropy(self._icl_input(logits, targets), self.soft_label_rows(targets.to(indices.device)),
-                                        reduction="none")
+        soft = self.soft_label_rows(targets.to(indices.device))
+        icl = soft_target_cross_entropy(self._icl_input(logits, targets), soft, reduction="none")
         terms = {"base": (1.0 - self.alpha) * base, "iur": self.alpha * iur, "icl": self.alpha * icl}
         return LossTerms(total=terms["base"] + terms["iur"] + terms["icl"], terms=terms)
 
