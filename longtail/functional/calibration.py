@@ -39,6 +39,9 @@ __all__ = [
     "kt_attention",
     "kt_calibrated_stats",
     "kt_importance_weights",
+    "platt_probability",
+    "equal_mass_bin_edges",
+    "bin_means",
 ]
 
 TEMPERATURE_BOUNDS = (0.05, 5.0)  # the authors' L-BFGS-B bounds (calibration_method.py)
@@ -330,3 +333,43 @@ def kt_importance_weights(features: torch.Tensor, labels: torch.Tensor, class_me
                      - _diagonal_gaussian_log_pdf(features[rows], class_means[cls], class_vars[cls]))
         weights[rows] = log_ratio.exp().clamp(eta_low, eta_high)
     return weights
+
+
+def platt_probability(probs: torch.Tensor, coef: float, intercept: float, eps: float = 1e-12) -> torch.Tensor:
+    """Platt scaling of a probability: ``sigmoid(a * logit(p) + b)`` with p clipped to [eps, 1 - eps],
+    the scaling step of Kumar et al. 2019, "Verified uncertainty calibration" (Sec. 4.1, step 1), in
+    the form of the authors' library (p-lambda/verified_calibration, ``get_platt_scaler``)."""
+    p = probs.double().clamp(eps, 1 - eps)
+    return torch.sigmoid(coef * torch.log(p / (1 - p)) + intercept)
+
+
+def equal_mass_bin_edges(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Upper edges of bins holding about equally many of ``values`` (Kumar et al. 2019, Sec. 4.1,
+    step 2: the binning scheme of the scaling-binning calibrator). As the authors' ``get_equal_bins``:
+    sort, split into ``min(n_bins, N)`` runs whose sizes differ by at most one (the longer runs first),
+    put an edge half-way between consecutive runs, end with 1.0, drop duplicate edges. A value v falls
+    in the first bin whose edge is >= v (see :func:`bin_means`)."""
+    _check_bins(n_bins)
+    values = values.double().flatten()
+    if values.numel() == 0:
+        raise ValueError("equal_mass_bin_edges needs at least one value")
+    ordered = values.sort().values
+    runs = torch.tensor_split(ordered, min(n_bins, ordered.numel()))
+    inner = [(runs[i][-1] + runs[i + 1][0]) / 2 for i in range(len(runs) - 1)]
+    edges = torch.stack(inner + [torch.ones((), dtype=torch.float64, device=values.device)])
+    return edges.unique()  # sorted, without repeats
+
+
+def bin_means(values: torch.Tensor, targets: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Mean of ``targets`` over the samples of each bin of ``values`` (bin i: ``edges[i-1] < v <=
+    edges[i]``, the first from 0). Kumar et al. 2019, Sec. 4.1, step 3 takes the targets to be the
+    scaled values themselves (the scaling-binning output is the bin mean of ``g(z)``); with 0/1 labels
+    it is histogram binning. An empty bin gets its midpoint, as the authors' ``get_histogram_calibrator``."""
+    values, targets, edges = values.double().flatten(), targets.double().flatten(), edges.double()
+    if values.shape != targets.shape:
+        raise ValueError(f"values and targets must have the same length, got {values.numel()} and {targets.numel()}")
+    index = torch.searchsorted(edges, values).clamp(max=edges.numel() - 1)
+    count = torch.bincount(index, minlength=edges.numel()).double()
+    total = torch.bincount(index, weights=targets, minlength=edges.numel())
+    lower = torch.cat([edges.new_zeros(1), edges[:-1]])
+    return torch.where(count > 0, total / count.clamp(min=1), (lower + edges) / 2)
