@@ -42,6 +42,9 @@ __all__ = [
     "platt_probability",
     "equal_mass_bin_edges",
     "bin_means",
+    "gp_latent_marginals",
+    "whitened_gauss_kl",
+    "softmax_expected_log_lik",
 ]
 
 TEMPERATURE_BOUNDS = (0.05, 5.0)  # the authors' L-BFGS-B bounds (calibration_method.py)
@@ -373,3 +376,42 @@ def bin_means(values: torch.Tensor, targets: torch.Tensor, edges: torch.Tensor) 
     total = torch.bincount(index, weights=targets, minlength=edges.numel())
     lower = torch.cat([edges.new_zeros(1), edges[:-1]])
     return torch.where(count > 0, total / count.clamp(min=1), (lower + edges) / 2)
+
+
+def gp_latent_marginals(x: torch.Tensor, inducing: torch.Tensor, q_mu: torch.Tensor, q_sqrt: torch.Tensor,
+                        lengthscale: torch.Tensor, variance: torch.Tensor, white: torch.Tensor,
+                        jitter: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marginal mean and variance of a sparse variational GP at scalar inputs ``x`` (any shape), zero
+    prior mean (the caller adds its mean function). Wenger et al. 2020, "Non-parametric calibration
+    for classification" (Sec. 3), as their SVGP: kernel ``RBF(lengthscale, variance) + White(white)``,
+    whitened inducing outputs ``u = L v`` with ``K_uu = L L^T`` and ``q(v) = N(q_mu, diag(q_sqrt^2))``.
+    With ``A = L^-1 K_ux``: mean ``A^T q_mu``, variance ``k(x, x) - sum A^2 + sum (q_sqrt A)^2``."""
+    flat = x.reshape(-1)
+
+    def rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return variance * torch.exp(-0.5 * (a[:, None] - b[None, :]) ** 2 / lengthscale ** 2)
+
+    m = inducing.numel()
+    k_uu = rbf(inducing, inducing) + (white + jitter) * torch.eye(m, dtype=inducing.dtype, device=inducing.device)
+    chol = torch.linalg.cholesky(k_uu)
+    a = torch.linalg.solve_triangular(chol, rbf(inducing, flat), upper=False)  # (M, N)
+    mean = a.T @ q_mu
+    var = variance + white - (a ** 2).sum(0) + ((q_sqrt[:, None] * a) ** 2).sum(0)
+    return mean.reshape(x.shape), var.reshape(x.shape)
+
+
+def whitened_gauss_kl(q_mu: torch.Tensor, q_sqrt: torch.Tensor) -> torch.Tensor:
+    """``KL(N(q_mu, diag(q_sqrt^2)) || N(0, I))``, the prior term of the whitened SVGP bound (Wenger et
+    al. 2020, eq. 7)."""
+    var = q_sqrt ** 2
+    return 0.5 * (var + q_mu ** 2 - 1 - var.log()).sum()
+
+
+def softmax_expected_log_lik(mean: torch.Tensor, var: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Second-order Taylor approximation of ``E_{f ~ N(mean, diag(var))}[log softmax(f)_y]`` per row
+    (Wenger et al. 2020, Sec. 3.2, as their ``MultiCal.variational_expectations``):
+    ``log softmax(mean)_y + 0.5 (s^T diag(var) s - s^T var)`` with ``s = softmax(mean)``, i.e. half the
+    trace of the log-softmax Hessian ``-(diag(s) - s s^T)`` against the covariance."""
+    s = mean.softmax(dim=1)
+    log_lik = mean.log_softmax(dim=1).gather(1, targets.long()[:, None]).squeeze(1)
+    return log_lik + 0.5 * ((s * var * s).sum(1) - (s * var).sum(1))
