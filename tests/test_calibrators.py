@@ -199,6 +199,19 @@ def test_gpc_learns_the_temperature_of_an_overconfident_model():
     torch.testing.assert_close(mean_only.predict_proba(TEST[0].double()), calibrator.latent(TEST[0])[0].softmax(1))
 
 
+def test_gpc_prediction_is_the_expected_softmax_over_the_latent_marginals():
+    calibrator = CALIBRATORS.build("gpc", {"max_iter": 1, "n_monte_carlo": 4000}).fit(*overconfident(0, n=300))
+    calibrator.params["white"] = calibrator._unconstrained(1.0)  # wide marginals, so E softmax != softmax E
+    logits = TEST[0][:20].double()
+    mean, var = calibrator.latent(logits)
+    assert float(var.min()) > 0.9
+    draws = torch.distributions.Normal(mean, var.sqrt()).sample((100_000,))  # independent Monte Carlo
+    expected = draws.softmax(dim=2).mean(0)
+    probs = calibrator.predict_proba(logits)
+    torch.testing.assert_close(probs, expected, atol=0.01, rtol=0)
+    assert float((mean.softmax(1) - expected).abs().max()) > 0.05
+
+
 # ------------------------------------------------------------------------------ knowledge-transfer TS
 
 def long_tailed_features(seed, counts, dim=8):
