@@ -200,7 +200,7 @@ def test_gpc_learns_the_temperature_of_an_overconfident_model():
 
 
 def test_gpc_prediction_is_the_expected_softmax_over_the_latent_marginals():
-    calibrator = CALIBRATORS.build("gpc", {"max_iter": 1, "n_monte_carlo": 4000}).fit(*overconfident(0, n=300))
+    calibrator = CALIBRATORS.build("gpc", {"max_iter": 1, "n_monte_carlo": 20_000}).fit(*overconfident(0, n=300))
     calibrator.params["white"] = calibrator._unconstrained(1.0)  # wide marginals, so E softmax != softmax E
     logits = TEST[0][:20].double()
     mean, var = calibrator.latent(logits)
