@@ -8,7 +8,8 @@ from sklearn.isotonic import IsotonicRegression
 import longtail.calibration  # noqa: F401 - registers the calibrators
 from longtail.calibration import KnowledgeTransferTS, calibration_report, head_mask_from_counts, load_calibrator
 from longtail.functional import (diagonal_class_gaussians, ece, fit_temperature, kt_importance_weights, lt_counts,
-                                 mce, nll, per_class_ece, platt_probability)
+                                 gp_latent_marginals, mce, nll, per_class_ece, platt_probability,
+                                 softmax_expected_log_lik, whitened_gauss_kl)
 from longtail.registry import CALIBRATORS, ConfigError
 
 PLAIN = ["ts", "vs", "ets", "hist", "iso", "ts_ir", "ir_pooled", "sbc", "gpc"]
@@ -210,6 +211,25 @@ def test_gpc_prediction_is_the_expected_softmax_over_the_latent_marginals():
     probs = calibrator.predict_proba(logits)
     torch.testing.assert_close(probs, expected, atol=0.01, rtol=0)
     assert float((mean.softmax(1) - expected).abs().max()) > 0.05
+
+
+def test_gpc_fit_is_a_stationary_point_of_the_svgp_bound():
+    """The bound assembled here from the functional pieces (expected log-likelihood minus whitened KL)
+    has zero gradient at the fitted parameters: gpc maximises this objective, not another one."""
+    logits, targets = overconfident(4, n=300)
+    calibrator = CALIBRATORS.build("gpc", {}).fit(logits, targets)
+    params = {key: value.clone().requires_grad_(True) for key, value in calibrator.params.items()}
+    positive = lambda raw: torch.nn.functional.softplus(raw) + 1e-6  # noqa: E731 - GPflow's positive transform
+    z = logits.double()
+    mean, var = gp_latent_marginals(z, params["inducing"], params["q_mu"], positive(params["q_sqrt"]),
+                                    positive(params["lengthscale"]), positive(params["variance"]),
+                                    positive(params["white"]))
+    bound = (softmax_expected_log_lik(z + mean, var, targets).sum()
+             - whitened_gauss_kl(params["q_mu"], positive(params["q_sqrt"])))
+    bound.backward()
+    gradient = torch.cat([p.grad.flatten() for p in params.values()])
+    assert float(gradient.abs().max()) < 1e-4 * len(targets)
+    assert float(params["q_mu"].detach().abs().max()) > 0.05  # the KL gradient q_mu is not negligible
 
 
 # ------------------------------------------------------------------------------ knowledge-transfer TS
