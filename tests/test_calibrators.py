@@ -142,8 +142,8 @@ def test_ir_pooled_is_one_sklearn_isotonic_over_all_class_probabilities():
     one_hot = np.eye(10)[VAL[1].numpy()]
     regression = IsotonicRegression(out_of_bounds="clip").fit(p_val.ravel(), one_hot.ravel())
     mapped = regression.predict(p_test.ravel()).reshape(p_test.shape) + 1e-9 * p_test
-    np.testing.assert_allclose(calibrator.predict_proba(TEST[0].double()).numpy(), mapped / mapped.sum(1, keepdims=True),
-                               rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(calibrator.predict_proba(TEST[0].double()).numpy(),
+                               mapped / mapped.sum(1, keepdims=True), rtol=1e-10, atol=1e-15)
     # one map for every class: equal probabilities in two columns come out equal
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]], dtype=torch.float64)
     pooled = CALIBRATORS.build("ir_pooled", {}).fit(VAL[0][:, :3], VAL[1] % 3).predict_proba(probs.log())

@@ -299,9 +299,11 @@ def test_bin_means_hand_values_and_empty_bin_midpoint():
     values = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
     edges = torch.tensor([0.35, 0.45, 0.9, 1.0], dtype=torch.float64)
     # bins (0, .35] {.1 .2 .3}, (.35, .45] {.4}, (.45, .9] {.5}, (.9, 1] empty -> midpoint .95
-    torch.testing.assert_close(bin_means(values, values, edges), torch.tensor([0.2, 0.4, 0.5, 0.95], dtype=torch.float64))
+    torch.testing.assert_close(bin_means(values, values, edges),
+                               torch.tensor([0.2, 0.4, 0.5, 0.95], dtype=torch.float64))
     labels = torch.tensor([1, 0, 0, 1, 1])
-    torch.testing.assert_close(bin_means(values, labels, edges), torch.tensor([1 / 3, 1.0, 1.0, 0.95], dtype=torch.float64))
+    torch.testing.assert_close(bin_means(values, labels, edges),
+                               torch.tensor([1 / 3, 1.0, 1.0, 0.95], dtype=torch.float64))
 
 
 def test_platt_probability_is_sklearn_logistic_regression_on_the_log_odds():
@@ -343,7 +345,8 @@ def test_gp_latent_marginals_against_direct_gaussian_conditioning():
 
 
 def test_whitened_gauss_kl_is_torch_kl_to_standard_normal():
-    q_mu, q_sqrt = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    q_mu = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    q_sqrt = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(q_mu, q_sqrt),
                                                  torch.distributions.Normal(0.0, 1.0)).sum()
     torch.testing.assert_close(whitened_gauss_kl(q_mu, q_sqrt), expected)

@@ -542,7 +542,8 @@ class GPCalibration(Calibrator):
         flat = logits.flatten().numpy()[:, None]
         centres = scipy.cluster.vq.kmeans(flat, min(flat.shape[0], self.n_inducing), seed=self.seed)[0]
         m = centres.shape[0]
-        params = {"inducing": torch.from_numpy(centres[:, 0].astype(np.float64)), "q_mu": torch.zeros(m, dtype=torch.float64),
+        params = {"inducing": torch.from_numpy(centres[:, 0].astype(np.float64)),
+                  "q_mu": torch.zeros(m, dtype=torch.float64),
                   "q_sqrt": self._unconstrained(torch.ones(m, dtype=torch.float64)),
                   "lengthscale": self._unconstrained(10.0), "variance": self._unconstrained(1.0),
                   "white": self._unconstrained(0.01)}
