@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="fit a post-hoc calibrator on validation data")
     calibrate.add_argument("run", metavar="RUN_DIR")
-    calibrate.add_argument("--method", default="ts", help="kt_ts, ts, ets, vs, hist, iso (see `longtail list`)")
+    calibrate.add_argument("--method", default="ts",
+                           help="kt_ts, ts, ets, vs, hist, iso, ts_ir, ir_pooled, sbc, gpc (see `longtail list`)")
     calibrate.add_argument("--param", action="append", default=[], metavar="key=value")
     calibrate.add_argument("--checkpoint", default="last")
     calibrate.set_defaults(func=_command("calibrate", "cmd_calibrate"))
