@@ -101,9 +101,21 @@ class ScheduleConfig(Section):
     warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0,
                                        description="lr at the start of warm-up, as a fraction of lr")
     milestones: list[int] = Field(default_factory=list, description="epochs of the step schedule")
-    gamma: float = 0.1
+    gamma: float = Field(0.1, description="step: lr x gamma^k after the k-th milestone (unless factors is set)")
+    factors: list[float] | None = Field(
+        None, description="step: the lr multiplier from each milestone on, one per milestone, e.g. [0.01, 0.0001] "
+                          "(LDAM-DRW's code); replaces gamma")
     final_lr_factor: float = Field(0.0, ge=0.0, description="lr at the end of cosine/linear, as a fraction")
     per_step: bool = Field(True, description="update the lr every step (True) or every epoch")
+
+    @model_validator(mode="after")
+    def _one_factor_per_milestone(self) -> "ScheduleConfig":
+        if self.factors is not None and self.milestones != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones {self.milestones} must be ascending when schedule.factors is set")
+        if self.factors is not None and len(self.factors) != len(self.milestones):
+            raise ValueError(f"schedule.factors has {len(self.factors)} values for {len(self.milestones)} "
+                             f"milestones {self.milestones}; give one lr multiplier per milestone")
+        return self
 
 
 class TrainConfig(Section):

@@ -62,7 +62,8 @@ class RIDELoss(nn.Module):
 
     ``base`` is any registered single-prediction loss applied to each expert's logits and summed
     (RIDE: ``ldam_drw``; ``balanced_softmax`` also works); its ``on_epoch_start`` (the DRW switch)
-    is forwarded. The diversity term is ``ride_diversity_loss`` with RIDE's negative factor -0.2.
+    is forwarded. The diversity term is ``ride_diversity_loss`` with a negative factor (RIDELoss's
+    default -0.2; the authors' CIFAR configs use -0.45).
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
     becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
     ``reweight_factor=0`` keeps it uniform. The terms are logged as ``base`` (the experts' losses
