@@ -35,3 +35,10 @@ def test_ride_cifar_diversity_factor_is_the_authors_latest(benchmark):
     # the earlier reading stays one override away
     assert recipe(f"{benchmark}/ride.yaml", "loss.params.diversity_factor=-0.2").loss.params[
         "diversity_factor"] == -0.2
+
+
+def test_shike_recipes_use_the_authors_dkt_form():
+    """jinyan-06/SHIKE cifarTrain.py mix_outputs keeps the target column in the DKT softmaxes."""
+    for path in ("cifar10_lt/if100/shike.yaml", "cifar100_lt/if100/shike.yaml"):
+        assert recipe(path).loss.params["dkt_form"] == "code"
+        assert recipe(path, "loss.params.dkt_form=paper").loss.params["dkt_form"] == "paper"
