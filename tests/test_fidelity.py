@@ -16,8 +16,8 @@ def recipe(path: str, *overrides: str):
 @pytest.mark.parametrize("name", ["ce", "focal", "class_balanced", "ldam_drw", "crt"])
 def test_cao_et_al_recipes_step_by_0_01_then_0_0001(name):
     """kaidic/LDAM-DRW cifar_train.py: lr x0.01 after epoch 160, x0.0001 after 180."""
-    for benchmark in ("cifar10_lt/if100", "cifar100_lt/if10"):
-        schedule = recipe(f"{benchmark}/{name}.yaml").schedule
+    for suite in ("cifar10_lt/if100", "cifar100_lt/if10"):
+        schedule = recipe(f"{suite}/{name}.yaml").schedule
         assert [lr_factor(e, 200, schedule) for e in (100, 170, 190)] == pytest.approx([1.0, 0.01, 0.0001])
 
 
@@ -28,12 +28,12 @@ def test_mislas_recipes_step_by_0_1_then_0_01():
         assert [lr_factor(e, 200, schedule) for e in (100, 170, 190)] == pytest.approx([1.0, 0.1, 0.01]), path
 
 
-@pytest.mark.parametrize("benchmark", ["cifar10_lt/if100", "cifar100_lt/if100"])
-def test_ride_cifar_diversity_factor_is_the_authors_latest(benchmark):
+@pytest.mark.parametrize("suite", ["cifar10_lt/if100", "cifar100_lt/if100"])
+def test_ride_cifar_diversity_factor_is_the_authors_latest(suite):
     """frank-xwang/RIDE-LongTailRecognition configs/config_imbalance_cifar100_ride.json: -0.45."""
-    assert recipe(f"{benchmark}/ride.yaml").loss.params["diversity_factor"] == -0.45
+    assert recipe(f"{suite}/ride.yaml").loss.params["diversity_factor"] == -0.45
     # the earlier reading stays one override away
-    assert recipe(f"{benchmark}/ride.yaml", "loss.params.diversity_factor=-0.2").loss.params[
+    assert recipe(f"{suite}/ride.yaml", "loss.params.diversity_factor=-0.2").loss.params[
         "diversity_factor"] == -0.2
 
 
