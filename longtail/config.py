@@ -110,9 +110,11 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _one_factor_per_milestone(self) -> "ScheduleConfig":
-        if self.factors is not None and self.milestones != sorted(self.milestones):
+        if self.name != "step" or self.factors is None:
+            return self  # a recipe may inherit factors and switch to another schedule
+        if self.milestones != sorted(self.milestones):
             raise ValueError(f"schedule.milestones {self.milestones} must be ascending when schedule.factors is set")
-        if self.factors is not None and len(self.factors) != len(self.milestones):
+        if len(self.factors) != len(self.milestones):
             raise ValueError(f"schedule.factors has {len(self.factors)} values for {len(self.milestones)} "
                              f"milestones {self.milestones}; give one lr multiplier per milestone")
         return self
