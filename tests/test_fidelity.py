@@ -1,10 +1,15 @@
 """Each recipe follows the authors' code where the seeds' numbers come from (docs/FIDELITY.md)."""
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+import longtail.stage2  # noqa: F401  (registers the stage-2 methods)
 from longtail.config import load_config
 from longtail.engine.optim import lr_factor
+from longtail.registry import STAGE2
+from longtail.stage2.heads import NCMHead
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +47,37 @@ def test_shike_recipes_use_the_authors_dkt_form():
     for path in ("cifar10_lt/if100/shike.yaml", "cifar100_lt/if100/shike.yaml"):
         assert recipe(path).loss.params["dkt_form"] == "code"
         assert recipe(path, "loss.params.dkt_form=paper").loss.params["dkt_form"] == "paper"
+
+
+def _numpy_ncm(train, labels, test, centre):
+    """Kang et al.'s KNNClassifier (feat_type cl2n / l2n, dist_type l2), written out in numpy."""
+    mean = train.mean(axis=0) if centre else np.zeros(train.shape[1])
+    unit = lambda x: (x - mean) / np.linalg.norm(x - mean, axis=1, keepdims=True)  # noqa: E731
+    centroids = np.stack([unit(train)[labels == c].mean(axis=0) for c in np.unique(labels)])
+    q = unit(test)
+    return -((q[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=-1)
+
+
+@pytest.mark.parametrize("norm", ["cl2n", "l2"])
+def test_ncm_head_is_kang_et_al_knn_classifier(norm):
+    rng = np.random.default_rng(0)
+    train = rng.normal(2.0, 1.0, (40, 5))  # an offset mean, so centring matters
+    labels = np.repeat(np.arange(4), 10)
+    test = rng.normal(2.0, 1.0, (7, 5))
+    head = NCMHead.fit(torch.tensor(train, dtype=torch.float32), torch.tensor(labels), 4, norm)
+    got = head(torch.tensor(test, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, _numpy_ncm(train, labels, test, norm == "cl2n"), rtol=1e-4, atol=1e-5)
+    assert head.spec() == {"kind": "ncm", "norm": norm}
+
+
+def test_ncm_centring_changes_the_prediction_and_cl2n_is_the_default():
+    rng = np.random.default_rng(1)
+    train = torch.tensor(rng.normal(3.0, 1.0, (60, 4)), dtype=torch.float32)
+    labels = torch.arange(3).repeat_interleave(20)
+    test = torch.tensor(rng.normal(3.0, 1.0, (50, 4)), dtype=torch.float32)
+    predict = {norm: NCMHead.fit(train, labels, 3, norm)(test).argmax(1) for norm in ("cl2n", "l2")}
+    assert not torch.equal(predict["cl2n"], predict["l2"])
+    assert load_config(ROOT / "configs/_base/stage2/ncm.yaml").stage2.params == {"norm": "cl2n"}
+    assert STAGE2.build("ncm", {}).norm == "cl2n"
+    with pytest.raises(ValueError, match="cl2n"):
+        STAGE2.build("ncm", {"norm": "l1"})
