@@ -81,3 +81,9 @@ def test_ncm_centring_changes_the_prediction_and_cl2n_is_the_default():
     assert STAGE2.build("ncm", {}).norm == "cl2n"
     with pytest.raises(ValueError, match="cl2n"):
         STAGE2.build("ncm", {"norm": "l1"})
+
+
+def test_focal_recipes_use_gamma_1_as_cao_et_al():
+    """kaidic/LDAM-DRW cifar_train.py builds FocalLoss(gamma=1) for the focal rows."""
+    for path in sorted((ROOT / "configs").glob("cifar*_lt/if*/focal.yaml")):
+        assert load_config(path).loss.params == {"gamma": 1.0}, path
