@@ -23,10 +23,16 @@ class AugmentConfig(Section):
     random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
     flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
+    autoaugment_fill: int = Field(
+        128, ge=0, le=255, description="pixel value AutoAugment's geometric ops fill with: 128 as the policies in the "
+                                       "seeds' code (fillcolor 128); 0 is torchvision's default")
     randaugment: bool = False
     randaugment_ops: int = Field(2, ge=1)
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     cutout: int = Field(0, ge=0, description="side of the square Cutout hole in pixels; 0 disables")
+    cutout_fill: Literal["black", "mean"] = Field(
+        "black", description="black: the hole is 0 before normalisation (SHIKE's and BALMS's code); mean: 0 after "
+                             "normalisation, i.e. the dataset's mean colour")
     mixup_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) mixup; 0 disables")
     remix: bool = Field(False, description="Remix labels (Chou et al. 2020) instead of mixup's")
     remix_kappa: float = Field(3.0, gt=0.0)
