@@ -1,4 +1,5 @@
 """Each recipe follows the authors' code where the seeds' numbers come from (docs/FIDELITY.md)."""
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import longtail.stage2  # noqa: F401  (registers the stage-2 methods)
 from longtail.config import load_config
 from longtail.engine.optim import lr_factor
+from longtail.functional import lt_counts
 from longtail.registry import STAGE2
 from longtail.stage2.heads import NCMHead
 
@@ -87,3 +89,21 @@ def test_focal_recipes_use_gamma_1_as_cao_et_al():
     """kaidic/LDAM-DRW cifar_train.py builds FocalLoss(gamma=1) for the focal rows."""
     for path in sorted((ROOT / "configs").glob("cifar*_lt/if*/focal.yaml")):
         assert load_config(path).loss.params == {"gamma": 1.0}, path
+
+
+def test_balms_recipes_run_13000_iterations_of_512_with_autoaugment_and_black_cutout():
+    """jiawei-ren/BalancedMetaSoftmax-Classification config/CIFAR10_LT/balanced_softmax_imba200.yaml."""
+    paths = sorted((ROOT / "configs").glob("cifar*_lt/if*/balanced_softmax_balms.yaml"))
+    assert len(paths) == 8
+    for path in paths:
+        config = load_config(path)
+        classes, largest = (10, 5000) if config.data.dataset == "cifar10_lt" else (100, 500)
+        batches = math.ceil(sum(lt_counts(classes, largest, config.data.imbalance_factor)) / 512)
+        assert 13000 <= config.train.epochs * batches < 13000 + batches, path
+        assert math.ceil(800 / batches) == config.schedule.warmup_epochs + 1, path
+        assert config.data.batch_size == 512 and config.optim.weight_decay == 5e-4 and config.optim.lr == 0.1
+        augment = config.data.augment
+        assert (augment.autoaugment, augment.autoaugment_fill, augment.cutout, augment.cutout_fill) == (
+            "cifar10", 128, 16, "black")
+        assert config.loss.name == "balanced_softmax" and config.schedule.name == "cosine"
+        assert lr_factor(0, config.train.epochs, config.schedule) == 0.5  # from lr 0.05 to 0.1
