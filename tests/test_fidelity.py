@@ -107,3 +107,15 @@ def test_balms_recipes_run_13000_iterations_of_512_with_autoaugment_and_black_cu
             "cifar10", 128, 16, "black")
         assert config.loss.name == "balanced_softmax" and config.schedule.name == "cosine"
         assert lr_factor(0, config.train.epochs, config.schedule) == 0.5  # from lr 0.05 to 0.1
+
+
+def test_ladc_keeps_both_readings_of_its_ambiguous_text():
+    """Seed 002: eq. 6 printed as n_i d_i (stage2.params.weighting=printed; inverse distance is the
+    default) and stage 1 "decreases learning rate by 0.01" (x0.1 steps by default; Cao et al.'s
+    x0.01 / x0.0001 with schedule.factors)."""
+    config = recipe("cifar100_lt/if100/ladc.yaml")
+    assert config.stage2.params["weighting"] == "inverse"
+    assert [lr_factor(e, 400, config.schedule) for e in (300, 330, 370)] == pytest.approx([1.0, 0.1, 0.01])
+    printed = recipe("cifar100_lt/if100/ladc.yaml", "stage2.params.weighting=printed", "schedule.factors=[0.01, 0.0001]")
+    assert printed.stage2.params["weighting"] == "printed"
+    assert [lr_factor(e, 400, printed.schedule) for e in (330, 370)] == pytest.approx([0.01, 0.0001])
