@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from longtail.functional.losses import Counts, _counts, _reduce, _upcast
 
 __all__ = ["DKT_FORMS", "SHIKE_MASKED_LOGIT", "shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss",
-           "ride_diversity_loss",
-           "ride_class_temperatures", "bbn_alpha"]
+           "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha"]
 
 
 def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
