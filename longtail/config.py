@@ -23,10 +23,16 @@ class AugmentConfig(Section):
     random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
     flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
+    autoaugment_fill: int = Field(
+        128, ge=0, le=255, description="pixel value AutoAugment's geometric ops fill with: 128 as the policies in the "
+                                       "seeds' code (fillcolor 128); 0 is torchvision's default")
     randaugment: bool = False
     randaugment_ops: int = Field(2, ge=1)
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     cutout: int = Field(0, ge=0, description="side of the square Cutout hole in pixels; 0 disables")
+    cutout_fill: Literal["black", "mean"] = Field(
+        "black", description="black: the hole is 0 before normalisation (SHIKE's and BALMS's code); mean: 0 after "
+                             "normalisation, i.e. the dataset's mean colour")
     mixup_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) mixup; 0 disables")
     remix: bool = Field(False, description="Remix labels (Chou et al. 2020) instead of mixup's")
     remix_kappa: float = Field(3.0, gt=0.0)
@@ -101,9 +107,23 @@ class ScheduleConfig(Section):
     warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0,
                                        description="lr at the start of warm-up, as a fraction of lr")
     milestones: list[int] = Field(default_factory=list, description="epochs of the step schedule")
-    gamma: float = 0.1
+    gamma: float = Field(0.1, description="step: lr x gamma^k after the k-th milestone (unless factors is set)")
+    factors: list[float] | None = Field(
+        None, description="step: the lr multiplier from each milestone on, one per milestone, e.g. [0.01, 0.0001] "
+                          "(LDAM-DRW's code); replaces gamma")
     final_lr_factor: float = Field(0.0, ge=0.0, description="lr at the end of cosine/linear, as a fraction")
     per_step: bool = Field(True, description="update the lr every step (True) or every epoch")
+
+    @model_validator(mode="after")
+    def _one_factor_per_milestone(self) -> "ScheduleConfig":
+        if self.name != "step" or self.factors is None:
+            return self  # a recipe may inherit factors and switch to another schedule
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones {self.milestones} must be ascending when schedule.factors is set")
+        if len(self.factors) != len(self.milestones):
+            raise ValueError(f"schedule.factors has {len(self.factors)} values for {len(self.milestones)} "
+                             f"milestones {self.milestones}; give one lr multiplier per milestone")
+        return self
 
 
 class TrainConfig(Section):

@@ -105,7 +105,7 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
         assert json.loads((out / "metrics.json").read_text())["last"]["test"]["top1"] == pytest.approx(
             results["last"]["test"]["top1"])
     if method == "ncm":  # not a linear layer: rebuilt from its spec
-        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm"}]
+        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm", "norm": "cl2n"}]
         assert restored_top1(stage1[0], run_dir) == pytest.approx(results["last"]["test"]["top1"])
     if method == "tau_norm":  # the validation split exists, so tau was searched on it, class-balanced
         search = written["val_balanced_top1_by_tau"]
