@@ -1,11 +1,11 @@
-"""Batched augmentation on real CIFAR-10 images (the JPEG re-encoded copy in ../shared/data)."""
+"""Batched augmentation on real CIFAR-10 images (the JPEG re-encoded copy found by the ``shared_data``
+fixture: $LONGTAIL_SHARED_DATA, default ../shared/data)."""
 from __future__ import annotations
 
 import io
 import math
 import tarfile
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,18 +19,15 @@ from longtail.config import AugmentConfig
 from longtail.data.augment import AugmentParams, BatchAugment
 from longtail.functional import remix_label_weight
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpg.tar.gz"
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
 @pytest.fixture(scope="module")
-def cifar() -> torch.Tensor:
+def cifar(shared_data) -> torch.Tensor:
     """The first 32 training images of the archive, (32, 3, 32, 32) uint8."""
-    if not CIFAR10.is_file():
-        pytest.skip(f"{CIFAR10} is not here")
     images = []
-    with tarfile.open(CIFAR10) as archive:
+    with tarfile.open(shared_data / "cifar10_jpg.tar.gz") as archive:
         for member in archive:
             if member.isfile() and member.name.endswith(".jpg"):
                 data = archive.extractfile(member).read()
