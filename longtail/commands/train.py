@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(config_path, overrides)
     dist_info = distributed.init_distributed(config.device)
     created = not args.resume
+    run_dir = None if created else run_dir
     try:
         if created:
             run_dir = new_run_dir(config.output_dir, config.name) if dist_info.is_main else None
@@ -113,11 +114,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                          + "; recorded in config.yaml and config_history.jsonl")
             return _train_steps(args, config, run_dir, dist_info, resume_from)
     except KeyboardInterrupt:
-        if dist_info.is_main:
+        if dist_info.is_main and run_dir is not None:
             _report_interrupt(run_dir, created)
         return 130
     except BaseException:
-        if created and dist_info.is_main:
+        if created and dist_info.is_main and run_dir is not None:
             discard_if_unstarted(run_dir)
         raise
     finally:

@@ -322,9 +322,8 @@ def digits_lt(cfg: DataConfig) -> DataBundle:
 
 
 def _cifar(cfg: DataConfig, num_classes: int, stats: Stats) -> DataBundle:
-    what = (f"the CIFAR-{num_classes} image tree as a .tar.gz (e.g. ../shared/data/"
-            f"{'cifar10_jpg' if num_classes == 10 else 'cifar100_png'}.tar.gz), its extracted folder with "
-            f"train/ and test/, or torchvision's CIFAR-{num_classes} python folder")
+    what = (f"torchvision's CIFAR-{num_classes} python folder (add data.download=true to fetch it there), "
+            f"a .tar.gz of the image tree train/<class>/<image> and test/<class>/<image>, or its extracted folder")
     _in_memory_only(cfg, 32)
     root = _root(cfg, what, must_exist=not cfg.download)
     if is_archive(root) or (root / "train").is_dir():
