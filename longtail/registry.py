@@ -71,7 +71,7 @@ class Registry:
         except (ValueError, TypeError) as error:  # the constructor's own checks of the user's values
             if not params:
                 raise
-            raise ConfigError(f"{where or self.kind} {params} for {self.kind} {name!r}: {error}") from None
+            raise ConfigError(f"{where or self.kind + ' parameters'} of {name}: {error}") from None
 
     def _check_types(self, name: str, params: dict[str, Any], where: str) -> None:
         """User values must fit the constructor's annotations (``gamma=abc`` for a float fails here,

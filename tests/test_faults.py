@@ -198,7 +198,7 @@ def test_cuda_without_gpu_is_a_user_error(tmp_path, capsys):
 
 def test_bad_calibrator_param_is_a_user_error(trained, capsys):
     code, text = run_cli(capsys, "calibrate", trained, "--method", "hist", "--param", "n_bins=0")
-    assert code == 2 and "n_bins must be >= 1" in text and "Traceback" not in text
+    assert code == 2 and "calibrate.params of hist: n_bins must be >= 1" in text and "Traceback" not in text
 
 
 def test_debug_shows_the_traceback(capsys):
