@@ -1,4 +1,4 @@
-"""The ``longtail`` command: train, stage2, eval, calibrate, data, list, report.
+"""The ``longtail`` command: train, stage2, eval, calibrate, data, list, report, study.
 
 This module only parses the command line; each command lives in ``longtail.commands``. Errors a
 user can fix (bad config, missing data, corrupt image, unwritable or full disk) print one message
@@ -66,10 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="registered datasets, models, losses, samplers, ...")
     listing.set_defaults(func=_command("inspect", "cmd_list"))
 
-    report = sub.add_parser("report", help="compare finished runs in a Markdown table and plot")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report = sub.add_parser("report", help="compare finished runs or studies: report.md and report.html")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR|STUDY_DIR")
     report.add_argument("--out", help="output folder (default runs/report, numbered if it exists)")
+    report.add_argument("--papers", metavar="YAML", help="published numbers to show beside matching settings "
+                                                          "(default benchmarks/paper_numbers.yaml)")
     report.set_defaults(func=_command("inspect", "cmd_report"))
+
+    study = sub.add_parser("study", help="run many recipes x seeds from a study file, resumably")
+    study.add_argument("study", metavar="STUDY.yaml", help="e.g. configs/studies/tiny_digits.yaml")
+    study.add_argument("--out", help="study folder (default: the file's output_dir/name)")
+    study.add_argument("--print-commands", action="store_true",
+                       help="print the torchrun command lines of the unfinished runs instead of running them")
+    study.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs (rerun to continue)")
+    study.set_defaults(func=_command("study", "cmd_study"), run_command=lambda argv: main(argv))
     return parser
 
 

@@ -206,12 +206,14 @@ class Config(Section):
         return self
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line per problem; an unknown key names the keys allowed in its section (of ``root``,
+    default: the recipe schema ``Config``)."""
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            section = _section_at(item["loc"][:-1])
+            section = _section_at(item["loc"][:-1], root or Config)
             allowed = list(section.model_fields) if section else []
             close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -225,9 +227,10 @@ def _format_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    section: type[BaseModel] = Config
+def _section_at(loc: tuple, section: type[BaseModel]) -> type[BaseModel] | None:
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         field = section.model_fields.get(str(part))
         if field is None:
             return None
@@ -271,7 +274,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(error, source)) from None
+        raise ConfigError(format_validation_error(error, source)) from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -301,5 +301,6 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |"):
         assert stage in table
     assert f"| {100 * reported['top1']:.2f} |" in table
-    assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "shot_groups.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "report.html").is_file()
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 2

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,6 +61,77 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], class_co
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def shot_group_bars(groups: Sequence[Any], path: str | Path) -> Path:
+    """Top-1 overall and per shot group, one bar per recipe, error bars ± one std over seeds
+    (``groups``: longtail.report.aggregate.Group)."""
+    metrics = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
+    width = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(metrics) + 0.35 * len(groups)), 4))
+    for i, group in enumerate(groups):
+        stats = [_mean_std(group.values(m)) if group.values(m) else (np.nan, 0.0) for m, _ in metrics]
+        ax.bar([k + i * width for k in range(len(metrics))], [100 * s[0] for s in stats], width=width,
+               yerr=[100 * s[1] for s in stats], capsize=3, label=f"{group.label} (n={group.n})")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(metrics))], [title for _, title in metrics])
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend(frameon=False, fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def accuracy_by_class_size(groups: Sequence[Any], path: str | Path) -> Path:
+    """Each recipe's per-class accuracy (mean over seeds) against the class's training size: the head
+    bias of a model is the slope of its line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group in groups:
+        rows = [r for r in group.rows if r.get("per_class_top1") and r.get("train_counts")]
+        if not rows:
+            continue
+        counts = np.mean([r["train_counts"] for r in rows], axis=0)
+        accuracy = np.array([[np.nan if a is None else a for a in r["per_class_top1"]] for r in rows], dtype=float)
+        order = np.argsort(-counts)
+        ax.plot(counts[order], 100 * np.nanmean(accuracy, axis=0)[order], marker="o", markersize=3,
+                label=f"{group.label} (n={len(rows)})")
+    ax.set_xscale("log")
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def calibration_bars(groups: Sequence[Any], path: str | Path) -> Path:
+    """Test ECE of each recipe before and after each calibrator (mean ± std over seeds)."""
+    methods = sorted({m for g in groups for m in g.calibrators()})
+    series = [("uncalibrated", lambda g: g.values("ece"))] + [(m, lambda g, m=m: g.calibrated_ece(m)) for m in methods]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(groups) + 2), 4))
+    for i, (name, values_of) in enumerate(series):
+        stats = [_mean_std(values_of(g)) if values_of(g) else (np.nan, 0.0) for g in groups]
+        ax.bar([k + i * width for k in range(len(groups))], [100 * s[0] for s in stats], width=width,
+               yerr=[100 * s[1] for s in stats], capsize=3, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(groups))], [g.label for g in groups], rotation=20,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("test ECE (%)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
