@@ -3,6 +3,7 @@ overrides from the command line. A wrong key or value fails naming the key and w
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,20 @@ from longtail.registry import ConfigError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def yes_no(value: Any) -> Any:
+    """``yes``/``no`` for the auto/yes/no options, however YAML or the user spelled them: YAML reads
+    ``yes``, ``no``, ``on``, ``off`` as booleans, and README, docstrings and hints all write ``no``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str) and value.strip().lower() in YES_NO_SPELLINGS:
+        return YES_NO_SPELLINGS[value.strip().lower()]
+    return value
+
+
+YES_NO_SPELLINGS = {"yes": "yes", "y": "yes", "on": "yes", "true": "yes", "no": "no", "n": "no", "off": "no",
+                    "false": "no", "auto": "auto"}
 
 
 class AugmentConfig(Section):
@@ -47,7 +62,9 @@ class DataConfig(Section):
     val_list: str | None = None
     test_list: str | None = None
     download: bool = False
-    imbalance_factor: float = 10.0
+    imbalance_factor: float | None = Field(
+        None, description="max/min class size of the long-tailed profile (default: 10 for the benchmark sets; "
+                          "image_folder keeps the tree as it is unless this or max_count is set)")
     profile: Literal["exp", "step"] = "exp"
     max_count: int | None = Field(None, description="images of the largest class (default: all it has)")
     selection: Literal["random", "first"] = Field(
@@ -56,7 +73,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="stratified validation split of the LT training set")
     val_source: Literal["train", "test"] = Field(
         "train", description="where the validation split comes from: the LT training set, or a balanced split of the test set")
-    image_size: int | None = Field(None, description="resize file images to this side (default: dataset's own)")
+    image_size: int | None = Field(None, ge=1, description="side file images are resized and centre-cropped to "
+                                   "(image_folder and list_files: default 224, folders and archives alike)")
     in_memory: Literal["auto", "yes", "no"] = Field(
         "auto", description="keep decoded uint8 images in one tensor on the training device")
     cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
@@ -66,15 +84,27 @@ class DataConfig(Section):
     decode_on_device: Literal["auto", "yes", "no"] = Field(
         "auto", description="file sets: workers read JPEG bytes and the training device decodes them "
         "(torchvision.io, nvJPEG on CUDA); auto: on CUDA when every file is a JPEG")
+    bad_files: Literal["fail", "skip"] = Field(
+        "fail", description="image files whose header cannot be read (checked before training): fail naming "
+                            "them all, or skip them and list them in the log")
     sampler: str = "instance"
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     pair_sampler: str | None = Field(
         None, description="a second sampler whose batch is appended to each batch (BBN: reversed)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @field_validator("in_memory", "decode_on_device", mode="before")
+    @classmethod
+    def _yes_no(cls, value: Any) -> Any:
+        return yes_no(value)
+
     @field_validator("imbalance_factor")
     @classmethod
-    def _imbalance_at_least_one(cls, value: float) -> float:
+    def _imbalance_at_least_one(cls, value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise ValueError(f"imbalance factor must be a finite number >= 1, got {value}; use 1 for a balanced set")
         if value < 1:
             raise ValueError(f"imbalance factor is max/min class size and must be >= 1, got {value}; "
                              "use 1 for a balanced set")
@@ -142,6 +172,11 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
                                 "`longtail train --resume RUN` continues exactly")
     deterministic: bool = False
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yes_no(cls, value: Any) -> Any:
+        return yes_no(value)
 
 
 class Stage2Config(Section):
@@ -280,7 +315,14 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes")
     if path in _seen:
         raise ConfigError(f"config {path} includes itself through 'base'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path}{line} is not valid YAML: {problem}. Indent with spaces, never "
+                          "tabs, and write `key: value` pairs") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     bases = raw.pop("base", None) or []

@@ -275,6 +275,7 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     config, source = stage1
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(source / "metrics.json", run_dir)  # a finished stage 1
     (run_dir / "config.yaml").write_text(dump_config(config))
     assert main(["stage2", str(run_dir)]) == 2  # no stage-2 method named anywhere
     recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "tau_norm.yaml"
