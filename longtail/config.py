@@ -149,6 +149,21 @@ class CalibrateConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ShiftsConfig(Section):
+    """``longtail eval --shifts``: forward- and backward-LT test sets drawn from the balanced one (SADE's
+    test-agnostic protocol)."""
+    imbalance_factors: list[float] = Field(default_factory=lambda: [2.0, 5.0, 10.0, 25.0, 50.0])
+    seed: int = 0
+    oracle: bool = Field(True, description="also correct with the true test prior (an upper bound for EM)")
+
+    @field_validator("imbalance_factors")
+    @classmethod
+    def _factors_at_least_one(cls, value: list[float]) -> list[float]:
+        if not value or min(value) < 1:
+            raise ValueError(f"shifts.imbalance_factors must be a non-empty list of numbers >= 1, got {value}")
+        return value
+
+
 class Config(Section):
     name: str = "digits_lt_ce"
     seed: int = 0
@@ -162,6 +177,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     stage2: Stage2Config | None = None
     calibrate: CalibrateConfig | None = None
+    shifts: ShiftsConfig = Field(default_factory=ShiftsConfig)
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> "Config":
