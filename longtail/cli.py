@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--checkpoint", default="last")
     calibrate.set_defaults(func=_command("calibrate", "cmd_calibrate"))
 
+    pred = sub.add_parser("predict", help="top-k classes of a trained run on new image files")
+    pred.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or list files")
+    pred.add_argument("--out", default="predictions.csv", help="a .csv or .jsonl file (default predictions.csv)")
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--calibrated", action="store_true", help="apply the run's last fitted calibrator")
+    pred.add_argument("--calibrator", metavar="NAME", help="apply RUN/calibration/NAME (implies --calibrated)")
+    pred.add_argument("--checkpoint", default="last")
+    pred.add_argument("--workers", type=int, help="decoding processes (default: the run's data.num_workers)")
+    pred.set_defaults(func=_command("predict", "cmd_predict"))
+
     data = sub.add_parser("data", help="show a dataset's class counts and write a histogram")
     data.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     data.set_defaults(func=_command("inspect", "cmd_data"))
