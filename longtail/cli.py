@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/new/place")
     evaluate.add_argument("--checkpoint", default="last", help="last, best, or a checkpoint file name")
     evaluate.add_argument("--split", default="test", choices=["test", "val"])
+    evaluate.add_argument("--shifts", action="store_true",
+                          help="also on forward/backward-LT test sets, with prior correction (recipe section shifts:)")
     evaluate.set_defaults(func=_command("evaluate", "cmd_eval"))
 
     calibrate = sub.add_parser("calibrate", help="fit a post-hoc calibrator on validation data")

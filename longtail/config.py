@@ -155,6 +155,9 @@ class ShiftsConfig(Section):
     imbalance_factors: list[float] = Field(default_factory=lambda: [2.0, 5.0, 10.0, 25.0, 50.0])
     seed: int = 0
     oracle: bool = Field(True, description="also correct with the true test prior (an upper bound for EM)")
+    model_prior: Literal["train", "uniform"] = Field(
+        "train", description="the prior the model's softmax assumes: train (CE and most losses) or uniform "
+                             "(balanced softmax / logit-adjusted losses, which already remove the training prior)")
 
     @field_validator("imbalance_factors")
     @classmethod

@@ -89,3 +89,18 @@ def test_predict_input_errors_are_clear(run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["predict", str(run), str(tmp_path), "--calibrator", "vs"]) == 2
     assert "no calibrator 'vs'" in capsys.readouterr().err
+
+
+def test_eval_shifts_writes_table_plot_and_em_helps_under_shift(run, capsys):
+    assert main(["eval", str(run), "shifts.imbalance_factors=[2,10]", "--shifts"]) == 0
+    out = next((run / "evals").glob("shifts_last*"))
+    result = json.loads((out / "shifts.json").read_text())
+    assert (out / "shifts.png").stat().st_size > 0 and (out / "table.md").is_file()
+    rows = {(r["direction"], r["imbalance_factor"], r["variant"]): r for r in result["rows"]}
+    variants = {r["variant"] for r in result["rows"]}
+    assert variants == {f"{v}{c}" for v in ("raw", "ts") for c in ("", " + EM prior", " + true prior")}
+    assert {(d, f) for d, f, _ in rows} == {("balanced", 1.0), *((d, f) for d in ("forward", "backward")
+                                                                  for f in (2.0, 10.0))}
+    # backward-LT at IF 10: the tail dominates; the true prior can only help a calibrated model's top-1
+    assert rows[("backward", 10.0, "ts + true prior")]["top1"] >= rows[("backward", 10.0, "ts")]["top1"]
+    assert rows[("backward", 10.0, "raw")]["num_samples"] == sum(int(50 * 10 ** (-i / 9)) for i in range(10))

@@ -81,8 +81,12 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     return out_dir
 
 
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    out = evaluate_checkpoint(Path(args.run), checkpoint=args.checkpoint, split=args.split, overrides=args.overrides)
+    if args.shifts:
+        from longtail.commands.shifts import evaluate_shifts  # it builds on load_run
+        out = evaluate_shifts(load_run(Path(args.run), args.checkpoint, args.overrides), args.split)
+    else:
+        out = evaluate_checkpoint(Path(args.run), checkpoint=args.checkpoint, split=args.split,
+                                  overrides=args.overrides)
     print(f"results in {out}")
     return 0
