@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--workers", type=int, help="decoding processes (default: the run's data.num_workers)")
     pred.set_defaults(func=_command("predict", "cmd_predict"))
 
+    export = sub.add_parser("export", help="a trained run as one TorchScript or ONNX file")
+    export.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--out", help="output file (default RUN/export/model[_CALIBRATOR].pt|.onnx)")
+    export.add_argument("--calibrated", action="store_true",
+                        help="fold the last fitted calibrator into the logits (ts, kt_ts, vs; others are refused)")
+    export.add_argument("--calibrator", metavar="NAME", help="fold RUN/calibration/NAME (implies --calibrated)")
+    export.add_argument("--checkpoint", default="last")
+    export.set_defaults(func=_command("export", "cmd_export"))
+
     data = sub.add_parser("data", help="show a dataset's class counts and write a histogram")
     data.add_argument("items", nargs="*", metavar="CONFIG|key=value")
     data.set_defaults(func=_command("inspect", "cmd_data"))

@@ -1,5 +1,6 @@
-"""``longtail predict`` on a real (tiny) Digits-LT run: the test images written out as PNG files give
-``longtail eval``'s predictions; a corrupt file is reported and skipped; the calibrator is applied."""
+"""Using a trained run on a real (tiny) Digits-LT run: ``longtail predict`` (the test images written out
+as PNG files give ``longtail eval``'s predictions; a corrupt file is reported and skipped), ``longtail
+export`` (TorchScript / ONNX files give the run's logits) and ``longtail eval --shifts``."""
 import csv
 import json
 
@@ -104,3 +105,27 @@ def test_eval_shifts_writes_table_plot_and_em_helps_under_shift(run, capsys):
     # backward-LT at IF 10: the tail dominates; the true prior can only help a calibrated model's top-1
     assert rows[("backward", 10.0, "ts + true prior")]["top1"] >= rows[("backward", 10.0, "ts")]["top1"]
     assert rows[("backward", 10.0, "raw")]["num_samples"] == sum(int(50 * 10 ** (-i / 9)) for i in range(10))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_the_run_on_real_images(run, test_images, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="ONNX export is checked only where onnxruntime is installed")
+    from longtail.commands.export import load_export
+    _, eval_logits = test_images
+    images = load_run(run).bundle.test.images.float()
+    for calibrated in (False, True):
+        out = tmp_path / f"model_{calibrated}.{'pt' if fmt == 'torchscript' else 'onnx'}"
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)] + (["--calibrated"] * calibrated)) == 0
+        forward, info = load_export(out)
+        temperature = load_calibrator(run / "calibration" / "ts" / "calibrator.pt").temperature if calibrated else 1.0
+        torch.testing.assert_close(forward(images), eval_logits / temperature, atol=1e-4, rtol=0)
+        assert info["class_names"] == [str(d) for d in range(10)] and info["image_size"] == 8
+        assert info["calibrator"] == ("ts" if calibrated else None)
+        assert len(info["mean"]) == len(info["std"]) == 1
+
+
+def test_export_refuses_a_calibrator_it_cannot_fold(run, capsys):
+    assert main(["calibrate", str(run), "--method", "iso"]) == 0
+    assert main(["export", str(run), "--format", "torchscript", "--calibrator", "iso"]) == 2
+    assert "not an affine map" in capsys.readouterr().err
