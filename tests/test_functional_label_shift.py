@@ -79,6 +79,8 @@ def test_bad_priors_are_clear_errors():
         em_label_shift(torch.full((3, 2), 0.5), [1.0, 0.0])
     with pytest.raises(ValueError, match="test_prior"):
         prior_corrected_logits(torch.zeros(3, 2), [0.5, 0.5], [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="non-negative"):
+        prior_corrected_logits(torch.zeros(3, 2), [0.5, 0.5], [-0.2, 1.2])
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])

@@ -14,10 +14,13 @@ import torch
 __all__ = ["prior_corrected_logits", "em_label_shift"]
 
 
-def _prior(prior: torch.Tensor | list[float], num_classes: int, name: str) -> torch.Tensor:
+def _prior(prior: torch.Tensor | list[float], num_classes: int, name: str, zeros: bool = False) -> torch.Tensor:
+    """``prior`` normalised; a test prior may give a class no mass (EM can drive a class to 0)."""
     prior = torch.as_tensor(prior, dtype=torch.float64)
-    if prior.shape != (num_classes,) or bool((prior <= 0).any()):
-        raise ValueError(f"{name} must be ({num_classes},) with positive entries, got {prior.tolist()}")
+    if prior.shape != (num_classes,) or bool((prior < 0).any()) or (not zeros and bool((prior == 0).any())) \
+            or float(prior.sum()) <= 0:
+        raise ValueError(f"{name} must be ({num_classes},) with {'non-negative' if zeros else 'positive'} entries, "
+                         f"got {prior.tolist()}")
     return prior / prior.sum()
 
 
@@ -25,9 +28,10 @@ def prior_corrected_logits(logits: torch.Tensor, train_prior: torch.Tensor | lis
                            test_prior: torch.Tensor | list[float]) -> torch.Tensor:
     """``logits + log test_prior - log train_prior`` (Saerens et al. 2002, eq. 2.4 in logit space):
     their softmax is the posterior under the test prior when ``softmax(logits)`` is the posterior
-    under the training prior. Priors are normalised here; returned in the dtype of ``logits``."""
+    under the training prior. Priors are normalised here; a class with test prior 0 gets logit -inf.
+    Returned in the dtype of ``logits``."""
     num_classes = logits.shape[-1]
-    shift = (_prior(test_prior, num_classes, "test_prior").log()
+    shift = (_prior(test_prior, num_classes, "test_prior", zeros=True).log()
              - _prior(train_prior, num_classes, "train_prior").log())
     return (logits.double() + shift.to(logits.device)).to(logits.dtype)
 
@@ -49,11 +53,11 @@ def em_label_shift(probs: torch.Tensor, train_prior: torch.Tensor | list[float],
     posterior = probs
     for _ in range(max_iter):
         weighted = probs * (prior / train)
-        posterior = weighted / weighted.sum(dim=1, keepdim=True)
+        posterior = weighted / weighted.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         new_prior = posterior.mean(dim=0)
         converged = float((new_prior - prior).abs().max()) < tol
         prior = new_prior
         if converged:
             break
     weighted = probs * (prior / train)
-    return prior, weighted / weighted.sum(dim=1, keepdim=True)
+    return prior, weighted / weighted.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
