@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/new/place")
     evaluate.add_argument("--checkpoint", default="last", help="last, best, or a checkpoint file name")
     evaluate.add_argument("--split", default="test", choices=["test", "val"])
+    evaluate.add_argument("--shifts", action="store_true",
+                          help="also on forward/backward-LT test sets, with prior correction (recipe section shifts:)")
     evaluate.set_defaults(func=_command("evaluate", "cmd_eval"))
 
     calibrate = sub.add_parser("calibrate", help="fit a post-hoc calibrator on validation data")
@@ -59,6 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--param", action="append", default=[], metavar="key=value")
     calibrate.add_argument("--checkpoint", default="last")
     calibrate.set_defaults(func=_command("calibrate", "cmd_calibrate"))
+
+    pred = sub.add_parser("predict", help="top-k classes of a trained run on new image files")
+    pred.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or list files")
+    pred.add_argument("--out", default="predictions.csv", help="a .csv or .jsonl file (default predictions.csv)")
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--calibrated", action="store_true", help="apply the run's last fitted calibrator")
+    pred.add_argument("--calibrator", metavar="NAME", help="apply RUN/calibration/NAME (implies --calibrated)")
+    pred.add_argument("--checkpoint", default="last")
+    pred.add_argument("--workers", type=int, help="decoding processes (default: the run's data.num_workers)")
+    pred.set_defaults(func=_command("predict", "cmd_predict"))
+
+    export = sub.add_parser("export", help="a trained run as one TorchScript or ONNX file")
+    export.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    export.add_argument("--out", help="output file (default RUN/export/model[_CALIBRATOR].pt|.onnx)")
+    export.add_argument("--calibrated", action="store_true",
+                        help="fold the last fitted calibrator into the logits (ts, kt_ts, vs; others are refused)")
+    export.add_argument("--calibrator", metavar="NAME", help="fold RUN/calibration/NAME (implies --calibrated)")
+    export.add_argument("--checkpoint", default="last")
+    export.set_defaults(func=_command("export", "cmd_export"))
 
     data = sub.add_parser("data", help="show a dataset's class counts and write a histogram")
     data.add_argument("items", nargs="*", metavar="CONFIG|key=value")

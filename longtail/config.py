@@ -204,6 +204,24 @@ class CalibrateConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ShiftsConfig(Section):
+    """``longtail eval --shifts``: forward- and backward-LT test sets drawn from the balanced one (SADE's
+    test-agnostic protocol)."""
+    imbalance_factors: list[float] = Field(default_factory=lambda: [2.0, 5.0, 10.0, 25.0, 50.0])
+    seed: int = 0
+    oracle: bool = Field(True, description="also correct with the true test prior (an upper bound for EM)")
+    model_prior: Literal["train", "uniform"] = Field(
+        "train", description="the prior the model's softmax assumes: train (CE and most losses) or uniform "
+                             "(balanced softmax / logit-adjusted losses, which already remove the training prior)")
+
+    @field_validator("imbalance_factors")
+    @classmethod
+    def _factors_at_least_one(cls, value: list[float]) -> list[float]:
+        if not value or min(value) < 1:
+            raise ValueError(f"shifts.imbalance_factors must be a non-empty list of numbers >= 1, got {value}")
+        return value
+
+
 class Config(Section):
     name: str = "digits_lt_ce"
     seed: int = 0
@@ -217,6 +235,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     stage2: Stage2Config | None = None
     calibrate: CalibrateConfig | None = None
+    shifts: ShiftsConfig = Field(default_factory=ShiftsConfig)
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> "Config":
