@@ -72,24 +72,36 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def shot_group_bars(groups: Sequence[Any], path: str | Path) -> Path:
-    """Top-1 overall and per shot group, one bar per recipe, error bars ± one std over seeds
-    (``groups``: longtail.report.aggregate.Group)."""
-    metrics = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
-    width = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(metrics) + 0.35 * len(groups)), 4))
-    for i, group in enumerate(groups):
-        stats = [_mean_std(group.values(m)) if group.values(m) else (np.nan, 0.0) for m, _ in metrics]
-        ax.bar([k + i * width for k in range(len(metrics))], [100 * s[0] for s in stats], width=width,
-               yerr=[100 * s[1] for s in stats], capsize=3, label=f"{group.label} (n={group.n})")
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(metrics))], [title for _, title in metrics])
-    ax.set_ylabel("test top-1 (%)")
-    ax.legend(frameon=False, fontsize=7)
+def _grouped_bars(series: Sequence[tuple[str, list[tuple[float, float]]]], ticks: Sequence[str], ylabel: str,
+                  path: str | Path, width_inches: float, legend_size: int, rotate: bool = False) -> Path:
+    """Bars of (mean, std) fractions in percent: one colour per series, one group of bars per tick."""
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(width_inches, 4))
+    for i, (label, stats) in enumerate(series):
+        ax.bar([k + i * width for k in range(len(ticks))], [100 * m for m, _ in stats], width=width,
+               yerr=[100 * s for _, s in stats], capsize=3, label=label)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(ticks))], list(ticks),
+                  **({"rotation": 20, "ha": "right", "fontsize": 8} if rotate else {}))
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize=legend_size)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return _mean_std(values) if values else (np.nan, 0.0)
+
+
+def shot_group_bars(groups: Sequence[Any], path: str | Path) -> Path:
+    """Top-1 overall and per shot group, one bar per recipe, error bars ± one std over seeds
+    (``groups``: longtail.report.aggregate.Group)."""
+    metrics = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
+    series = [(f"{g.label} (n={g.n})", [_stats(g.values(m)) for m, _ in metrics]) for g in groups]
+    return _grouped_bars(series, [title for _, title in metrics], "test top-1 (%)", path,
+                         max(6.5, 1.6 * len(metrics) + 0.35 * len(groups)), legend_size=7)
 
 
 def accuracy_by_class_size(groups: Sequence[Any], path: str | Path) -> Path:
@@ -120,19 +132,7 @@ def accuracy_by_class_size(groups: Sequence[Any], path: str | Path) -> Path:
 def calibration_bars(groups: Sequence[Any], path: str | Path) -> Path:
     """Test ECE of each recipe before and after each calibrator (mean ± std over seeds)."""
     methods = sorted({m for g in groups for m in g.calibrators()})
-    series = [("uncalibrated", lambda g: g.values("ece"))] + [(m, lambda g, m=m: g.calibrated_ece(m)) for m in methods]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * len(groups) + 2), 4))
-    for i, (name, values_of) in enumerate(series):
-        stats = [_mean_std(values_of(g)) if values_of(g) else (np.nan, 0.0) for g in groups]
-        ax.bar([k + i * width for k in range(len(groups))], [100 * s[0] for s in stats], width=width,
-               yerr=[100 * s[1] for s in stats], capsize=3, label=name)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(groups))], [g.label for g in groups], rotation=20,
-                  ha="right", fontsize=8)
-    ax.set_ylabel("test ECE (%)")
-    ax.legend(frameon=False, fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    series = [("uncalibrated", [_stats(g.values("ece")) for g in groups])]
+    series += [(m, [_stats(g.calibrated_ece(m)) for g in groups]) for m in methods]
+    return _grouped_bars(series, [g.label for g in groups], "test ECE (%)", path,
+                         max(6.5, 1.2 * len(groups) + 2), legend_size=8, rotate=True)
