@@ -109,7 +109,7 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
         assert json.loads((out / "metrics.json").read_text())["last"]["test"]["top1"] == pytest.approx(
             results["last"]["test"]["top1"])
     if method == "ncm":  # not a linear layer: rebuilt from its spec
-        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm"}]
+        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm", "norm": "cl2n"}]
     if method == "tau_norm":  # the validation split exists, so tau was searched on it, class-balanced
         search = written["val_balanced_top1_by_tau"]
         assert search[str(written["tau"])] == max(search.values())
@@ -277,6 +277,7 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     config, source = stage1
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(source / "metrics.json", run_dir)  # a finished stage 1
     (run_dir / "config.yaml").write_text(dump_config(config))
     assert main(["stage2", str(run_dir)]) == 2  # no stage-2 method named anywhere
     recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "tau_norm.yaml"
@@ -303,7 +304,8 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |"):
         assert stage in table
     assert f"| {100 * reported['top1']:.2f} |" in table
-    assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "shot_groups.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "report.html").is_file()
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 2
 
 

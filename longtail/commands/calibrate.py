@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from longtail.calibration.diagrams import reliability_diagrams_by_group
-from longtail.commands.common import run_dir_of
+from longtail.calibration.calibrators import Calibrator, load_calibrator
+from longtail.commands.common import UserError, run_dir_of
 from longtail.commands.evaluate import resolve_checkpoint
 from longtail.config import config_from_dict, parse_value
 from longtail.engine import builders
@@ -21,7 +22,7 @@ from longtail.engine.rundir import new_run_dir
 from longtail.metrics import calibration_report
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 
-__all__ = ["cmd_calibrate", "calibrate_run", "markdown_table"]
+__all__ = ["cmd_calibrate", "calibrate_run", "markdown_table", "fitted_calibrators", "find_calibrator"]
 
 GROUPS = ("many", "medium", "few")
 
@@ -102,6 +103,25 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     reliability_diagrams_by_group(calibrated, test["targets"], counts, out / "reliability_after.png")
     print(markdown_table(rows))
     return out
+
+
+def fitted_calibrators(run_dir: Path) -> dict[str, Path]:
+    """Every calibrator ``longtail calibrate`` saved for the run, by folder name, oldest first."""
+    files = sorted((run_dir / "calibration").glob("*/calibrator.pt"), key=lambda f: f.stat().st_mtime)
+    return {file.parent.name: file for file in files}
+
+
+def find_calibrator(run_dir: Path, name: str | None = None) -> tuple[str, Calibrator]:
+    """(name, calibrator): the one saved in ``RUN/calibration/<name>/``, or the last one fitted."""
+    fitted = fitted_calibrators(run_dir)
+    if not fitted:
+        raise UserError(f"{run_dir} has no fitted calibrator; run `longtail calibrate {run_dir} --method kt_ts` "
+                        "(or ts, vs, ...) first")
+    if name is None:
+        name = list(fitted)[-1]
+    if name not in fitted:
+        raise UserError(f"{run_dir} has no calibrator {name!r}; fitted ones: {', '.join(fitted)}")
+    return name, load_calibrator(fitted[name])
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from longtail.commands.common import DATA_DEFINITION, UserError, changed_keys
 from longtail.commands.results import write_results
-from longtail.config import apply_overrides, config_from_dict
+from longtail.config import Config, apply_overrides, config_from_dict
 from longtail.engine import builders
 from longtail.engine.checkpoint import load_checkpoint
-from longtail.engine.distributed import init_distributed
+from longtail.engine.distributed import DistInfo, init_distributed
 from longtail.engine.predict import predict
 from longtail.engine.rundir import new_run_dir
 from longtail.metrics import compute_metrics, summary
 
-__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint"]
+__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint", "LoadedRun", "load_run"]
 
 
 def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
@@ -31,21 +35,52 @@ def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
     return path, file
 
 
-def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test",
-                        overrides: list[str] | None = None) -> Path:
+@dataclass
+class LoadedRun:
+    """A trained model with the config, data and evaluation transform it was trained with."""
+
+    run_dir: Path
+    file: Path
+    state: dict[str, Any]
+    config: Config
+    bundle: Any
+    model: torch.nn.Module
+    augment: Any
+    dist_info: DistInfo
+
+
+def load_run(path: Path, checkpoint: str = "last", overrides: list[str] | None = None) -> LoadedRun:
+    """The model of a run directory (or checkpoint file) on the run's device, in eval mode."""
     run_dir, file = resolve_checkpoint(path, checkpoint)
     dist_info = init_distributed("auto")
     state = load_checkpoint(file, map_location=dist_info.device)
+    trained = config_from_dict(state["config"], str(file))
     config = config_from_dict(apply_overrides(state["config"], list(overrides or [])), f"{file} (+ overrides)")
+    redefined = [key for key in changed_keys(trained.model_dump(mode="json"), config.model_dump(mode="json"))
+                 if key in DATA_DEFINITION]
+    if redefined:
+        raise UserError(f"{', '.join(redefined)} would change which images the run was trained on, and so its "
+                        "shot groups and any validation split (a split carved now can hold images the model was "
+                        "trained on). Eval takes the run's data as it was trained; only where the data is "
+                        "(data.root, the list files, data.cache_dir) and how it is read may change. "
+                        "Train a new run to use other data settings")
     bundle = builders.build_bundle(config)
+    model = builders.load_trained_model(config, bundle, state, dist_info.device).eval()
+    return LoadedRun(run_dir, file, state, config, bundle, model, builders.build_augment(config, bundle), dist_info)
+
+
+def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test",
+                        overrides: list[str] | None = None) -> Path:
+    run = load_run(path, checkpoint, overrides)
+    run_dir, file, state, config, bundle, dist_info = (run.run_dir, run.file, run.state, run.config, run.bundle,
+                                                       run.dist_info)
     imageset = getattr(bundle, split)
     if imageset is None:
-        raise FileNotFoundError(f"the run has no {split} split; it was trained with data.val_fraction=0 "
-                                "(pass data.val_fraction=... to carve one, or use --split test)")
-    model = builders.load_trained_model(config, bundle, state, dist_info.device)
-    augment = builders.build_augment(config, bundle)
-    loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
-    outputs = predict(model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
+        raise UserError(f"the run has no {split} split: it was trained with data.val_fraction=0, so every training "
+                        "image was seen and a split carved now would score training images. Use --split test, "
+                        "or train again with data.val_fraction=0.2 to keep a validation split")
+    loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
+    outputs = predict(run.model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
                                               outputs.get("expert_logits"))
     out_dir = new_run_dir(run_dir / "evals", f"{file.stem}_{split}")
@@ -57,8 +92,12 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     return out_dir
 
 
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    out = evaluate_checkpoint(Path(args.run), checkpoint=args.checkpoint, split=args.split, overrides=args.overrides)
+    if args.shifts:
+        from longtail.commands.shifts import evaluate_shifts  # it builds on load_run
+        out = evaluate_shifts(load_run(Path(args.run), args.checkpoint, args.overrides), args.split)
+    else:
+        out = evaluate_checkpoint(Path(args.run), checkpoint=args.checkpoint, split=args.split,
+                                  overrides=args.overrides)
     print(f"results in {out}")
     return 0

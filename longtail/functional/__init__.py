@@ -9,3 +9,4 @@ from longtail.functional.calibration import *  # noqa: F401,F403
 from longtail.functional.experts import *  # noqa: F401,F403
 from longtail.functional.decoupling import *  # noqa: F401,F403
 from longtail.functional.mixing import *  # noqa: F401,F403
+from longtail.functional.label_shift import *  # noqa: F401,F403

@@ -1,0 +1,159 @@
+"""``longtail predict``: top-k class names and probabilities of a trained run on new image files, with
+the run's evaluation transform and, when asked, its fitted calibrator. Unreadable files are reported
+and skipped; the rest of the batch goes on."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from longtail.commands.calibrate import find_calibrator
+from longtail.commands.common import UserError, run_dir_of
+from longtail.commands.evaluate import LoadedRun, load_run
+from longtail.data import DataError
+from longtail.data.sources import read_image_file, resize_center_crop
+from longtail.engine import builders
+
+__all__ = ["cmd_predict", "collect_inputs", "eval_view", "predict_files", "Prediction"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+@dataclass
+class Prediction:
+    path: str
+    classes: list[str]
+    probabilities: list[float]
+
+
+def collect_inputs(inputs: list[str]) -> list[str]:
+    """Image paths from image files, folders (searched recursively for image suffixes) and list files
+    (one path per line, relative to the list file's folder unless absolute; a trailing label is ignored)."""
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    listed = Path(line.split()[0]).expanduser()
+                    paths.append(str(listed if listed.is_absolute() else path.parent / listed))
+        elif path.exists() or path.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(str(path))  # a missing image file is reported with the unreadable ones
+        else:
+            raise UserError(f"input {item} does not exist; give image files, folders of images, or a list file "
+                            f"({', '.join(LIST_SUFFIXES)}) with one image path per line")
+    if not paths:
+        raise UserError(f"no images found in {' '.join(inputs)} (image suffixes: {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def eval_view(image: torch.Tensor, size: int, resizes: bool) -> torch.Tensor:
+    """The run's evaluation view of a decoded image: resize + centre crop as file datasets do, or as is
+    for datasets held at their native size (CIFAR, Digits), unless the image is another size."""
+    if resizes or tuple(image.shape[-2:]) != (size, size):
+        return resize_center_crop(image, size)
+    return image
+
+
+class _Files(Dataset):
+    def __init__(self, paths: list[str], channels: int, size: int, resizes: bool) -> None:
+        self.paths, self.channels, self.size, self.resizes = paths, channels, size, resizes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = read_image_file(self.paths[index], self.channels)
+        except DataError as error:
+            return index, None, str(error)
+        return index, eval_view(image, self.size, self.resizes), None
+
+
+def _keep_all(items: list[Any]) -> list[Any]:
+    return items
+
+
+def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: Any = None,
+                  num_workers: int = 0, progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """(predictions, skipped (path, reason)) of ``run``'s model on image files, batched on its device."""
+    config, bundle, device = run.config, run.bundle, run.dist_info.device
+    resizes = not (bundle.test.in_memory and config.data.image_size is None)
+    loader = DataLoader(_Files(paths, bundle.channels, bundle.image_size, resizes),
+                        batch_size=config.data.eval_batch_size, num_workers=num_workers, collate_fn=_keep_all)
+    amp_dtype = builders.amp_dtype(config, device)
+    k = min(top_k, bundle.num_classes)
+    predictions: list[Prediction] = []
+    skipped: list[tuple[str, str]] = []
+    with tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch in loader:
+            skipped += [(paths[index], reason) for index, image, reason in batch if image is None]
+            good = [(index, image) for index, image, _ in batch if image is not None]
+            bar.update(len(batch))
+            if not good:
+                continue
+            images = run.augment.normalize(torch.stack([image for _, image in good]).to(device))
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = run.model(images).logits.float()
+            probs = calibrator.predict_proba(logits.cpu()) if calibrator is not None else logits.softmax(1).cpu()
+            values, indices = probs.topk(k, dim=1)
+            predictions += [Prediction(paths[index], [bundle.class_names[c] for c in row_idx.tolist()], row.tolist())
+                            for (index, _), row, row_idx in zip(good, values, indices)]
+    return predictions, skipped
+
+
+def _rows(predictions: list[Prediction], calibrator: str | None) -> Iterator[dict[str, Any]]:
+    for p in predictions:
+        yield {"path": p.path, "top_k": [{"class": c, "probability": v} for c, v in zip(p.classes, p.probabilities)],
+               "calibrated": calibrator is not None, "calibrator": calibrator}
+
+
+def write_predictions(out: Path, predictions: list[Prediction], k: int, calibrator: str | None) -> None:
+    """``.jsonl``: one JSON object per image; otherwise CSV with class_i / prob_i columns."""
+    text = io.StringIO()
+    if out.suffix == ".jsonl":
+        for row in _rows(predictions, calibrator):
+            text.write(json.dumps(row) + "\n")
+    else:
+        writer = csv.writer(text)
+        writer.writerow(["path", *(f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob")),
+                         "calibrated", "calibrator"])
+        for p in predictions:
+            writer.writerow([p.path, *(x for c, v in zip(p.classes, p.probabilities) for x in (c, f"{v:.6g}")),
+                             calibrator is not None, calibrator or ""])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text.getvalue())
+    tmp.replace(out)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    run = load_run(Path(args.run), args.checkpoint)
+    calibrator_name, calibrator = None, None
+    if args.calibrated or args.calibrator:
+        calibrator_name, calibrator = find_calibrator(run_dir_of(run.run_dir), args.calibrator)
+    paths = collect_inputs(args.inputs)
+    workers = run.config.data.num_workers if args.workers is None else args.workers
+    predictions, skipped = predict_files(run, paths, args.top_k, calibrator, workers)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    out = Path(args.out)
+    write_predictions(out, predictions, min(args.top_k, run.bundle.num_classes), calibrator_name)
+    print(f"{len(predictions)} images predicted"
+          + (f" with calibrator {calibrator_name}" if calibrator_name else " (uncalibrated)")
+          + (f", {len(skipped)} unreadable skipped" if skipped else "") + f"; written to {out}")
+    return 0
