@@ -105,6 +105,8 @@ def test_eval_shifts_writes_table_plot_and_em_helps_under_shift(run, capsys):
                                                                   for f in (2.0, 10.0))}
     # backward-LT at IF 10: the tail dominates; the true prior can only help a calibrated model's top-1
     assert rows[("backward", 10.0, "ts + true prior")]["top1"] >= rows[("backward", 10.0, "ts")]["top1"]
+    estimate = rows[("backward", 10.0, "ts + EM prior")]["estimated_prior"]
+    assert len(estimate) == 10 and sum(estimate) == pytest.approx(1.0)
     assert rows[("backward", 10.0, "raw")]["num_samples"] == sum(int(50 * 10 ** (-i / 9)) for i in range(10))
 
 
