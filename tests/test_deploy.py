@@ -149,7 +149,6 @@ def _predict_matches_eval(run_dir, folder, tmp_path):
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_predict_on_stage2_and_multi_expert_runs(run, test_images, tmp_path):
     folder, _ = test_images
     assert main(["stage2", str(run), "stage2.method=crt", "stage2.epochs=1"]) == 0
