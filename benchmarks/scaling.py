@@ -29,7 +29,7 @@ SYNTHETIC = {"num_classes": 10}
 
 def register_synthetic() -> None:
     """A synthetic long-tailed set for the class sweep (benchmark only: random pixels)."""
-    from longtail.data.datasets import DataBundle, ImageSet
+    from longtail.data.datasets import DEFAULT_IMBALANCE_FACTOR, DataBundle, ImageSet
     from longtail.functional import lt_counts
     from longtail.registry import DATASETS, load_all
 
@@ -38,7 +38,7 @@ def register_synthetic() -> None:
     @DATASETS.register("synthetic_lt_benchmark")
     def synthetic(cfg) -> DataBundle:
         classes = SYNTHETIC["num_classes"]
-        counts = lt_counts(classes, cfg.max_count or 500, cfg.imbalance_factor, cfg.profile)
+        counts = lt_counts(classes, cfg.max_count or 500, cfg.imbalance_factor or DEFAULT_IMBALANCE_FACTOR, cfg.profile)
         generator = torch.Generator().manual_seed(cfg.selection_seed)
         targets = torch.repeat_interleave(torch.arange(classes), torch.tensor(counts))
         images = torch.randint(0, 256, (len(targets), 3, 32, 32), dtype=torch.uint8, generator=generator)

@@ -1,12 +1,19 @@
-"""Training throughput, three ways in one run (these machines are noisy: only same-run ratios count).
+"""Training and evaluation throughput against the compute ceiling, measured side by side in one run.
 
 1. ceiling   — forward + backward + SGD step of the model on pre-made tensors already on the device:
                the compute ceiling, no data pipeline at all.
-2. longtail  — one real epoch of longtail's Trainer on CIFAR-10-LT (device-resident uint8 images,
-               batched augmentation, sampler, loss, logging, progress bar).
-3. reference — the loop the seeds' public code uses: torchvision ImageFolder over the JPEG files,
+2. longtail  — full epochs of longtail's Trainer on CIFAR-10-LT (device-resident uint8 images,
+               batched augmentation, sampler, loss and its terms, logging, progress bar).
+3. eval      — longtail's test-set pass (``Trainer.evaluate``: loader, normalisation, gather, metrics)
+               against a bare ``torch.no_grad()`` forward of the same batch size on pre-made tensors.
+4. reference — the loop the seeds' public code uses: torchvision ImageFolder over the JPEG files,
                PIL transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize),
-               DataLoader workers, the same model/optimizer.
+               DataLoader workers, the same model/optimizer (optional, --reference).
+
+Why rounds: a CPU thread pool and the allocator need ~10 steps to settle (the first steps run at half
+speed), and these machines are shared and noisy. So everything is timed warm (``--warmup`` steps first,
+and the trainer's first epoch is a warm-up too), ceiling and trainer alternate round by round so both
+see the same machine, and the best round of each is compared (``--rounds``; medians are kept too).
 
     python benchmarks/throughput.py                         # ResNet-32, CE
     python benchmarks/throughput.py --model shike_resnet32 --loss shike
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -39,54 +47,113 @@ def make_config(args: argparse.Namespace, run_root: Path):
     return load_config(REPO / "configs/cifar10_lt/if100/ce.yaml", overrides)
 
 
-def time_ceiling(config, device: torch.device, steps: int, warmup: int) -> float:
-    """img/s of fwd+bwd+step on fixed tensors: what the hardware allows for this model."""
-    from longtail.engine import builders
-    from longtail.engine.optim import build_optimizer
-    from longtail.engine.trainer import Trainer  # noqa: F401 - same import cost as the trainer
-    from longtail.registry import LOSSES
-    bundle = builders.build_bundle(config)
-    model = builders.build_model(config, bundle, device)
-    loss_fn = LOSSES.build(config.loss.name, config.loss.params, class_counts=bundle.train_counts,
-                           num_classes=bundle.num_classes, num_samples=len(bundle.train.targets)).to(device)
-    optimizer = build_optimizer(model.parameters(), config.optim, device)
-    batch = config.data.batch_size
-    images = torch.randn(batch, 3, 32, 32, device=device)
-    targets = torch.randint(0, bundle.num_classes, (batch,), device=device)
-    dtype = builders.amp_dtype(config, device)
-    if builders.use_channels_last(config, device):
-        images = images.contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model(images), targets).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
+def _timed(device: torch.device, fn, steps: int, images_per_step: int) -> float:
+    """img/s of ``steps`` calls of ``fn`` (device work finished before the clock stops)."""
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        fn()
     _sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    return steps * images_per_step / (time.perf_counter() - start)
 
 
-def time_longtail(config, device: torch.device) -> tuple[float, int]:
-    """img/s of one full epoch of the real Trainer (after a short warm-up epoch fragment)."""
-    from longtail.engine import builders
-    from longtail.engine.distributed import DistInfo
-    from longtail.engine.rundir import new_run_dir
-    from longtail.engine.trainer import Trainer, seed_everything
-    run_dir = new_run_dir(config.output_dir, config.name)
-    dist_info = DistInfo(0, 1, 0, device)
-    seed_everything(config.seed)
-    bundle = builders.build_bundle(config)
-    trainer = Trainer(config, builders.stage1_job(config, bundle, dist_info), bundle, run_dir, dist_info)
-    stats = trainer._train_epoch(0)
-    return stats["images_per_second"], len(trainer.job.loader)
+class Ceiling:
+    """Bare forward + backward + SGD step (and bare no_grad forward) on pre-made device tensors."""
+
+    def __init__(self, config, device: torch.device) -> None:
+        from longtail.engine import builders
+        from longtail.engine.optim import build_optimizer
+        from longtail.losses.terms import as_terms
+        from longtail.registry import LOSSES
+        bundle = builders.build_bundle(config)
+        self.device, self.batch = device, config.data.batch_size
+        self.model = builders.build_model(config, bundle, device)
+        self.loss_fn = LOSSES.build(config.loss.name, config.loss.params, class_counts=bundle.train_counts,
+                                    num_classes=bundle.num_classes,
+                                    num_samples=len(bundle.train.targets)).to(device)
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
+        self.dtype = builders.amp_dtype(config, device)
+        self.as_terms = as_terms
+        self.images = torch.randn(self.batch, 3, 32, 32, device=device)
+        self.eval_batch = config.data.eval_batch_size
+        self.eval_images = torch.randn(self.eval_batch, 3, 32, 32, device=device)
+        if builders.use_channels_last(config, device):
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+            self.eval_images = self.eval_images.contiguous(memory_format=torch.channels_last)
+        self.targets = torch.randint(0, bundle.num_classes, (self.batch,), device=device)
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.as_terms(self.loss_fn(self.model(self.images), self.targets)).total.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def forward(self) -> None:
+        self.model.eval()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            self.model(self.eval_images)
+        self.model.train()
+
+    def train_img_s(self, steps: int) -> float:
+        return _timed(self.device, self.step, steps, self.batch)
+
+    def eval_img_s(self, steps: int) -> float:
+        return _timed(self.device, self.forward, steps, self.eval_batch)
+
+
+class TrainerEpochs:
+    """The real ``Trainer`` of a CIFAR-10-LT recipe, one full epoch per call."""
+
+    def __init__(self, config, device: torch.device) -> None:
+        from longtail.engine import builders
+        from longtail.engine.distributed import DistInfo
+        from longtail.engine.rundir import new_run_dir
+        from longtail.engine.trainer import Trainer, seed_everything
+        run_dir = new_run_dir(config.output_dir, config.name)
+        dist_info = DistInfo(0, 1, 0, device)
+        seed_everything(config.seed)
+        bundle = builders.build_bundle(config)
+        self.trainer = Trainer(config, builders.stage1_job(config, bundle, dist_info), bundle, run_dir, dist_info)
+        self.epoch, self.test_size = 0, len(bundle.test.targets)
+        self.steps = len(self.trainer.job.loader)
+
+    def train_img_s(self) -> float:
+        stats = self.trainer._train_epoch(self.epoch)
+        self.epoch += 1
+        return stats["images_per_second"]
+
+    def eval_img_s(self) -> float:
+        _sync(self.trainer.device)
+        start = time.perf_counter()
+        self.trainer.evaluate("test")
+        return self.test_size / (time.perf_counter() - start)
+
+
+def measure(config, device: torch.device, rounds: int, steps: int, warmup: int) -> dict:
+    """Ceiling and trainer alternately, ``rounds`` times each, after a warm-up of both."""
+    ceiling, trainer = Ceiling(config, device), TrainerEpochs(config, device)
+    eval_steps = max(1, trainer.test_size // ceiling.eval_batch)
+    ceiling.train_img_s(warmup)
+    ceiling.eval_img_s(2)
+    trainer.train_img_s()  # warm-up epoch, not counted
+    trainer.eval_img_s()
+    rows: dict[str, list[float]] = {"ceiling": [], "longtail": [], "eval_ceiling": [], "eval_longtail": []}
+    for _ in range(rounds):
+        rows["ceiling"].append(ceiling.train_img_s(steps))
+        rows["longtail"].append(trainer.train_img_s())
+        rows["eval_ceiling"].append(ceiling.eval_img_s(eval_steps))
+        rows["eval_longtail"].append(trainer.eval_img_s())
+    result = {"longtail_steps_per_epoch": trainer.steps, "rounds": rounds, "per_round_img_s": rows}
+    for name, values in rows.items():
+        result[f"{name}_img_s"] = max(values)
+        result[f"{name}_img_s_median"] = statistics.median(values)
+    result["longtail_over_ceiling"] = result["longtail_img_s"] / result["ceiling_img_s"]
+    result["longtail_over_ceiling_median"] = statistics.median(
+        t / c for t, c in zip(rows["longtail"], rows["ceiling"]))
+    result["eval_over_bare_forward"] = result["eval_longtail_img_s"] / result["eval_ceiling_img_s"]
+    return result
 
 
 def extracted_tree(archive: Path) -> Path:
@@ -108,6 +175,7 @@ def time_reference(config, device: torch.device, steps: int, warmup: int, worker
     import torchvision.transforms as T
     from longtail.engine import builders
     from longtail.engine.optim import build_optimizer
+    from longtail.losses.terms import as_terms
     from longtail.registry import LOSSES
     bundle = builders.build_bundle(config)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -136,7 +204,7 @@ def time_reference(config, device: torch.device, steps: int, warmup: int, worker
                 start = time.perf_counter()
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = loss_fn(model(images), targets).mean()
+                loss = as_terms(loss_fn(model(images), targets)).total.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,10 +226,11 @@ def main() -> int:
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--data", default=str(ARCHIVE))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=40, help="timed steps of ceiling and reference")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating ceiling/trainer rounds (best is kept)")
+    parser.add_argument("--steps", type=int, default=40, help="timed ceiling steps per round (and reference)")
+    parser.add_argument("--warmup", type=int, default=12, help="untimed ceiling steps before the first round")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
-    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--reference", action="store_true", help="also time the seeds' ImageFolder loop")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -173,14 +242,13 @@ def main() -> int:
         result = {"model": args.model, "loss": args.loss, "device": str(device),
                   "device_name": device_name(device),
                   "cpu_threads": torch.get_num_threads(), "batch_size": config.data.batch_size,
+                  "eval_batch_size": config.data.eval_batch_size,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        result["ceiling_img_s"] = time_ceiling(config, device, args.steps, args.warmup)
-        result["longtail_img_s"], result["longtail_steps"] = time_longtail(config, device)
-        if not args.skip_reference:
+        result.update(measure(config, device, args.rounds, args.steps, args.warmup))
+        if args.reference:
             result["reference_img_s"] = time_reference(config, device, args.steps, args.warmup, args.workers)
             result["longtail_over_reference"] = result["longtail_img_s"] / result["reference_img_s"]
-        result["longtail_over_ceiling"] = result["longtail_img_s"] / result["ceiling_img_s"]
         result["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_result(result, args.out, f"throughput-{args.model}-{device.type}.json")
     return 0

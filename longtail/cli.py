@@ -1,8 +1,8 @@
-"""The ``longtail`` command: train, stage2, eval, calibrate, data, list, report.
+"""The ``longtail`` command: train, stage2, eval, calibrate, data, list, report, study.
 
 This module only parses the command line; each command lives in ``longtail.commands``. Errors a
-user can fix (bad config, missing data, corrupt image, NaN loss) print one clear message and exit
-non-zero, without a traceback.
+user can fix (bad config, missing data, corrupt image, unwritable or full disk) print one message
+and exit 2, a NaN loss exits 3, Ctrl-C exits 130; none prints a traceback unless ``--debug`` is given.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longtail", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a recipe (default: the offline Digits-LT example)")
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a recipe whose stage2 section to use, then overrides such as stage2.epochs=10")
     stage2.add_argument("--resume", action="store_true",
                         help="continue the stopped stage 2 in RUN_DIR (a RUN/stage2_<method> folder)")
+    stage2.add_argument("--allow-incomplete", action="store_true",
+                        help="run stage 2 on a stage 1 that has not finished (its last intermediate checkpoint)")
     stage2.set_defaults(func=_command("stage2", "cmd_stage2"))
 
     evaluate = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="fit a post-hoc calibrator on validation data")
     calibrate.add_argument("run", metavar="RUN_DIR")
-    calibrate.add_argument("--method", default="ts", help="kt_ts, ts, ets, vs, hist, iso (see `longtail list`)")
+    calibrate.add_argument("--method", default="ts",
+                           help="kt_ts, ts, ets, vs, hist, iso, ts_ir, ir_pooled, sbc, gpc (see `longtail list`)")
     calibrate.add_argument("--param", action="append", default=[], metavar="key=value")
     calibrate.add_argument("--checkpoint", default="last")
     calibrate.set_defaults(func=_command("calibrate", "cmd_calibrate"))
@@ -86,10 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="registered datasets, models, losses, samplers, ...")
     listing.set_defaults(func=_command("inspect", "cmd_list"))
 
-    report = sub.add_parser("report", help="compare finished runs in a Markdown table and plot")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report = sub.add_parser("report", help="compare finished runs or studies: report.md and report.html")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR|STUDY_DIR")
     report.add_argument("--out", help="output folder (default runs/report, numbered if it exists)")
+    report.add_argument("--papers", metavar="YAML", help="published numbers to show beside matching settings "
+                                                          "(default benchmarks/paper_numbers.yaml)")
     report.set_defaults(func=_command("inspect", "cmd_report"))
+
+    study = sub.add_parser("study", help="run many recipes x seeds from a study file, resumably")
+    study.add_argument("study", metavar="STUDY.yaml", help="e.g. configs/studies/tiny_digits.yaml")
+    study.add_argument("--out", help="study folder (default: the file's output_dir/name)")
+    study.add_argument("--print-commands", action="store_true",
+                       help="print the torchrun command lines of the unfinished runs instead of running them")
+    study.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs (rerun to continue)")
+    study.set_defaults(func=_command("study", "cmd_study"), run_command=lambda argv: main(argv))
     return parser
 
 
@@ -98,15 +112,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from longtail.commands.common import UserError
     from longtail.data import DataError
     from longtail.engine.checkpoint import CheckpointError
+    from longtail.engine.rundir import RunDirError
     from longtail.engine.trainer import NonFiniteLossError
     user_errors: tuple[type[BaseException], ...] = (ConfigError, UserError, CheckpointError, FileNotFoundError,
-                                                    DataError)
+                                                    DataError, RunDirError)
     try:
         return args.func(args)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (NonFiniteLossError, *user_errors, OSError, KeyboardInterrupt) as error:
+        if args.debug:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        if isinstance(error, NonFiniteLossError):
+            print(f"error: {error}", file=sys.stderr)
+            return 3
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            print(f"error: {_os_error(error)}", file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
         return 2
 
+
+def _os_error(error: OSError) -> str:
+    """A file-system failure (read-only folder, full disk, permissions) as what failed and what to do."""
+    where = f" {error.filename}" if error.filename else ""
+    return (f"cannot write or read{where}: {error.strerror or error}. Check that the folder exists, is writable "
+            "and has free space (output_dir for runs, data.cache_dir or $LONGTAIL_CACHE for caches)")

@@ -3,6 +3,7 @@ overrides from the command line. A wrong key or value fails naming the key and w
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def yes_no(value: Any) -> Any:
+    """``yes``/``no`` for the auto/yes/no options, however YAML or the user spelled them: YAML reads
+    ``yes``, ``no``, ``on``, ``off`` as booleans, and README, docstrings and hints all write ``no``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str) and value.strip().lower() in YES_NO_SPELLINGS:
+        return YES_NO_SPELLINGS[value.strip().lower()]
+    return value
+
+
+YES_NO_SPELLINGS = {"yes": "yes", "y": "yes", "on": "yes", "true": "yes", "no": "no", "n": "no", "off": "no",
+                    "false": "no", "auto": "auto"}
+
+
 class AugmentConfig(Section):
     """Augmentation applied batched on the training device (see longtail.data.augment)."""
 
@@ -23,10 +38,16 @@ class AugmentConfig(Section):
     random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
     flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
+    autoaugment_fill: int = Field(
+        128, ge=0, le=255, description="pixel value AutoAugment's geometric ops fill with: 128 as the policies in the "
+                                       "seeds' code (fillcolor 128); 0 is torchvision's default")
     randaugment: bool = False
     randaugment_ops: int = Field(2, ge=1)
     randaugment_magnitude: int = Field(9, ge=0, le=30)
     cutout: int = Field(0, ge=0, description="side of the square Cutout hole in pixels; 0 disables")
+    cutout_fill: Literal["black", "mean"] = Field(
+        "black", description="black: the hole is 0 before normalisation (SHIKE's and BALMS's code); mean: 0 after "
+                             "normalisation, i.e. the dataset's mean colour")
     mixup_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) mixup; 0 disables")
     remix: bool = Field(False, description="Remix labels (Chou et al. 2020) instead of mixup's")
     remix_kappa: float = Field(3.0, gt=0.0)
@@ -41,7 +62,9 @@ class DataConfig(Section):
     val_list: str | None = None
     test_list: str | None = None
     download: bool = False
-    imbalance_factor: float = 10.0
+    imbalance_factor: float | None = Field(
+        None, description="max/min class size of the long-tailed profile (default: 10 for the benchmark sets; "
+                          "image_folder keeps the tree as it is unless this or max_count is set)")
     profile: Literal["exp", "step"] = "exp"
     max_count: int | None = Field(None, description="images of the largest class (default: all it has)")
     selection: Literal["random", "first"] = Field(
@@ -50,7 +73,8 @@ class DataConfig(Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="stratified validation split of the LT training set")
     val_source: Literal["train", "test"] = Field(
         "train", description="where the validation split comes from: the LT training set, or a balanced split of the test set")
-    image_size: int | None = Field(None, description="resize file images to this side (default: dataset's own)")
+    image_size: int | None = Field(None, ge=1, description="side file images are resized and centre-cropped to "
+                                   "(image_folder and list_files: default 224, folders and archives alike)")
     in_memory: Literal["auto", "yes", "no"] = Field(
         "auto", description="keep decoded uint8 images in one tensor on the training device")
     cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
@@ -60,15 +84,27 @@ class DataConfig(Section):
     decode_on_device: Literal["auto", "yes", "no"] = Field(
         "auto", description="file sets: workers read JPEG bytes and the training device decodes them "
         "(torchvision.io, nvJPEG on CUDA); auto: on CUDA when every file is a JPEG")
+    bad_files: Literal["fail", "skip"] = Field(
+        "fail", description="image files whose header cannot be read (checked before training): fail naming "
+                            "them all, or skip them and list them in the log")
     sampler: str = "instance"
     sampler_params: dict[str, Any] = Field(default_factory=dict)
     pair_sampler: str | None = Field(
         None, description="a second sampler whose batch is appended to each batch (BBN: reversed)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @field_validator("in_memory", "decode_on_device", mode="before")
+    @classmethod
+    def _yes_no(cls, value: Any) -> Any:
+        return yes_no(value)
+
     @field_validator("imbalance_factor")
     @classmethod
-    def _imbalance_at_least_one(cls, value: float) -> float:
+    def _imbalance_at_least_one(cls, value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise ValueError(f"imbalance factor must be a finite number >= 1, got {value}; use 1 for a balanced set")
         if value < 1:
             raise ValueError(f"imbalance factor is max/min class size and must be >= 1, got {value}; "
                              "use 1 for a balanced set")
@@ -101,9 +137,23 @@ class ScheduleConfig(Section):
     warmup_start_factor: float = Field(0.0, ge=0.0, le=1.0,
                                        description="lr at the start of warm-up, as a fraction of lr")
     milestones: list[int] = Field(default_factory=list, description="epochs of the step schedule")
-    gamma: float = 0.1
+    gamma: float = Field(0.1, description="step: lr x gamma^k after the k-th milestone (unless factors is set)")
+    factors: list[float] | None = Field(
+        None, description="step: the lr multiplier from each milestone on, one per milestone, e.g. [0.01, 0.0001] "
+                          "(LDAM-DRW's code); replaces gamma")
     final_lr_factor: float = Field(0.0, ge=0.0, description="lr at the end of cosine/linear, as a fraction")
     per_step: bool = Field(True, description="update the lr every step (True) or every epoch")
+
+    @model_validator(mode="after")
+    def _one_factor_per_milestone(self) -> "ScheduleConfig":
+        if self.name != "step" or self.factors is None:
+            return self  # a recipe may inherit factors and switch to another schedule
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones {self.milestones} must be ascending when schedule.factors is set")
+        if len(self.factors) != len(self.milestones):
+            raise ValueError(f"schedule.factors has {len(self.factors)} values for {len(self.milestones)} "
+                             f"milestones {self.milestones}; give one lr multiplier per milestone")
+        return self
 
 
 class TrainConfig(Section):
@@ -122,6 +172,11 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
                                 "`longtail train --resume RUN` continues exactly")
     deterministic: bool = False
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yes_no(cls, value: Any) -> Any:
+        return yes_no(value)
 
 
 class Stage2Config(Section):
@@ -190,12 +245,14 @@ class Config(Section):
         return self
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def format_validation_error(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line per problem; an unknown key names the keys allowed in its section (of ``root``,
+    default: the recipe schema ``Config``)."""
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            section = _section_at(item["loc"][:-1])
+            section = _section_at(item["loc"][:-1], root or Config)
             allowed = list(section.model_fields) if section else []
             close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -209,9 +266,10 @@ def _format_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    section: type[BaseModel] = Config
+def _section_at(loc: tuple, section: type[BaseModel]) -> type[BaseModel] | None:
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         field = section.model_fields.get(str(part))
         if field is None:
             return None
@@ -255,7 +313,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(error, source)) from None
+        raise ConfigError(format_validation_error(error, source)) from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +334,14 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise ConfigError(f"config file {path} does not exist; see configs/ for the recipes")
     if path in _seen:
         raise ConfigError(f"config {path} includes itself through 'base'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path}{line} is not valid YAML: {problem}. Indent with spaces, never "
+                          "tabs, and write `key: value` pairs") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     bases = raw.pop("base", None) or []

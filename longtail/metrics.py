@@ -99,6 +99,9 @@ def summary(metrics: dict[str, Any]) -> str:
     """One line a person reads at the end of a run."""
     def pct(value: float | None) -> str:
         return "  -  " if value is None else f"{100 * value:5.2f}"
+    empty = [group for group in ("many", "medium", "few") if metrics.get(f"{group}_top1") is None]
+    why = (f" ({'/'.join(empty)}: no class of that size — many > 100, medium 20-100, few < 20 training "
+           "images — so nothing to score)") if empty else ""
     return (f"top-1 {pct(metrics['top1'])} | many {pct(metrics.get('many_top1'))} "
             f"medium {pct(metrics.get('medium_top1'))} few {pct(metrics.get('few_top1'))} | "
-            f"ECE {pct(metrics['ece'])} NLL {metrics['nll']:.3f}")
+            f"ECE {pct(metrics['ece'])} NLL {metrics['nll']:.3f}{why}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from typing import Any, Callable, Iterable
 
 
@@ -60,9 +61,39 @@ class Registry:
             if not accepts_any and key not in signature:
                 raise ConfigError(f"unknown key {where + '.' if where else ''}{key} for {self.kind} {name!r}; "
                                   f"allowed: {', '.join(user_allowed) or '(none)'}")
+        self._check_types(name, params, where)
         kwargs = {k: v for k, v in context.items() if accepts_any or k in signature}
         kwargs.update(params)
-        return self.get(name)(**kwargs)
+        try:
+            return self.get(name)(**kwargs)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as error:  # the constructor's own checks of the user's values
+            if not params:
+                raise
+            raise ConfigError(f"{where or self.kind + ' parameters'} of {name}: {error}") from None
+
+    def _check_types(self, name: str, params: dict[str, Any], where: str) -> None:
+        """User values must fit the constructor's annotations (``gamma=abc`` for a float fails here,
+        not at the first training step)."""
+        from pydantic import TypeAdapter, ValidationError
+
+        fn = self.get(name)
+        try:
+            hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        except Exception:  # noqa: BLE001 - unresolvable annotations are not checked
+            return
+        for key, value in params.items():
+            if key not in hints:
+                continue
+            try:
+                TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError as error:
+                reason = error.errors()[0]["msg"]
+                raise ConfigError(f"{where + '.' if where else ''}{key}={value!r} for {self.kind} {name!r}: "
+                                  f"{reason}") from None
+            except Exception:  # noqa: BLE001 - a type pydantic cannot check (a tensor, a module)
+                continue
 
 
 DATASETS = Registry("dataset")

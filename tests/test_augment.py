@@ -1,11 +1,11 @@
-"""Batched augmentation on real CIFAR-10 images (the JPEG re-encoded copy in ../shared/data)."""
+"""Batched augmentation on real CIFAR-10 images (the JPEG re-encoded copy found by the ``shared_data``
+fixture: $LONGTAIL_SHARED_DATA, default ../shared/data)."""
 from __future__ import annotations
 
 import io
 import math
 import tarfile
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,18 +19,15 @@ from longtail.config import AugmentConfig
 from longtail.data.augment import AugmentParams, BatchAugment
 from longtail.functional import remix_label_weight
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpg.tar.gz"
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 
 @pytest.fixture(scope="module")
-def cifar() -> torch.Tensor:
+def cifar(shared_data) -> torch.Tensor:
     """The first 32 training images of the archive, (32, 3, 32, 32) uint8."""
-    if not CIFAR10.is_file():
-        pytest.skip(f"{CIFAR10} is not here")
     images = []
-    with tarfile.open(CIFAR10) as archive:
+    with tarfile.open(shared_data / "cifar10_jpg.tar.gz") as archive:
         for member in archive:
             if member.isfile() and member.name.endswith(".jpg"):
                 data = archive.extractfile(member).read()
@@ -72,19 +69,20 @@ def reference_magnitude(name: str, magnitude_bin: int | None, bins: int, size: i
     return -value if negative and name in SIGNED else value
 
 
-def reference_op(image: torch.Tensor, name: str, m: float) -> torch.Tensor:
+def reference_op(image: torch.Tensor, name: str, m: float, fill: int = 0) -> torch.Tensor:
     nearest = InterpolationMode.NEAREST
     if name == "Identity":
         return image
     if name in ("ShearX", "ShearY"):
         shear = [math.degrees(math.atan(m)), 0.0] if name == "ShearX" else [0.0, math.degrees(math.atan(m))]
         return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest,
-                        center=[0, 0])
+                        center=[0, 0], fill=fill)
     if name in ("TranslateX", "TranslateY"):
         move = [int(m), 0] if name == "TranslateX" else [0, int(m)]
-        return F.affine(image, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], interpolation=nearest)
+        return F.affine(image, angle=0.0, translate=move, scale=1.0, shear=[0.0, 0.0], interpolation=nearest,
+                        fill=fill)
     if name == "Rotate":
-        return F.rotate(image, angle=m, interpolation=nearest)
+        return F.rotate(image, angle=m, interpolation=nearest, fill=fill)
     colour = {"Brightness": F.adjust_brightness, "Color": F.adjust_saturation,
               "Contrast": F.adjust_contrast, "Sharpness": F.adjust_sharpness}
     if name in colour:
@@ -150,9 +148,10 @@ def test_flip_mirrors_exactly_the_drawn_images(cifar):
         assert torch.equal(out[i], expected)
 
 
-@pytest.mark.parametrize("policy", ["cifar10", "imagenet"])
-def test_autoaugment_equals_per_image_reference(cifar, policy):
-    augment = make(crop_padding=0, flip=False, autoaugment=policy)
+@pytest.mark.parametrize("policy, fill", [("cifar10", 128), ("imagenet", 128), ("cifar10", 0)])
+def test_autoaugment_equals_per_image_reference(cifar, policy, fill):
+    """fill 128 is the default (the seeds' CIFAR10Policy(fillcolor=(128, 128, 128))); 0 is torchvision's."""
+    augment = make(crop_padding=0, flip=False, autoaugment=policy, **({} if fill == 128 else {"autoaugment_fill": fill}))
     sub_policies = AutoAugment(AutoAugmentPolicy.CIFAR10 if policy == "cifar10" else AutoAugmentPolicy.IMAGENET)._policies
     assert len(sub_policies) == 25
     params = augment.sample_params(cifar.shape, seeded(5), epoch=0)
@@ -163,7 +162,7 @@ def test_autoaugment_equals_per_image_reference(cifar, policy):
         for step, (name, _, magnitude_bin) in enumerate(sub_policies[int(params.policy_choice[i, 0])]):
             if params.policy_applied[i, step]:
                 m = reference_magnitude(name, magnitude_bin, 10, 32, bool(params.policy_negative[i, step]))
-                image = reference_op(image, name, m)
+                image = reference_op(image, name, m, fill)
         assert torch.equal(out[i], image), f"image {i}"
 
 
@@ -206,8 +205,8 @@ def test_autoaugment_changes_pixels_and_keeps_uint8_range(cifar):
     assert (normalised >= low.view(1, 3, 1, 1) - 1e-5).all() and (normalised <= high.view(1, 3, 1, 1) + 1e-5).all()
 
 
-def test_cutout_zeroes_a_clipped_square_of_the_normalised_image(cifar):
-    augment = make(crop_padding=0, flip=False, cutout=16)
+def test_cutout_mean_fill_zeroes_a_clipped_square_of_the_normalised_image(cifar):
+    augment = make(crop_padding=0, flip=False, cutout=16, cutout_fill="mean")
     params = AugmentParams(cutout_y=torch.tensor([16, 0, 31]), cutout_x=torch.tensor([16, 0, 5]))
     out, *_ = augment.apply(cifar[:3], labels(3), params)
     reference = augment.normalize(cifar[:3])
@@ -215,6 +214,18 @@ def test_cutout_zeroes_a_clipped_square_of_the_normalised_image(cifar):
     hole = (out == 0).all(1)
     assert hole.sum((1, 2)).tolist() == [256, 64, 117]
     assert hole[0, 8:24, 8:24].all() and hole[1, :8, :8].all() and hole[2, 23:, :13].all()
+    assert torch.equal(out.masked_fill(hole[:, None], 1.0), reference.masked_fill(hole[:, None], 1.0))
+
+
+def test_cutout_black_fill_is_the_default_and_blackens_before_normalising(cifar):
+    """SHIKE's and BALMS's code: ToTensor, Cutout, Normalize: the hole is pixel 0, i.e. -mean/std after."""
+    augment = make(crop_padding=0, flip=False, cutout=16)
+    params = AugmentParams(cutout_y=torch.tensor([16, 0, 31]), cutout_x=torch.tensor([16, 0, 5]))
+    out, *_ = augment.apply(cifar[:3], labels(3), params)
+    black = (-torch.tensor(MEAN) / torch.tensor(STD)).view(1, 3, 1, 1)
+    hole = torch.isclose(out, black.expand_as(out), atol=1e-6).all(1)
+    assert hole.sum((1, 2)).tolist() == [256, 64, 117]
+    reference = augment.normalize(cifar[:3])
     assert torch.equal(out.masked_fill(hole[:, None], 1.0), reference.masked_fill(hole[:, None], 1.0))
 
 

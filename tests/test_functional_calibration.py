@@ -8,9 +8,11 @@ import scipy.stats
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from longtail.functional import (adaptive_ece, bin_indices, brier, calibration_bins, classwise_ece,
-                                 diagonal_class_gaussians, ece, fit_temperature, kt_attention, kt_calibrated_stats,
-                                 kt_importance_weights, mce, nll, per_class_ece, wasserstein_gaussian)
+from longtail.functional import (adaptive_ece, bin_indices, bin_means, brier, calibration_bins, classwise_ece,
+                                 diagonal_class_gaussians, ece, equal_mass_bin_edges, fit_temperature,
+                                 gp_latent_marginals, kt_attention, kt_calibrated_stats, kt_importance_weights, mce,
+                                 nll, per_class_ece, platt_probability, softmax_expected_log_lik, wasserstein_gaussian,
+                                 whitened_gauss_kl)
 
 
 def np_softmax(z):
@@ -269,3 +271,98 @@ def test_diagonal_class_gaussians_match_numpy():
         np.testing.assert_allclose(variances[c].numpy(), features[labels == c].var(0), rtol=1e-12)
     with pytest.raises(ValueError, match=r"classes \[3\] have no features"):
         diagonal_class_gaussians(torch.tensor(features), torch.tensor(labels), 4)
+
+
+# ------------------------------------------------------------------------------ scaling-binning (Kumar et al.)
+
+def test_equal_mass_bin_edges_hand_values():
+    # 5 values in 2 bins: runs [0.1, 0.2, 0.3] and [0.4, 0.5] (the longer run first), edge half-way
+    edges = equal_mass_bin_edges(torch.tensor([0.5, 0.1, 0.4, 0.3, 0.2]), 2)
+    torch.testing.assert_close(edges, torch.tensor([0.35, 1.0], dtype=torch.float64))
+    # repeated values give repeated edges, which are merged; more bins than values -> one per value
+    torch.testing.assert_close(equal_mass_bin_edges(torch.tensor([0.2, 0.2, 0.2, 0.6]), 4),
+                               torch.tensor([0.2, 0.4, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_bins"):
+        equal_mass_bin_edges(torch.tensor([0.5]), 0)
+
+
+def test_equal_mass_bins_hold_equal_counts_and_match_the_authors_library():
+    values = torch.rand(1003, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 3
+    edges = equal_mass_bin_edges(values, 10)
+    counts = torch.bincount(torch.searchsorted(edges, values), minlength=10)
+    assert counts.tolist() == [101, 101, 101] + [100] * 7
+    utils = pytest.importorskip("calibration.utils")  # Kumar et al.'s own code (uncertainty-calibration)
+    np.testing.assert_allclose(edges.numpy(), utils.get_equal_bins(list(values.numpy()), num_bins=10), rtol=0, atol=0)
+
+
+def test_bin_means_hand_values_and_empty_bin_midpoint():
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64)
+    edges = torch.tensor([0.35, 0.45, 0.9, 1.0], dtype=torch.float64)
+    # bins (0, .35] {.1 .2 .3}, (.35, .45] {.4}, (.45, .9] {.5}, (.9, 1] empty -> midpoint .95
+    torch.testing.assert_close(bin_means(values, values, edges),
+                               torch.tensor([0.2, 0.4, 0.5, 0.95], dtype=torch.float64))
+    labels = torch.tensor([1, 0, 0, 1, 1])
+    torch.testing.assert_close(bin_means(values, labels, edges),
+                               torch.tensor([1 / 3, 1.0, 1.0, 0.95], dtype=torch.float64))
+
+
+def test_platt_probability_is_sklearn_logistic_regression_on_the_log_odds():
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(500, generator=g, dtype=torch.float64)
+    labels = (torch.rand(500, generator=g, dtype=torch.float64) < probs ** 2).long()
+    log_odds = torch.log(probs / (1 - probs)).numpy()[:, None]
+    clf = LogisticRegression(C=1e10).fit(log_odds, labels.numpy())
+    ours = platt_probability(probs, float(clf.coef_[0, 0]), float(clf.intercept_[0]))
+    np.testing.assert_allclose(ours.numpy(), clf.predict_proba(log_odds)[:, 1], rtol=1e-12)
+    assert float(platt_probability(torch.tensor([0.0, 1.0]), 1.0, 0.0)[0]) == pytest.approx(1e-12, rel=1e-6, abs=0)
+
+
+# ------------------------------------------------------------------------------ GP calibration (Wenger et al.)
+
+def test_gp_latent_marginals_against_direct_gaussian_conditioning():
+    g = torch.Generator().manual_seed(2)
+    inducing = torch.linspace(-5, 5, 6, dtype=torch.float64)
+    q_mu = torch.randn(6, generator=g, dtype=torch.float64)
+    q_sqrt = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64) * 4
+    ls, var, white, jitter = 2.0, 1.5, 0.01, 1e-6
+    hyper = [torch.tensor(h, dtype=torch.float64) for h in (ls, var, white)]
+    mean, variance = gp_latent_marginals(x, inducing, q_mu, q_sqrt, *hyper, jitter=jitter)
+    # unwhitened: u = L v ~ N(L m, L S L^T); f | u Gaussian conditional; marginalise u (numpy, plain solves)
+    xs, zs = x.numpy().ravel(), inducing.numpy()
+    k = lambda a, b: var * np.exp(-0.5 * (a[:, None] - b[None, :]) ** 2 / ls ** 2)
+    kuu = k(zs, zs) + (white + jitter) * np.eye(6)
+    chol = np.linalg.cholesky(kuu)
+    proj = np.linalg.solve(kuu, k(zs, xs))  # K_uu^-1 K_ux
+    u_mean, u_cov = chol @ q_mu.numpy(), chol @ np.diag(q_sqrt.numpy() ** 2) @ chol.T
+    expected_mean = proj.T @ u_mean
+    expected_var = (var + white - np.einsum("mn,mn->n", k(zs, xs), proj)
+                    + np.einsum("mn,mk,kn->n", proj, u_cov, proj))
+    np.testing.assert_allclose(mean.numpy().ravel(), expected_mean, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(variance.numpy().ravel(), expected_var, rtol=1e-8, atol=1e-10)
+    assert mean.shape == variance.shape == (4, 3)
+
+
+def test_whitened_gauss_kl_is_torch_kl_to_standard_normal():
+    q_mu = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    q_sqrt = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(q_mu, q_sqrt),
+                                                 torch.distributions.Normal(0.0, 1.0)).sum()
+    torch.testing.assert_close(whitened_gauss_kl(q_mu, q_sqrt), expected)
+    assert float(whitened_gauss_kl(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))) == 0.0
+
+
+def test_softmax_expected_log_lik_taylor_matches_monte_carlo_for_small_variance():
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(5, 4, generator=g, dtype=torch.float64) * 2
+    var = torch.rand(5, 4, generator=g, dtype=torch.float64) * 0.2
+    targets = torch.tensor([0, 1, 2, 3, 0])
+    samples = mean + var.sqrt() * torch.randn(400_000, 5, 4, generator=g, dtype=torch.float64)
+    monte_carlo = samples.log_softmax(dim=2)[:, torch.arange(5), targets].mean(0)
+    taylor = softmax_expected_log_lik(mean, var, targets)
+    plug_in = mean.log_softmax(1)[torch.arange(5), targets]
+    # the second-order term is what closes the gap to the true expectation (error O(var^2) + MC noise)
+    assert (taylor - monte_carlo).abs().max() < 0.2 * (plug_in - monte_carlo).abs().max()
+    torch.testing.assert_close(taylor, monte_carlo, atol=2e-3, rtol=0)
+    torch.testing.assert_close(softmax_expected_log_lik(mean, torch.zeros_like(var), targets), plug_in)

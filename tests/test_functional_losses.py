@@ -138,14 +138,18 @@ def test_grand_teacher_by_hand():
     # hardest negative = class 1 -> mean 1.5 there, max over experts (1) elsewhere
     # sample 1, target 2: non-target (classes 0, 1) are (0.5, -1) and (1.5, 0.5): mean (1, -0.25),
     # hardest = class 0 -> 1.0, elsewhere max(-1, 0.5) = 0.5
-    teacher = shike_grand_teacher(t(EXPERTS), t(EXPERT_TARGETS, torch.long))
+    teacher = shike_grand_teacher(t(EXPERTS), t(EXPERT_TARGETS, torch.long), form="paper")
     assert teacher.tolist() == [[1.5, 1.0], [1.0, 0.5]]
+    # the authors' code: the same values with the target column put back at logit 0
+    teacher = shike_grand_teacher(t(EXPERTS), t(EXPERT_TARGETS, torch.long), form="code")
+    assert teacher.tolist() == [[0.0, 1.5, 1.0], [1.0, 0.5, 0.0]]
 
 
 def test_grand_teacher_takes_max_except_at_consensus_hardest_negative():
     experts = t([[[0.0, 4.0, 1.0, -1.0]], [[0.0, 0.0, 2.0, -3.0]], [[0.0, 0.0, 0.0, 5.0]]])  # 3 experts, target 0
     # means of classes 1..3: (4/3, 1, 1/3) -> hardest is class 1 (mean 4/3); max elsewhere: (2, 5)
-    assert shike_grand_teacher(experts, torch.tensor([0]))[0].tolist() == pytest.approx([4 / 3, 2.0, 5.0])
+    assert shike_grand_teacher(experts, torch.tensor([0]), form="paper")[0].tolist() == pytest.approx(
+        [4 / 3, 2.0, 5.0])
 
 
 def test_dkt_loss_by_numpy():
@@ -155,15 +159,41 @@ def test_dkt_loss_by_numpy():
     for m in range(2):
         student = np.stack([EXPERTS[m, b, keep[b]] for b in range(2)])
         expected += np_kl(np.exp(np_log_softmax(teacher)), np.exp(np_log_softmax(student)))
-    got = shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), reduction="none")
+    got = shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), reduction="none", form="paper")
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
     # temperature T: both sides divided by T, the KL multiplied by T^2
     expected_t2 = np.zeros(2)
     for m in range(2):
         student = np.stack([EXPERTS[m, b, keep[b]] for b in range(2)])
         expected_t2 += 4 * np_kl(np.exp(np_log_softmax(teacher / 2)), np.exp(np_log_softmax(student / 2)))
-    got_t2 = shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), temperature=2.0, reduction="sum")
+    got_t2 = shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), temperature=2.0, reduction="sum",
+                            form="paper")
     assert got_t2.item() == pytest.approx(expected_t2.sum(), rel=1e-5)
+
+
+def test_dkt_loss_code_form_by_hand():
+    """jinyan-06/SHIKE mix_outputs: softmaxes over all C columns, the teacher's target column at logit 0,
+    each expert's at -30. One expert, C = 2, logits (0, 0), target 0: the paper's KL over the single
+    non-target class is 0; the code's teacher is softmax(0, 0) = (1/2, 1/2) and the student
+    softmax(-30, 0), so KL = 1/2 ln((1/2) / s_0) + 1/2 ln((1/2) / s_1) = 15 - ln 2 + ln(1 + e^-30)."""
+    logits, target = torch.zeros(1, 1, 2, dtype=torch.float64), torch.tensor([0])
+    assert shike_dkt_loss(logits, target, form="paper").item() == pytest.approx(0.0, abs=1e-12)
+    assert shike_dkt_loss(logits, target, form="code").item() == pytest.approx(
+        15 - math.log(2) + math.log1p(math.exp(-30)), rel=1e-12)
+
+
+def test_dkt_loss_code_form_by_numpy():
+    full_teacher = np.array([[0.0, 1.5, 1.0], [1.0, 0.5, 0.0]])  # test_grand_teacher_by_hand, target at 0
+    expected = np.zeros(2)
+    for m in range(2):
+        student = EXPERTS[m].copy()
+        student[np.arange(2), EXPERT_TARGETS] = -30.0
+        expected += np_kl(np.exp(np_log_softmax(full_teacher)), np.exp(np_log_softmax(student)))
+    got = shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), reduction="none", form="code")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    assert torch.equal(shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), reduction="none"), got)
+    with pytest.raises(ValueError, match="unknown SHIKE DKT form 'eq8'"):
+        shike_dkt_loss(t(EXPERTS), t(EXPERT_TARGETS, torch.long), form="eq8")
 
 
 def test_mutual_loss_sums_all_ordered_pairs():
@@ -191,13 +221,13 @@ def _numeric_grad(fn, x, eps=1e-2):
     return grad
 
 
-@pytest.mark.parametrize("loss", ["mutual", "dkt"])
+@pytest.mark.parametrize("loss", ["mutual", "dkt", "dkt_paper"])
 def test_shike_teachers_are_not_detached(loss):
     """As the authors' code, gradients flow through the teacher side too: autograd equals the
     finite-difference gradient of the whole loss (a detached teacher would not)."""
     targets = t(EXPERT_TARGETS, torch.long)
     fn = (lambda z: shike_mutual_loss(z, reduction="sum")) if loss == "mutual" else \
-        (lambda z: shike_dkt_loss(z, targets, reduction="sum"))
+        (lambda z: shike_dkt_loss(z, targets, reduction="sum", form="paper" if loss == "dkt_paper" else "code"))
     logits = t(EXPERTS).double().requires_grad_(True)
     fn(logits).backward()
     numeric = _numeric_grad(fn, t(EXPERTS).double(), eps=1e-4)

@@ -79,7 +79,7 @@ def test_loader_misuse_fails_clearly(digits):
     loader = TrainLoader(digits.train, sampler_for(digits.train), 32, stand_in_augment, "cpu", seed=0)
     with pytest.raises(RuntimeError, match="call TrainLoader.set_epoch"):
         next(iter(loader))
-    with pytest.raises(ValueError, match="batch size 600 is larger than the 503 samples"):
+    with pytest.raises(ValueError, match="batch size 600 is larger than the 503 training samples"):
         TrainLoader(digits.train, sampler_for(digits.train), 600, stand_in_augment, "cpu", seed=0)
 
 

@@ -105,6 +105,11 @@ def test_shike_loss_is_eq_10_with_the_authors_effective_weights():
     custom = ce + 2.0 * shike_dkt_loss(experts, y, reduction="none") \
         + 0.5 * shike_mutual_loss(experts, reduction="none")
     torch.testing.assert_close(build("shike", alpha=2.0, beta=0.5)(output, y).total, custom)
+    paper = build("shike", dkt_form="paper")(output, y).terms["dkt"]
+    torch.testing.assert_close(paper, 10.0 / C * shike_dkt_loss(experts, y, reduction="none", form="paper"))
+    assert not torch.allclose(paper, result.terms["dkt"])  # the two forms differ (the default is the code's)
+    with pytest.raises(ValueError, match="dkt_form"):
+        build("shike", dkt_form="eq8")
     single = ModelOutput(logits=output.logits, features=output.features)
     with pytest.raises(ValueError, match="multi-expert model"):
         build("shike")(single, y)

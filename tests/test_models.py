@@ -57,7 +57,9 @@ CASES = {
 
 
 def test_every_registered_model_has_a_case():
-    assert set(MODELS.names()) == set(CASES) | {"bbn_resnet32"}
+    # models that other test modules register for themselves (e.g. test_stage2's two-expert CNN) are not the package's
+    packaged = {name for name in MODELS.names() if MODELS.get(name).__module__.startswith("longtail.")}
+    assert packaged == set(CASES) | {"bbn_resnet32"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet152" else n for n in CASES])

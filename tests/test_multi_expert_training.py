@@ -40,7 +40,7 @@ def last_test_metrics(run: Path) -> dict:
 def check_ikl_state(state: dict) -> None:
     """The IKL loss state a checkpoint must carry for the next epoch: last epoch's predictions."""
     assert bool(state["has_previous"])
-    assert state["prev_values"].abs().sum() > 0 and state["prev_correct"].any()
+    assert state["pred_values"].abs().sum() > 0 and state["pred_correct"].any()
     assert not torch.equal(state["soft_labels"], torch.eye(len(state["soft_labels"])))
 
 

@@ -65,3 +65,17 @@ def test_checkpoint_errors_are_clear(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(bad)
+
+
+def test_explicit_step_factors_replace_gamma():
+    """LDAM-DRW's code: x0.01 from epoch 160, x0.0001 from 180 (not gamma^k with one gamma)."""
+    cfg = ScheduleConfig(name="step", warmup_epochs=5, milestones=[160, 180], factors=[0.01, 0.0001])
+    assert [lr_factor(e, 200, cfg) for e in (100, 159.9, 160, 179, 180, 199)] == pytest.approx(
+        [1.0, 1.0, 0.01, 0.01, 0.0001, 0.0001])
+
+
+def test_step_factors_must_match_milestones():
+    with pytest.raises(ValueError, match="one lr multiplier per milestone"):
+        ScheduleConfig(name="step", milestones=[160, 180], factors=[0.1])
+    with pytest.raises(ValueError, match="ascending"):
+        ScheduleConfig(name="step", milestones=[180, 160], factors=[0.1, 0.01])

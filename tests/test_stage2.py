@@ -86,8 +86,10 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
     default_mode = {"crt": "images", "mislas": "images", "ladc": "cached", "tau_norm": None, "ncm": None}
     assert written["features"] == (features or default_mode[method])
     for split in ("test", "val"):
-        assert 0.0 <= written["last"][split]["top1"] <= 1.0
+        assert written["last"][split]["top1"] > 0.5  # ten digit classes: chance is 0.1
         assert written["last"][split]["num_samples"] > 0
+    # the saved checkpoint, rebuilt through its head specs, gives the reported test top-1
+    assert restored_top1(stage1[0], run_dir) == pytest.approx(results["last"]["test"]["top1"])
     assert (run_dir / "stage2" / "plots" / "per_class_accuracy.png").is_file()
 
     before = backbone_tensors(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
@@ -105,8 +107,7 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
         assert json.loads((out / "metrics.json").read_text())["last"]["test"]["top1"] == pytest.approx(
             results["last"]["test"]["top1"])
     if method == "ncm":  # not a linear layer: rebuilt from its spec
-        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm"}]
-        assert restored_top1(stage1[0], run_dir) == pytest.approx(results["last"]["test"]["top1"])
+        assert load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["heads"] == [{"kind": "ncm", "norm": "cl2n"}]
     if method == "tau_norm":  # the validation split exists, so tau was searched on it, class-balanced
         search = written["val_balanced_top1_by_tau"]
         assert search[str(written["tau"])] == max(search.values())
@@ -274,6 +275,7 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     config, source = stage1
     run_dir = tmp_path / "run"
     shutil.copytree(source / "checkpoints", run_dir / "checkpoints")
+    shutil.copy(source / "metrics.json", run_dir)  # a finished stage 1
     (run_dir / "config.yaml").write_text(dump_config(config))
     assert main(["stage2", str(run_dir)]) == 2  # no stage-2 method named anywhere
     recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "tau_norm.yaml"
@@ -300,5 +302,46 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |"):
         assert stage in table
     assert f"| {100 * reported['top1']:.2f} |" in table
-    assert (tmp_path / "report" / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "shot_groups.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "report.html").is_file()
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 2
+
+
+# ------------------------------------------------------------------ behaviour on a real long tail
+# Digits-LT at imbalance factor 100 (124 ... 1 training images a class, 288 in all; the balanced test set
+# has 50 a class, six of the ten classes are few-shot), stage 1 CE for 10 epochs, stage 2 for 10 epochs.
+# Measured over seeds 0-4 (balanced = mean per-class test accuracy; few = few-shot classes'):
+#   stage 1          balanced 0.730 0.676 0.680 0.724 0.724   few 0.557 0.470 0.477 0.553 0.543
+#   cRT (images)     balanced 0.830 0.842 0.824 0.826 0.822   few 0.727 0.750 0.717 0.723 0.713
+#   cRT (cached)     balanced 0.854 0.854 0.820 0.860 0.844   few 0.760 0.767 0.710 0.783 0.750
+#   MiSLAS           balanced 0.864 0.886 0.844 0.876 0.860   few 0.787 0.827 0.763 0.820 0.793
+# Gains over stage 1: balanced >= +0.098, few >= +0.17 for every method and seed, while one method's
+# spread across seeds is 0.05 (stage 1) and 0.02-0.04 (stage 2). The asserted margins (+0.05 balanced,
+# +0.10 few) sit between: a cRT whose heads are not trained scores about chance (0.1) instead.
+LONG_TAIL = ["device=cpu", "data.imbalance_factor=100", "train.epochs=10", "model.params.hidden=[64]",
+             "train.eval_every=0"]
+
+
+def balanced_accuracy(metrics: dict) -> float:
+    per_class = [a for a in metrics["per_class_top1"] if a is not None]
+    return sum(per_class) / len(per_class)
+
+
+@pytest.fixture(scope="module")
+def long_tail_stage1(tmp_path_factory, one_thread):
+    run_dir = tmp_path_factory.mktemp("stage1_if100")
+    config = load_config(None, LONG_TAIL)
+    results = train_stage1(config, run_dir, init_distributed("cpu"))
+    return config, run_dir, results["last"]["test"]
+
+
+@pytest.mark.parametrize("method, params, features", [
+    ("crt", {}, "images"), ("crt", {}, "cached"),
+    ("mislas", {"eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}, None),
+])
+def test_rebalancing_stage2_lifts_balanced_and_tail_accuracy(long_tail_stage1, tmp_path, method, params, features):
+    config, source, before = long_tail_stage1
+    results, _ = run_method((config, source), tmp_path, method, params=params, features=features, epochs=10)
+    after = results["last"]["test"]
+    assert balanced_accuracy(after) >= balanced_accuracy(before) + 0.05
+    assert after["few_top1"] >= before["few_top1"] + 0.10

@@ -1,11 +1,22 @@
-"""What several commands share: the user-error type, splitting ``RECIPE key=value ...`` and
-finding a run directory."""
+"""What several commands share: the user-error type, splitting ``RECIPE key=value ...``, finding a
+run directory, and which config keys may change once a run is trained."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["UserError", "split_config_and_overrides", "run_dir_of"]
+__all__ = ["UserError", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
+           "RESUMABLE_KEYS"]
+
+# what the training images, their labels and the shot groups are: fixed once a run is trained
+DATA_DEFINITION = ("data.dataset", "data.imbalance_factor", "data.profile", "data.max_count", "data.selection",
+                   "data.selection_seed", "data.val_fraction", "data.val_source", "data.image_size", "data.bad_files")
+# what `train --resume` may change: where the data is and how it is read, how long to train and where to stop;
+# anything else would be half-applied (the checkpoint's optimiser and schedule state win), so it is refused
+RESUMABLE_KEYS = ("device", "data.root", "data.train_list", "data.val_list", "data.test_list", "data.cache_dir",
+                  "data.in_memory", "data.num_workers", "data.decode_on_device", "data.eval_batch_size",
+                  "train.epochs", "train.stop_at_epoch", "train.log_interval", "train.eval_every",
+                  "train.checkpoint_every", "stage2.epochs", "stage2.stop_at_epoch")
 
 
 class UserError(RuntimeError):
@@ -25,3 +36,18 @@ def run_dir_of(path: Path) -> Path:
     if path.suffix == ".pt" and path.parent.name == "checkpoints":
         return path.parent.parent
     raise UserError(f"{path} is neither a run directory nor a checkpoint inside one (RUN/checkpoints/*.pt)")
+
+
+def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {prefix: raw}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted.key: (old, new)}`` for every value that differs between two config dicts."""
+    old, new = _flat(before), _flat(after)
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from longtail.commands.common import DATA_DEFINITION, UserError, changed_keys
 from longtail.commands.results import write_results
 from longtail.config import Config, apply_overrides, config_from_dict
 from longtail.engine import builders
@@ -53,7 +54,16 @@ def load_run(path: Path, checkpoint: str = "last", overrides: list[str] | None =
     run_dir, file = resolve_checkpoint(path, checkpoint)
     dist_info = init_distributed("auto")
     state = load_checkpoint(file, map_location=dist_info.device)
+    trained = config_from_dict(state["config"], str(file))
     config = config_from_dict(apply_overrides(state["config"], list(overrides or [])), f"{file} (+ overrides)")
+    redefined = [key for key in changed_keys(trained.model_dump(mode="json"), config.model_dump(mode="json"))
+                 if key in DATA_DEFINITION]
+    if redefined:
+        raise UserError(f"{', '.join(redefined)} would change which images the run was trained on, and so its "
+                        "shot groups and any validation split (a split carved now can hold images the model was "
+                        "trained on). Eval takes the run's data as it was trained; only where the data is "
+                        "(data.root, the list files, data.cache_dir) and how it is read may change. "
+                        "Train a new run to use other data settings")
     bundle = builders.build_bundle(config)
     model = builders.load_trained_model(config, bundle, state, dist_info.device).eval()
     return LoadedRun(run_dir, file, state, config, bundle, model, builders.build_augment(config, bundle), dist_info)
@@ -66,8 +76,9 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
                                                        run.dist_info)
     imageset = getattr(bundle, split)
     if imageset is None:
-        raise FileNotFoundError(f"the run has no {split} split; it was trained with data.val_fraction=0 "
-                                "(pass data.val_fraction=... to carve one, or use --split test)")
+        raise UserError(f"the run has no {split} split: it was trained with data.val_fraction=0, so every training "
+                        "image was seen and a split carved now would score training images. Use --split test, "
+                        "or train again with data.val_fraction=0.2 to keep a validation split")
     loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
     outputs = predict(run.model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,

@@ -50,7 +50,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}: {', '.join(registry.names()) or '(none)'}")
     configs = Path(__file__).resolve().parents[2] / "configs"
     if configs.is_dir():
-        print("recipes: " + ", ".join(str(p.relative_to(configs)) for p in sorted(configs.rglob("*.yaml"))))
+        files = [p.relative_to(configs) for p in sorted(configs.rglob("*.yaml"))]
+        print("recipes: " + ", ".join(str(p) for p in files if p.parts[0] != "studies"))
+        print("studies (longtail study): " + ", ".join(str(p) for p in files if p.parts[0] == "studies"))
     return 0
 
 
@@ -58,5 +60,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "report")
     if args.out and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
-    print(f"report: {write_report([Path(r) for r in args.runs], out)}")
+    report = write_report([Path(r) for r in args.runs], out, papers=args.papers)
+    print(f"report: {report} and {report.with_suffix('.html')}")
     return 0

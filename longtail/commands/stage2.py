@@ -4,6 +4,7 @@ compared under several classifiers; each lands in ``RUN/stage2_<method>[-N]`` (n
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -13,7 +14,7 @@ from longtail.commands.train import train_stage2
 from longtail.config import apply_overrides, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
 from longtail.engine.logging import LOG, setup_text_log
-from longtail.engine.rundir import new_run_dir
+from longtail.engine.rundir import discard_if_unstarted, new_run_dir, run_lock
 
 __all__ = ["cmd_stage2"]
 
@@ -25,6 +26,10 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     recorded = run_dir / "config.yaml"
     if not recorded.is_file():
         raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
+    if not (run_dir / "metrics.json").is_file() and not args.allow_incomplete:
+        raise UserError(f"stage 1 of {run_dir} is not finished (no metrics.json): its last checkpoint is an "
+                        f"intermediate epoch. Finish it with `longtail train --resume {run_dir}`, or pass "
+                        "--allow-incomplete to run stage 2 on it anyway")
     raw = yaml.safe_load(recorded.read_text())
     recipe, overrides = split_config_and_overrides(args.items)
     if recipe is not None:
@@ -36,6 +41,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     if config.stage2 is None:
         raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
     dist_info = distributed.init_distributed(config.device)
+    out_dir = None
     try:
         out_dir = new_run_dir(run_dir, f"stage2_{config.stage2.method}") if dist_info.is_main else None
         out_dir = distributed.broadcast_object(out_dir)
@@ -47,6 +53,10 @@ def cmd_stage2(args: argparse.Namespace) -> int:
             LOG.info(f"continue with `longtail stage2 --resume {out_dir}`")
         else:
             LOG.info(f"done: {out_dir}")
+    except BaseException:
+        if out_dir is not None and dist_info.is_main:
+            discard_if_unstarted(out_dir)
+        raise
     finally:
         distributed.shutdown()
     return 0
@@ -64,10 +74,11 @@ def _resume(out_dir: Path, overrides: list[str]) -> int:
         config.stage2.stop_at_epoch = None
     dist_info = distributed.init_distributed(config.device)
     try:
-        setup_text_log(out_dir, dist_info.is_main)
-        results = train_stage2(config, out_dir.parent, dist_info, out_dir, resume=True)
-        if "stopped_at_epoch" not in results:
-            LOG.info(f"done: {out_dir}")
+        with run_lock(out_dir) if dist_info.is_main else contextlib.nullcontext():
+            setup_text_log(out_dir, dist_info.is_main)
+            results = train_stage2(config, out_dir.parent, dist_info, out_dir, resume=True)
+            if "stopped_at_epoch" not in results:
+                LOG.info(f"done: {out_dir}")
     finally:
         distributed.shutdown()
     return 0

@@ -5,18 +5,21 @@ stage 2 (its checkpoints are in ``RUN/stage2/checkpoints``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from longtail.commands.calibrate import calibrate_run
-from longtail.commands.common import UserError, run_dir_of, split_config_and_overrides
+from longtail.commands.common import RESUMABLE_KEYS, UserError, changed_keys, run_dir_of, split_config_and_overrides
 from longtail.commands.results import write_results
 from longtail.config import Config, load_config
 from longtail.engine import builders, distributed
 from longtail.engine.distributed import DistInfo
 from longtail.engine.logging import LOG, setup_text_log
-from longtail.engine.rundir import new_run_dir, write_run_record
+from longtail.engine.rundir import (discard_if_unstarted, new_run_dir, record_config_change, run_lock,
+                                    write_run_record)
 from longtail.engine.trainer import Trainer, seed_everything
 from longtail.stage2 import run_stage2
 
@@ -30,7 +33,8 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
     bundle = builders.build_bundle(config)
     job = builders.stage1_job(config, bundle, dist_info)
     LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
-             f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | model {config.model.name} | "
+             f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | images "
+             f"{bundle.channels}x{bundle.image_size}x{bundle.image_size} | model {config.model.name} | "
              f"loss {config.loss.name} | device {dist_info.device}"
              f"{f' x{dist_info.world_size}' if dist_info.distributed else ''}")
     fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from).fit()
@@ -57,52 +61,98 @@ def _finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
+def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """The run's config with the overrides ``--resume`` allows (RESUMABLE_KEYS) and what they change;
+    any other override is refused: the checkpoint's optimiser and schedule state would silently win."""
+    recorded = run_dir / "config.yaml"
+    if not recorded.is_file():
+        raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
+    before = load_config(recorded)
+    config = load_config(recorded, overrides)
+    changes = changed_keys(before.model_dump(mode="json"), config.model_dump(mode="json"))
+    refused = [key for key in changes if not key.startswith(RESUMABLE_KEYS)]
+    if refused:
+        raise UserError(f"--resume continues a run as it was trained and cannot change {', '.join(refused)} "
+                        f"(allowed: {', '.join(RESUMABLE_KEYS)}). Start a new run with the changed values, e.g. "
+                        f"`longtail train {recorded} {' '.join(overrides)}`")
+    # the earlier job's stop points are behind us, unless the overrides set new ones
+    if "train.stop_at_epoch" not in changes:
+        config.train.stop_at_epoch = None
+    if config.stage2 is not None and "stage2.stop_at_epoch" not in changes:
+        config.stage2.stop_at_epoch = None
+    return config, {k: v for k, v in changes.items() if not k.endswith("stop_at_epoch")}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = split_config_and_overrides(args.items)
     resume_from: Path | None = None
+    changes: dict[str, tuple[Any, Any]] = {}
     if args.resume:
         resume_from = Path(args.resume)
         run_dir = run_dir_of(resume_from)
         if config_path is not None:
             raise UserError("--resume continues a run with its own config.yaml; give overrides only")
-        config = load_config(run_dir / "config.yaml", overrides)
-        # the earlier job's stop points are behind us, unless the overrides set new ones
-        if not any(o.startswith("train.stop_at_epoch=") for o in overrides):
-            config.train.stop_at_epoch = None
-        if config.stage2 is not None and not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
-            config.stage2.stop_at_epoch = None
+        config, changes = _resume_config(run_dir, overrides)
         if resume_from.is_dir():
             resume_from = run_dir / "checkpoints" / "last.pt"
     else:
         config = load_config(config_path, overrides)
     dist_info = distributed.init_distributed(config.device)
+    created = not args.resume
+    run_dir = None if created else run_dir
     try:
-        if not args.resume:
+        if created:
             run_dir = new_run_dir(config.output_dir, config.name) if dist_info.is_main else None
             run_dir = distributed.broadcast_object(run_dir)
-        setup_text_log(run_dir, dist_info.is_main)
-        if dist_info.is_main and not args.resume:
-            write_run_record(run_dir, config, dist_info.device, dist_info.world_size)
-        if args.resume and _finished(run_dir):
-            LOG.info(f"stage 1 of {run_dir} is finished; continuing with the steps after it")
-            results = json.loads((run_dir / "metrics.json").read_text())
-        else:
-            results = train_stage1(config, run_dir, dist_info, resume_from)
-            if "stopped_at_epoch" in results:
-                return 0
-        final = run_dir
-        if config.stage2 is not None:
-            final = run_dir / "stage2"
-            if not _finished(final):
-                stage2 = train_stage2(config, run_dir, dist_info, final, resume=bool(args.resume))
-                if "stopped_at_epoch" in stage2:
-                    return 0
-        if config.calibrate is not None:  # calibrates the final model: stage 2's when there is one
-            calibrate_run(final, config.calibrate.method, config.calibrate.params, dist_info=dist_info)
-        if dist_info.is_main and args.print_json:
-            print(json.dumps(results["last"]["test"], indent=2))
-        LOG.info(f"done: {run_dir}")
+        with run_lock(run_dir) if dist_info.is_main else contextlib.nullcontext():
+            setup_text_log(run_dir, dist_info.is_main)
+            if dist_info.is_main and created:
+                write_run_record(run_dir, config, dist_info.device, dist_info.world_size)
+            if dist_info.is_main and changes:
+                record_config_change(run_dir, config, changes)
+                LOG.info("resuming with " + ", ".join(f"{k}={new} (was {old})" for k, (old, new) in changes.items())
+                         + "; recorded in config.yaml and config_history.jsonl")
+            return _train_steps(args, config, run_dir, dist_info, resume_from)
+    except KeyboardInterrupt:
+        if dist_info.is_main and run_dir is not None:
+            _report_interrupt(run_dir, created)
+        return 130
+    except BaseException:
+        if created and dist_info.is_main and run_dir is not None:
+            discard_if_unstarted(run_dir)
+        raise
     finally:
         distributed.shutdown()
-    return 0
 
+
+def _report_interrupt(run_dir: Path, created: bool) -> None:
+    if created and discard_if_unstarted(run_dir):
+        print("interrupted before the first checkpoint; nothing was kept", file=sys.stderr)
+    else:
+        print(f"interrupted; every checkpoint written is complete. Continue with:\n  longtail train --resume {run_dir}",
+              file=sys.stderr)
+
+
+def _train_steps(args: argparse.Namespace, config: Config, run_dir: Path, dist_info: DistInfo,
+                 resume_from: Path | None) -> int:
+    """Stage 1, then the recipe's stage 2 and calibration, each skipped when already finished."""
+    if args.resume and _finished(run_dir):
+        LOG.info(f"stage 1 of {run_dir} is finished; continuing with the steps after it")
+        results = json.loads((run_dir / "metrics.json").read_text())
+    else:
+        results = train_stage1(config, run_dir, dist_info, resume_from)
+        if "stopped_at_epoch" in results:
+            return 0
+    final = run_dir
+    if config.stage2 is not None:
+        final = run_dir / "stage2"
+        if not _finished(final):
+            stage2 = train_stage2(config, run_dir, dist_info, final, resume=bool(args.resume))
+            if "stopped_at_epoch" in stage2:
+                return 0
+    if config.calibrate is not None:  # calibrates the final model: stage 2's when there is one
+        calibrate_run(final, config.calibrate.method, config.calibrate.params, dist_info=dist_info)
+    if dist_info.is_main and args.print_json:
+        print(json.dumps(results["last"]["test"], indent=2))
+    LOG.info(f"done: {run_dir}")
+    return 0

@@ -4,11 +4,14 @@ device as one uint8 tensor and are augmented there in batches, not image by imag
 Every image draws its own random parameters; the work is done by batched tensor ops, never by a
 Python loop over images. Order, as the authors' pipelines (SHIKE, MiSLAS, LADC):
 
-1. uint8: random crop from the zero-padded image, horizontal flip, AutoAugment or RandAugment;
-2. float: normalise ``(x / 255 - mean) / std``;
-3. Cutout (DeVries & Taylor 2017): the hole is set to 0 *in the normalised tensor*, as the authors'
-   ``Cutout`` does after ``ToTensor``/``Normalize`` (so the hole is the dataset mean colour, not black);
-4. mixup (Zhang et al. 2018) or Remix (Chou et al. 2020) with one ``lam`` per batch, as MiSLAS's code.
+1. uint8: random crop from the zero-padded image, horizontal flip, AutoAugment (its geometric ops fill
+   with ``autoaugment_fill``, 128 as the ``CIFAR10Policy(fillcolor=(128, 128, 128))`` of SHIKE's and
+   BALMS's code) or RandAugment;
+2. Cutout (DeVries & Taylor 2017), ``cutout_fill="black"`` (default): the hole is set to 0 before
+   normalisation, as SHIKE's and BALMS's code (``ToTensor``, ``Cutout``, then ``Normalize``: a black square);
+3. float: normalise ``(x / 255 - mean) / std``;
+4. Cutout with ``cutout_fill="mean"``: the hole is set to 0 after normalisation (the dataset's mean colour);
+5. mixup (Zhang et al. 2018) or Remix (Chou et al. 2020) with one ``lam`` per batch, as MiSLAS's code.
 
 The random draws are kept apart from their application (``sample_params`` then ``apply``, like
 torchvision's ``make_params``/``transform``) so a batch can be replayed and checked image by image.
@@ -78,7 +81,7 @@ def _pad_crop(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch
 
 def _cutout(images: torch.Tensor, size: int, centre_y: torch.Tensor, centre_x: torch.Tensor) -> torch.Tensor:
     """Zero rows [y - size//2, y + size//2) and columns [x - size//2, x + size//2) of each image,
-    clipped at the borders, as DeVries & Taylor's ``Cutout`` (one hole)."""
+    clipped at the borders, as DeVries & Taylor's ``Cutout`` (one hole); uint8 or float images."""
     half = size // 2
     rows = torch.arange(images.shape[-2], device=images.device)
     cols = torch.arange(images.shape[-1], device=images.device)
@@ -111,7 +114,7 @@ class _BatchedPolicy:
     The sub-policies and magnitude tables are torchvision's (``AutoAugment._policies``,
     ``_AUGMENTATION_SPACE``), and the ops run through torchvision's own dispatch
     (``_apply_image_or_video_transform``), so a group's result equals torchvision's transform with the
-    same draws (nearest interpolation, fill 0, as torchvision's defaults).
+    same draws (nearest interpolation, torchvision's default; ``fill`` for the geometric ops).
     """
 
     def __init__(self, transform: AutoAugment | RandAugment, steps: list[list[tuple[str, float, int | None]]],
@@ -134,8 +137,8 @@ class _BatchedPolicy:
         self.lookup = lookup
 
     @classmethod
-    def autoaugment(cls, policy: str) -> "_BatchedPolicy":
-        transform = AutoAugment(_AUTOAUGMENT_POLICIES[policy])
+    def autoaugment(cls, policy: str, fill: int = 0) -> "_BatchedPolicy":
+        transform = AutoAugment(_AUTOAUGMENT_POLICIES[policy], fill=fill)
         steps = [list(step) for step in zip(*transform._policies)]
         return cls(transform, steps, _AUTOAUGMENT_BINS, shared_choice=True)
 
@@ -217,7 +220,7 @@ class BatchAugment:
         self.class_counts = None if class_counts is None else torch.as_tensor(list(class_counts))
         self.policy: _BatchedPolicy | None = None
         if cfg.autoaugment != "none":
-            self.policy = _BatchedPolicy.autoaugment(cfg.autoaugment)
+            self.policy = _BatchedPolicy.autoaugment(cfg.autoaugment, cfg.autoaugment_fill)
         elif cfg.randaugment:
             self.policy = _BatchedPolicy.randaugment(cfg.randaugment_ops, cfg.randaugment_magnitude)
 
@@ -259,7 +262,7 @@ class BatchAugment:
         return params
 
     def augment_pixels(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """The uint8 stage: crop, flip, AutoAugment/RandAugment."""
+        """The uint8 stage: crop, flip, AutoAugment/RandAugment, a black Cutout hole."""
         _check_uint8(images)
         if params.crop_top is not None and params.crop_left is not None:
             images = _pad_crop(images, self.cfg.crop_padding, params.crop_top, params.crop_left)
@@ -268,13 +271,15 @@ class BatchAugment:
         draws = (params.policy_choice, params.policy_applied, params.policy_negative)
         if self.policy is not None and all(draw is not None for draw in draws):
             images = self.policy.apply(images, *draws)
+        if self.cfg.cutout_fill == "black" and params.cutout_y is not None and params.cutout_x is not None:
+            images = _cutout(images, self.cfg.cutout, params.cutout_y, params.cutout_x)
         return images
 
     def apply(self, images: torch.Tensor, targets: torch.Tensor, params: AugmentParams
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Augment a batch with given parameters; see ``__call__``."""
         out = self.normalize(self.augment_pixels(images, params))
-        if params.cutout_y is not None and params.cutout_x is not None:
+        if self.cfg.cutout_fill == "mean" and params.cutout_y is not None and params.cutout_x is not None:
             out = _cutout(out, self.cfg.cutout, params.cutout_y, params.cutout_x)
         if params.mix_lam is None or params.mix_perm is None:
             return out, targets, None, None

@@ -3,13 +3,14 @@ seconds on a small machine, loading the decoded uint8 tensors back well under on
 
 One file per source and decoding variant, under ``data.cache_dir``, else ``$LONGTAIL_CACHE``, else
 ``~/.cache/longtail``. The key is the source's resolved path, size and modification time (for a folder,
-the number, total size and newest modification time of its files), so a changed source is decoded
-again. Files are written atomically (temporary file + ``os.replace``), so concurrent runs never read a
+a hash of its sorted listing: every file's relative path, size and modification time), so a changed
+source is decoded again — also when images only moved between class folders or a class was renamed. Files are written atomically (temporary file + ``os.replace``), so concurrent runs never read a
 half-written cache, and read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -20,9 +21,9 @@ import torch
 
 from longtail.data.sources import Decoded
 
-__all__ = ["cache_root", "source_key", "load_or_build"]
+__all__ = ["cache_root", "source_key", "load_or_build", "load_or_check"]
 
-CACHE_FORMAT = 1  # bump when the stored layout or the decoding changes
+CACHE_FORMAT = 2  # bump when the stored layout or the decoding changes
 
 
 def cache_root(configured: str | None = None) -> Path:
@@ -33,12 +34,14 @@ def cache_root(configured: str | None = None) -> Path:
 def _fingerprint(path: Path) -> str:
     path = path.resolve()
     if path.is_dir():
-        count, total, newest = 0, 0, 0
-        for folder, _, files in os.walk(path):
-            for name in files:
-                info = os.stat(os.path.join(folder, name))
-                count, total, newest = count + 1, total + info.st_size, max(newest, info.st_mtime_ns)
-        return f"{path}|dir|{count}|{total}|{newest}"
+        listing = hashlib.sha256()
+        for folder, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(folder, name)
+                info = os.stat(full)
+                listing.update(f"{os.path.relpath(full, path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        return f"{path}|dir|{listing.hexdigest()}"
     info = path.stat()
     return f"{path}|{info.st_size}|{info.st_mtime_ns}"
 
@@ -46,6 +49,48 @@ def _fingerprint(path: Path) -> str:
 def source_key(sources: Sequence[Path], variant: str) -> str:
     """Identity of the decoded data: every source path's fingerprint plus how it was decoded."""
     return "\n".join([f"format {CACHE_FORMAT}", variant, *(_fingerprint(Path(s)) for s in sources)])
+
+
+def _listing_key(paths: Sequence[str]) -> str | None:
+    """Hash of every file's path, size and modification time; None when one is missing."""
+    listing = hashlib.sha256()
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        listing.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return listing.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write the cache file {path} ({error}); the next run does this work again. "
+                      "Set data.cache_dir or $LONGTAIL_CACHE to a writable folder", stacklevel=3)
+
+
+def load_or_check(paths: Sequence[str], check: Callable[[Sequence[str]], dict[str, str]],
+                  cache_dir: str | None = None) -> dict[str, str]:
+    """``check(paths)`` (unreadable file -> reason), remembered for this exact listing (every path,
+    size and modification time), so a large file set is checked once, not at every run."""
+    key = _listing_key(paths)
+    if key is None:  # a missing file: check now, it is named in the result
+        return check(paths)
+    path = cache_root(cache_dir) / f"headers-{key[:24]}.json"
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text())["unreadable"])
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is checked again, never trusted
+    result = check(paths)
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"unreadable": result})))
+    return result
 
 
 def load_or_build(sources: Sequence[Path], variant: str, build: Callable[[], Decoded],
@@ -63,13 +108,5 @@ def load_or_build(sources: Sequence[Path], variant: str, build: Callable[[], Dec
         except Exception as error:  # a damaged cache file is rebuilt, never trusted
             warnings.warn(f"ignoring unreadable cache {path} ({error}); decoding again", stacklevel=2)
     decoded = build()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "data": decoded.to_state()}, tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not write the decoded-data cache {path} ({error}); the next run decodes again. "
-                      "Set data.cache_dir or $LONGTAIL_CACHE to a writable folder", stacklevel=2)
+    _write_atomic(path, lambda tmp: torch.save({"key": key, "data": decoded.to_state()}, tmp))
     return decoded

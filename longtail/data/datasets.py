@@ -9,6 +9,7 @@ then carves the validation split and checks the result, the same way for every d
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,10 +18,9 @@ import numpy as np
 import torch
 
 from longtail.config import DataConfig
-from longtail.data.cache import load_or_build
-from longtail.data.sources import (DataError, Decoded, Listed, check_files_exist, decode_files, is_archive,
-                                   list_tree, read_archive, read_cifar_python, read_digits, read_list_file,
-                                   read_mnist)
+from longtail.data.cache import load_or_build, load_or_check
+from longtail.data.sources import (DataError, Decoded, Listed, decode_files, is_archive, list_tree, read_archive,
+                                   read_cifar_python, read_digits, read_list_file, read_mnist, unreadable_files)
 from longtail.functional.data import lt_counts
 from longtail.registry import DATASETS
 
@@ -35,6 +35,9 @@ IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DIGITS_TEST_PER_CLASS = 50
 DIGITS_TEST_SEED = 0  # the Digits-LT test set never changes with data.selection_seed
 DEFAULT_FILE_IMAGE_SIZE = 224
+DEFAULT_IMBALANCE_FACTOR = 10.0  # of the benchmark sets (digits, CIFAR, MNIST) when data.imbalance_factor is unset
+SHOWN_BAD_FILES = 20
+LOG = logging.getLogger("longtail")
 
 
 @dataclass
@@ -128,17 +131,24 @@ def select_per_class(targets: torch.Tensor, counts: Sequence[int], selection: st
 
 def make_long_tailed(imageset: ImageSet, cfg: DataConfig) -> ImageSet:
     """Keep ``lt_counts(C, max_count, imbalance_factor, profile)`` images per class (class 0 largest);
-    ``max_count`` defaults to the smallest class's size, so every class can give what it is asked."""
+    ``max_count`` defaults to the smallest class's size, so every class can give what it is asked;
+    ``imbalance_factor`` defaults to ``DEFAULT_IMBALANCE_FACTOR``."""
     available = imageset.class_counts()
+    empty = [name for name, have in zip(imageset.class_names, available) if have == 0]
+    if empty:
+        raise DataError(f"class {empty[0]!r} has no training images"
+                        + (f" (nor do {', '.join(repr(n) for n in empty[1:4])})" if len(empty) > 1 else "")
+                        + "; add images to its folder or remove the folder")
+    factor = cfg.imbalance_factor if cfg.imbalance_factor is not None else DEFAULT_IMBALANCE_FACTOR
     max_count = cfg.max_count if cfg.max_count is not None else min(available)
-    counts = lt_counts(imageset.num_classes, max_count, cfg.imbalance_factor, cfg.profile)
+    counts = lt_counts(imageset.num_classes, max_count, factor, cfg.profile)
     for name, have, want in zip(imageset.class_names, available, counts):
         if want > have:
             raise DataError(f"class {name!r} has {have} training images but the {cfg.profile} profile with "
                             f"max_count {max_count} asks for {want}; lower data.max_count (at most {min(available)} "
                             "fits every class)")
         if want == 0:
-            raise DataError(f"imbalance factor {cfg.imbalance_factor} with max_count {max_count} leaves class "
+            raise DataError(f"imbalance factor {factor} with max_count {max_count} leaves class "
                             f"{name!r} with 0 images; lower data.imbalance_factor or raise data.max_count")
     return imageset.subset(select_per_class(imageset.targets, counts, cfg.selection, cfg.selection_seed))
 
@@ -238,8 +248,27 @@ def _decode_tree(root: Path, cfg: DataConfig, size: int | None) -> Decoded:
     variant = f"tree rgb size={size}"
     if is_archive(root):
         return load_or_build([root], variant, lambda: read_archive(root, 3, size), cfg.cache_dir)
-    listed = list_tree(root)
+    listed = checked(list_tree(root), cfg, str(root))
     return load_or_build([root], variant, lambda: _decode_listed(listed, size), cfg.cache_dir)
+
+
+def checked(listed: Listed, cfg: DataConfig, source: str) -> Listed:
+    """``listed`` after a header check of every file of every split (cached for the listing): with
+    ``data.bad_files=fail`` unreadable files stop the run here, all named, before any training; with
+    ``skip`` they are left out and listed in the log."""
+    paths = [path for split_paths in listed.paths.values() for path in split_paths]
+    bad = load_or_check(paths, unreadable_files, cfg.cache_dir)
+    if not bad:
+        return listed
+    names = "\n".join(f"  {path}: {reason}" for path, reason in list(bad.items())[:SHOWN_BAD_FILES])
+    more = f"\n  ... and {len(bad) - SHOWN_BAD_FILES} more" if len(bad) > SHOWN_BAD_FILES else ""
+    if cfg.bad_files == "fail":
+        raise DataError(f"{len(bad)} image files of {source} cannot be read:\n{names}{more}\nReplace or delete them, "
+                        "or set data.bad_files=skip to leave them out (they are then listed in the log)")
+    LOG.warning(f"skipping {len(bad)} unreadable image files of {source} (data.bad_files=skip):\n{names}{more}")
+    kept = {split: [i for i, path in enumerate(paths) if path not in bad] for split, paths in listed.paths.items()}
+    return Listed(listed.class_names, {split: [listed.paths[split][i] for i in idx] for split, idx in kept.items()},
+                  {split: listed.targets[split][idx] for split, idx in kept.items()})
 
 
 def _decode_listed(listed: Listed, size: int | None) -> Decoded:
@@ -293,9 +322,8 @@ def digits_lt(cfg: DataConfig) -> DataBundle:
 
 
 def _cifar(cfg: DataConfig, num_classes: int, stats: Stats) -> DataBundle:
-    what = (f"the CIFAR-{num_classes} image tree as a .tar.gz (e.g. ../shared/data/"
-            f"{'cifar10_jpg' if num_classes == 10 else 'cifar100_png'}.tar.gz), its extracted folder with "
-            f"train/ and test/, or torchvision's CIFAR-{num_classes} python folder")
+    what = (f"torchvision's CIFAR-{num_classes} python folder (add data.download=true to fetch it there), "
+            f"a .tar.gz of the image tree train/<class>/<image> and test/<class>/<image>, or its extracted folder")
     _in_memory_only(cfg, 32)
     root = _root(cfg, what, must_exist=not cfg.download)
     if is_archive(root) or (root / "train").is_dir():
@@ -328,25 +356,22 @@ def cifar100_lt(cfg: DataConfig) -> DataBundle:
 @DATASETS.register("image_folder")
 def image_folder(cfg: DataConfig) -> DataBundle:
     """A plain image-folder tree ``root/train/<class>/...`` with ``root/test/`` (or ``root/val/``; with
-    both, ``val/`` is the validation split), or its .tar.gz. Made long-tailed with the profile when
-    ``data.imbalance_factor > 1`` or ``data.max_count`` is set (use imbalance_factor=1 to keep the tree's
-    own class sizes). Files are decoded per batch by loader workers unless ``data.in_memory=yes``
+    both, ``val/`` is the validation split), or its .tar.gz. Taken as it is, unless
+    ``data.imbalance_factor`` > 1 or ``data.max_count`` is set: then made long-tailed with the profile.
+    Images are resized and centre-cropped to ``data.image_size`` (default 224) whether they come from a
+    folder or an archive. Files are decoded per batch by loader workers unless ``data.in_memory=yes``
     (archives are always decoded into memory)."""
     root = _root(cfg, "the image folder with train/<class>/<image> and test/<class>/<image> (or a .tar.gz of it)")
     if is_archive(root) and cfg.in_memory == "no":
         raise DataError(f"{root} is an archive and can only be decoded into memory; extract it to use "
                         "data.in_memory=no")
+    image_size = cfg.image_size or DEFAULT_FILE_IMAGE_SIZE
     if cfg.in_memory == "yes" or is_archive(root):
-        sets = _memory_sets(_decode_tree(root, cfg, cfg.image_size))
-        height, width = sets["train"].images.shape[-2:]
-        if height != width:
-            raise DataError(f"{root}: images are {height}x{width}, not square; set data.image_size to crop them")
-        image_size = int(width)
+        sets = _memory_sets(_decode_tree(root, cfg, image_size))
     else:
-        image_size = cfg.image_size or DEFAULT_FILE_IMAGE_SIZE
-        sets = _file_sets(list_tree(root), image_size)
+        sets = _file_sets(checked(list_tree(root), cfg, str(root)), image_size)
     train = sets["train"]
-    if cfg.imbalance_factor > 1 or cfg.max_count is not None:
+    if (cfg.imbalance_factor or 1) > 1 or cfg.max_count is not None:
         train = make_long_tailed(train, cfg)
     return _bundle(sets, train, IMAGENET_STATS, image_size, 3)
 
@@ -390,15 +415,13 @@ def list_files(cfg: DataConfig) -> DataBundle:
             raise DataError(f"{lists[split]} has label {int(labels.max())} but the training list's labels end at "
                             f"{num_classes - 1}; the lists must come from the same dataset")
     names = _names_from_paths(read["train"][0], read["train"][1], num_classes)
-    listed = Listed(names, {split: paths for split, (paths, _) in read.items()},
-                    {split: labels for split, (_, labels) in read.items()})
+    listed = checked(Listed(names, {split: paths for split, (paths, _) in read.items()},
+                            {split: labels for split, (_, labels) in read.items()}), cfg, "the list files")
     image_size = cfg.image_size or DEFAULT_FILE_IMAGE_SIZE
     if cfg.in_memory == "yes":
         sets = _memory_sets(load_or_build(list(lists.values()), f"lists root={root.resolve()} rgb size={image_size}",
                                           lambda: _decode_listed(listed, image_size), cfg.cache_dir))
     else:
-        for split, paths in listed.paths.items():
-            check_files_exist(paths, lists[split])
         sets = _file_sets(listed, image_size)
     return _bundle(sets, sets["train"], IMAGENET_STATS, image_size, 3)
 

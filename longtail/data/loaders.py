@@ -24,6 +24,7 @@ from longtail.data.samplers import Sampler, epoch_seed
 from longtail.data.decoding import EncodedFiles, collate_encoded, decode_views, use_device_decoding
 from longtail.data.sources import file_image_view, read_image_file
 from longtail.functional import bbn_alpha
+from longtail.registry import ConfigError
 from longtail.types import Batch
 
 __all__ = ["TrainLoader", "PairedLoader", "EvalLoader", "FileImages", "eval_shard"]
@@ -115,8 +116,9 @@ class TrainLoader:
                  device: torch.device | str, seed: int, num_workers: int = 0,
                  random_resized_crop: bool | None = None, decode_on_device: DecodeSetting = "auto") -> None:
         if len(sampler) < batch_size:
-            raise ValueError(f"batch size {batch_size} is larger than the {len(sampler)} samples this rank draws "
-                             "per epoch; lower data.batch_size")
+            raise ConfigError(f"batch size {batch_size} is larger than the {len(sampler)} training samples this "
+                              "rank draws per epoch; lower data.batch_size (or data.val_fraction, which takes its "
+                              "images from the training set)")
         self.imageset = imageset
         self.sampler = sampler
         self.batch_size = batch_size

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["DataError", "Decoded", "Listed", "ARCHIVE_SUFFIXES", "is_archive", "decode_bytes", "read_image_file",
            "resize_center_crop", "file_image_view", "decode_files", "read_digits", "read_archive", "list_tree",
-           "read_cifar_python", "read_list_file", "check_files_exist", "read_mnist", "read_idx"]
+           "read_cifar_python", "read_list_file", "unreadable_files", "read_mnist", "read_idx"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 SPLIT_NAMES = ("train", "val", "test")
@@ -76,12 +75,23 @@ def decode_bytes(data: bytes, name: str, channels: int = 3) -> torch.Tensor:
     mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.mode in WIDE_GREY_MODES:  # PIL's convert() clips these at 255 instead of scaling
+                image = Image.fromarray(_to_uint8(np.asarray(image), image.mode))
             array = np.asarray(image if image.mode == mode else image.convert(mode))
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot decode image {name}: {error}. The file is corrupt or not an image; "
                         "replace it (re-extract or re-download the dataset) or delete it") from None
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit grey levels (PIL's ``I;16*``, and ``I``, which is how PIL opens 16-bit PNGs) scaled to
+    0..255 (x / 257, so 65535 -> 255), not clipped."""
+    return np.clip(np.rint(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
 
 
 def read_image_file(path: str | Path, channels: int = 3) -> torch.Tensor:
@@ -266,12 +276,20 @@ def read_list_file(list_file: Path, image_root: Path) -> tuple[list[str], torch.
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
-def check_files_exist(paths: Iterable[str], source: Path) -> None:
-    """Fail up front, not hours into training, when a listed image is missing."""
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        raise DataError(f"{len(missing)} images listed in {source} do not exist, e.g. {missing[0]}; "
-                        "check data.root (the folder the list's relative paths start from)")
+def unreadable_files(paths: Iterable[str]) -> dict[str, str]:
+    """Every file whose image header PIL cannot read (missing, unreadable, not an image, or a header
+    that ends early), with the reason: PIL reads the format and size without decoding the pixels, so
+    this is fast enough to run over every file before training instead of failing hours into it."""
+    bad: dict[str, str] = {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 - parsed with the header
+        except FileNotFoundError:
+            bad[path] = "missing"
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            bad[path] = str(error) or type(error).__name__
+    return bad
 
 
 # ------------------------------------------------------------------ MNIST idx files

@@ -1,5 +1,6 @@
-"""Checkpoints written atomically (a crash never leaves a half-written file) and read with
-``weights_only=True`` (a checkpoint cannot run code on load)."""
+"""Checkpoints written atomically (a crash, a full disk or Ctrl-C never leaves a half-written file,
+and the previous checkpoint survives) and read with ``weights_only=True`` (a checkpoint cannot run
+code on load)."""
 from __future__ import annotations
 
 import os
@@ -10,15 +11,27 @@ import torch
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint cannot be written or read; the message names the file and what to do."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to a temporary file beside ``path``, then rename it over ``path``. On any failure
+    (disk full, read-only folder, interrupt) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, CheckpointError):
+            kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier checkpoint exists"
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise CheckpointError(f"cannot write checkpoint {path}: {reason}; {kept}. Free disk space or make "
+                                  "the folder writable, then continue with `longtail train --resume "
+                                  f"{path.parent.parent}`") from None
+        raise
     return path
 
 
@@ -30,6 +43,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"no checkpoint at {path}; give a run directory (with checkpoints/last.pt) "
                               "or a .pt file written by `longtail train`")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's own message may advise weights_only=False, which would run the file's code: never repeat it
+        state = None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, "
+                              "corrupt or not a checkpoint written by longtail. Use another checkpoint of the run "
+                              "(best.pt, or an earlier copy) or train again")
+    return state

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtail.registry import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,7 +32,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={preference} asked for CUDA but no GPU is visible; use device=cpu or auto")
+        raise ConfigError(f"device={preference} asked for CUDA but no GPU is visible; use device=cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

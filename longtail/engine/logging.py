@@ -3,16 +3,30 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 LOG = logging.getLogger("longtail")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message, not as it was at setup (a caller that
+    redirects or captures stderr, as pytest does, would otherwise leave the log on a closed stream)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_text_log(run_dir: Path | None, is_main: bool) -> None:
     LOG.setLevel(logging.INFO if is_main else logging.WARNING)
     if not LOG.handlers:
-        console = logging.StreamHandler()
+        console = _Stderr()
         console.setFormatter(logging.Formatter("%(message)s"))
         LOG.addHandler(console)
     if run_dir is not None and is_main:

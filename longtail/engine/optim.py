@@ -31,7 +31,10 @@ def lr_factor(epoch: float, total_epochs: int, cfg: ScheduleConfig) -> float:
     if cfg.name == "constant":
         return 1.0
     if cfg.name == "step":
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        passed = sum(epoch >= m for m in cfg.milestones)
+        if cfg.factors is not None:
+            return cfg.factors[passed - 1] if passed else 1.0
+        return cfg.gamma ** passed
     span = max(total_epochs - cfg.warmup_epochs, 1e-12)
     progress = min(max((epoch - cfg.warmup_epochs) / span, 0.0), 1.0)
     if cfg.name == "cosine":

@@ -39,6 +39,12 @@ __all__ = [
     "kt_attention",
     "kt_calibrated_stats",
     "kt_importance_weights",
+    "platt_probability",
+    "equal_mass_bin_edges",
+    "bin_means",
+    "gp_latent_marginals",
+    "whitened_gauss_kl",
+    "softmax_expected_log_lik",
 ]
 
 TEMPERATURE_BOUNDS = (0.05, 5.0)  # the authors' L-BFGS-B bounds (calibration_method.py)
@@ -330,3 +336,82 @@ def kt_importance_weights(features: torch.Tensor, labels: torch.Tensor, class_me
                      - _diagonal_gaussian_log_pdf(features[rows], class_means[cls], class_vars[cls]))
         weights[rows] = log_ratio.exp().clamp(eta_low, eta_high)
     return weights
+
+
+def platt_probability(probs: torch.Tensor, coef: float, intercept: float, eps: float = 1e-12) -> torch.Tensor:
+    """Platt scaling of a probability: ``sigmoid(a * logit(p) + b)`` with p clipped to [eps, 1 - eps],
+    the scaling step of Kumar et al. 2019, "Verified uncertainty calibration" (Sec. 4.1, step 1), in
+    the form of the authors' library (p-lambda/verified_calibration, ``get_platt_scaler``)."""
+    p = probs.double().clamp(eps, 1 - eps)
+    return torch.sigmoid(coef * torch.log(p / (1 - p)) + intercept)
+
+
+def equal_mass_bin_edges(values: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Upper edges of bins holding about equally many of ``values`` (Kumar et al. 2019, Sec. 4.1,
+    step 2: the binning scheme of the scaling-binning calibrator). As the authors' ``get_equal_bins``:
+    sort, split into ``min(n_bins, N)`` runs whose sizes differ by at most one (the longer runs first),
+    put an edge half-way between consecutive runs, end with 1.0, drop duplicate edges. A value v falls
+    in the first bin whose edge is >= v (see :func:`bin_means`)."""
+    _check_bins(n_bins)
+    values = values.double().flatten()
+    if values.numel() == 0:
+        raise ValueError("equal_mass_bin_edges needs at least one value")
+    ordered = values.sort().values
+    runs = torch.tensor_split(ordered, min(n_bins, ordered.numel()))
+    inner = [(runs[i][-1] + runs[i + 1][0]) / 2 for i in range(len(runs) - 1)]
+    edges = torch.stack(inner + [torch.ones((), dtype=torch.float64, device=values.device)])
+    return edges.unique()  # sorted, without repeats
+
+
+def bin_means(values: torch.Tensor, targets: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Mean of ``targets`` over the samples of each bin of ``values`` (bin i: ``edges[i-1] < v <=
+    edges[i]``, the first from 0). Kumar et al. 2019, Sec. 4.1, step 3 takes the targets to be the
+    scaled values themselves (the scaling-binning output is the bin mean of ``g(z)``); with 0/1 labels
+    it is histogram binning. An empty bin gets its midpoint, as the authors' ``get_histogram_calibrator``."""
+    values, targets, edges = values.double().flatten(), targets.double().flatten(), edges.double()
+    if values.shape != targets.shape:
+        raise ValueError(f"values and targets must have the same length, got {values.numel()} and {targets.numel()}")
+    index = torch.searchsorted(edges, values).clamp(max=edges.numel() - 1)
+    count = torch.bincount(index, minlength=edges.numel()).double()
+    total = torch.bincount(index, weights=targets, minlength=edges.numel())
+    lower = torch.cat([edges.new_zeros(1), edges[:-1]])
+    return torch.where(count > 0, total / count.clamp(min=1), (lower + edges) / 2)
+
+
+def gp_latent_marginals(x: torch.Tensor, inducing: torch.Tensor, q_mu: torch.Tensor, q_sqrt: torch.Tensor,
+                        lengthscale: torch.Tensor, variance: torch.Tensor, white: torch.Tensor,
+                        jitter: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marginal mean and variance of a sparse variational GP at scalar inputs ``x`` (any shape), zero
+    prior mean (the caller adds its mean function). Wenger et al. 2020, "Non-parametric calibration
+    for classification" (Sec. 3), as their SVGP: kernel ``RBF(lengthscale, variance) + White(white)``,
+    whitened inducing outputs ``u = L v`` with ``K_uu = L L^T`` and ``q(v) = N(q_mu, diag(q_sqrt^2))``.
+    With ``A = L^-1 K_ux``: mean ``A^T q_mu``, variance ``k(x, x) - sum A^2 + sum (q_sqrt A)^2``."""
+    flat = x.reshape(-1)
+
+    def rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return variance * torch.exp(-0.5 * (a[:, None] - b[None, :]) ** 2 / lengthscale ** 2)
+
+    m = inducing.numel()
+    k_uu = rbf(inducing, inducing) + (white + jitter) * torch.eye(m, dtype=inducing.dtype, device=inducing.device)
+    chol = torch.linalg.cholesky(k_uu)
+    a = torch.linalg.solve_triangular(chol, rbf(inducing, flat), upper=False)  # (M, N)
+    mean = a.T @ q_mu
+    var = variance + white - (a ** 2).sum(0) + ((q_sqrt[:, None] * a) ** 2).sum(0)
+    return mean.reshape(x.shape), var.reshape(x.shape)
+
+
+def whitened_gauss_kl(q_mu: torch.Tensor, q_sqrt: torch.Tensor) -> torch.Tensor:
+    """``KL(N(q_mu, diag(q_sqrt^2)) || N(0, I))``, the prior term of the whitened SVGP bound (Wenger et
+    al. 2020, eq. 7)."""
+    var = q_sqrt ** 2
+    return 0.5 * (var + q_mu ** 2 - 1 - var.log()).sum()
+
+
+def softmax_expected_log_lik(mean: torch.Tensor, var: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Second-order Taylor approximation of ``E_{f ~ N(mean, diag(var))}[log softmax(f)_y]`` per row
+    (Wenger et al. 2020, Sec. 3.2, as their ``MultiCal.variational_expectations``):
+    ``log softmax(mean)_y + 0.5 (s^T diag(var) s - s^T var)`` with ``s = softmax(mean)``, i.e. half the
+    trace of the log-softmax Hessian ``-(diag(s) - s s^T)`` against the covariance."""
+    s = mean.softmax(dim=1)
+    log_lik = mean.log_softmax(dim=1).gather(1, targets.long()[:, None]).squeeze(1)
+    return log_lik + 0.5 * ((s * var * s).sum(1) - (s * var).sum(1))

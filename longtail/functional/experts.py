@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from longtail.functional.losses import Counts, _counts, _reduce, _upcast
 
-__all__ = ["shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss", "ride_diversity_loss",
-           "ride_class_temperatures", "bbn_alpha"]
+__all__ = ["DKT_FORMS", "SHIKE_MASKED_LOGIT", "shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss",
+           "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha"]
 
 
 def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
@@ -49,38 +49,63 @@ def _non_target(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits[..., keep].reshape(*logits.shape[:-1], logits.shape[-1] - 1)
 
 
-def shike_grand_teacher(expert_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+DKT_FORMS = ("code", "paper")
+SHIKE_MASKED_LOGIT = -30.0  # the authors' student logit at the target column: the lowest logit 30 cos can take
+
+
+def _check_dkt_form(form: str) -> None:
+    if form not in DKT_FORMS:
+        raise ValueError(f"unknown SHIKE DKT form {form!r}; allowed: code (the authors' mix_outputs, the default) "
+                         "or paper (eq. 8: softmax over the C-1 non-target classes only)")
+
+
+def shike_grand_teacher(expert_logits: torch.Tensor, targets: torch.Tensor, form: str = "code") -> torch.Tensor:
     """SHIKE's grand teacher over the non-target logits (seed 003_c38ed24e8c8e66ce.txt, eq. 5-7).
 
     For each sample the target column is removed (the ``I_1..I_{C-1}`` of eq. 5, classes kept in
     order). The teacher takes, for every non-target class, the largest logit over the experts
     (eq. 6), except at the consensus hardest negative — the non-target class with the largest
-    expert-mean logit (eq. 5) — where it takes that mean (eq. 7). Returns (B, C-1) logits, not
-    detached (as the authors' code). The authors' code keeps the target column in the teacher's
-    softmax with logit 0; we follow the paper and leave it out.
+    expert-mean logit (eq. 5) — where it takes that mean (eq. 7). Not detached (as the authors' code).
+    ``form="paper"`` returns those (B, C-1) logits; ``form="code"`` returns (B, C) with the target
+    column put back at logit 0, as the authors' ``mix_outputs`` (jinyan-06/SHIKE cifarTrain.py,
+    ``reformed_nt``) feeds its softmax.
     """
     _check_experts(expert_logits, 1)
-    non_target = _non_target(_upcast(expert_logits), targets)
+    _check_dkt_form(form)
+    logits = _upcast(expert_logits)
+    non_target = _non_target(logits, targets)
     mean = non_target.mean(dim=0)
     teacher = non_target.max(dim=0).values
     hardest = mean.argmax(dim=-1, keepdim=True)
-    return teacher.scatter(-1, hardest, mean.gather(-1, hardest))
+    teacher = teacher.scatter(-1, hardest, mean.gather(-1, hardest))
+    if form == "paper":
+        return teacher
+    keep = F.one_hot(targets, logits.shape[-1]).logical_not()
+    return teacher.new_zeros(keep.shape).masked_scatter(keep, teacher)
 
 
 def shike_dkt_loss(expert_logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", form: str = "code") -> torch.Tensor:
     """SHIKE's Dynamic Knowledge Transfer ``L_nt = sum_m KL(p~^T || p~^m)``.
 
-    Seed 003_c38ed24e8c8e66ce.txt, eq. 5-9.
-
-    ``p~`` are softmaxes over the C-1 non-target logits only (eq. 8) of the grand teacher
-    (``shike_grand_teacher``, eq. 5-7) and of each expert m. The teacher is not detached (as the
-    authors' code). With ``temperature`` T both sides use ``z / T`` and the KL is scaled by T^2
-    (the paper: T = 1). Per sample the KL is summed over the non-target classes.
+    Seed 003_c38ed24e8c8e66ce.txt, eq. 5-9. ``form="paper"`` (eq. 8): ``p~`` are softmaxes over the
+    C-1 non-target logits only, of the grand teacher (``shike_grand_teacher``) and of each expert m.
+    ``form="code"`` (default; jinyan-06/SHIKE cifarTrain.py ``mix_outputs``): softmaxes over all C
+    columns, the teacher's target column at logit 0 and each expert's at ``SHIKE_MASKED_LOGIT``
+    (-30, the authors' constant for 30-scaled cosine logits). The teacher's mass at the target
+    column, ``1 / (1 + sum_j exp z~_j)``, then adds a term that pushes every non-target logit of the
+    experts down; it is largest when the non-target logits are low, i.e. with few classes.
+    The teacher is not detached (as the authors' code). With ``temperature`` T every logit is divided
+    by T and the KL scaled by T^2 (the paper: T = 1). Per sample the KL is summed over the columns.
     """
     _check_experts(expert_logits, 1)
-    teacher = F.log_softmax(shike_grand_teacher(expert_logits, targets) / temperature, dim=-1)
-    students = F.log_softmax(_non_target(_upcast(expert_logits), targets) / temperature, dim=-1)
+    teacher = F.log_softmax(shike_grand_teacher(expert_logits, targets, form) / temperature, dim=-1)
+    logits = _upcast(expert_logits)
+    if form == "paper":
+        students = _non_target(logits, targets)
+    else:
+        students = logits.masked_fill(F.one_hot(targets, logits.shape[-1]).bool(), SHIKE_MASKED_LOGIT)
+    students = F.log_softmax(students / temperature, dim=-1)
     loss = sum(_kl_rows(teacher, student) for student in students)
     return _reduce(loss * temperature ** 2, reduction)
 

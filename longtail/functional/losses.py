@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "balanced_softmax_logits",
     "balanced_softmax_loss",
+    "logit_adjusted_logits",
     "logit_adjusted_loss",
     "ldam_margins",
+    "ldam_logits",
     "ldam_loss",
     "focal_loss",
     "class_balanced_weights",
@@ -24,6 +27,9 @@ __all__ = [
     "ikl_uncertainty_loss",
     "ikl_class_medians",
     "ikl_correlation_labels",
+    "ikl_correlation_labels_topk",
+    "ikl_keep_smallest_keys",
+    "topk_with_even_rest",
     "ikl_alpha",
 ]
 
@@ -65,6 +71,12 @@ def _counts(class_counts: Counts, num_classes: int | None = None, device: torch.
     return counts
 
 
+def balanced_softmax_logits(logits: torch.Tensor, class_counts: Counts) -> torch.Tensor:
+    """The logits balanced softmax trains its softmax on: ``logits + log n_y`` (Ren et al. 2020;
+    seed 003_c38ed24e8c8e66ce.txt, eq. 11)."""
+    return logits + _counts(class_counts, logits.shape[-1], logits.device).log()
+
+
 def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
                           reduction: str = "mean") -> torch.Tensor:
     """Balanced softmax cross-entropy (Ren et al. 2020): CE on ``logits + log n_y``.
@@ -73,8 +85,13 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_cou
     Adding the log class counts makes the softmax model the long-tailed training distribution,
     so the raw logits estimate the balanced one.
     """
+    return F.cross_entropy(balanced_softmax_logits(logits, class_counts), targets, reduction=reduction)
+
+
+def logit_adjusted_logits(logits: torch.Tensor, class_counts: Counts, tau: float = 1.0) -> torch.Tensor:
+    """The logits logit-adjusted CE trains its softmax on: ``logits + tau * log(prior)`` (Menon et al. 2021)."""
     counts = _counts(class_counts, logits.shape[-1], logits.device)
-    return F.cross_entropy(logits + counts.log(), targets, reduction=reduction)
+    return logits + tau * (counts / counts.sum()).log()
 
 
 def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
@@ -85,9 +102,7 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
     give no equation for it); ``tau=1`` equals the balanced softmax
     (the priors differ from the counts by a constant shift).
     """
-    counts = _counts(class_counts, logits.shape[-1], logits.device)
-    prior = counts / counts.sum()
-    return F.cross_entropy(logits + tau * prior.log(), targets, reduction=reduction)
+    return F.cross_entropy(logit_adjusted_logits(logits, class_counts, tau), targets, reduction=reduction)
 
 
 def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
@@ -107,9 +122,15 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
     from the target logit, then CE on ``scale * logits``. ``logits`` are cosine similarities there;
     for logits already multiplied by s, use ``scale=1`` and ``max_margin = s * 0.5`` (RIDE's form).
     """
+    return F.cross_entropy(ldam_logits(logits, targets, class_counts, max_margin, scale), targets,
+                           weight=weight, reduction=reduction)
+
+
+def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
+                scale: float = 30.0) -> torch.Tensor:
+    """The logits LDAM trains its softmax on: ``scale * (logits - m_y e_y)`` (Cao et al. 2019; see ``ldam_loss``)."""
     margins = ldam_margins(_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
-    shifted = logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1)
-    return F.cross_entropy(scale * shifted, targets, weight=weight, reduction=reduction)
+    return scale * (logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1))
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
@@ -218,6 +239,17 @@ def ikl_class_medians(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return centers
 
 
+def _correlation_rows(unit_centers: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``ikl_correlation_labels`` from L2-normalised centres, (len(rows), C)."""
+    picked = torch.arange(len(rows), device=rows.device)
+    similarity = unit_centers[rows] @ unit_centers.T
+    similarity[picked, rows] = 1.0
+    similarity = similarity.clamp_min(0.0)
+    labels = similarity / similarity.sum(dim=1, keepdim=True) / 2
+    labels[picked, rows] += 0.5
+    return labels
+
+
 def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
     """IKL's Implicit Correlation Labels: row y is the soft label of class y.
 
@@ -231,13 +263,70 @@ def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
     ``M' = max(M, 0)`` (a negative similarity means unrelated, not anti-correlated). So the target
     keeps at least half the mass and the rest follows feature similarity. Returns (C, C), rows sum to 1.
     """
-    normalized = F.normalize(_upcast(class_centers), dim=1)
-    similarity = normalized @ normalized.T
-    similarity.fill_diagonal_(1.0)
-    similarity = similarity.clamp_min(0.0)
-    correlation = similarity / similarity.sum(dim=1, keepdim=True)
-    eye = torch.eye(len(class_centers), device=class_centers.device, dtype=correlation.dtype)
-    return (eye + correlation) / 2
+    unit = F.normalize(_upcast(class_centers), dim=1)
+    return _correlation_rows(unit, torch.arange(len(unit), device=unit.device))
+
+
+def ikl_correlation_labels_topk(class_centers: torch.Tensor, k: int, chunk: int = 1024
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row of ``ikl_correlation_labels`` (seed 004, eq. 7), as
+    values (C, k) and class indices (C, k), computed ``chunk`` rows at a time so that the dense
+    C x C matrix never exists (8,142 iNaturalist classes: 265 MB in float32). The target class is
+    always kept (its entry is at least 1/2). Read back with ``topk_with_even_rest``."""
+    if not 1 <= k <= len(class_centers):
+        raise ValueError(f"k must be in [1, C={len(class_centers)}], got {k}")
+    unit = F.normalize(_upcast(class_centers), dim=1)
+    values, indices = [], []
+    for start in range(0, len(unit), chunk):
+        rows = torch.arange(start, min(start + chunk, len(unit)), device=unit.device)
+        top = _correlation_rows(unit, rows).topk(k, dim=1)
+        values.append(top.values)
+        indices.append(top.indices)
+    return torch.cat(values), torch.cat(indices)
+
+
+def topk_with_even_rest(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A distribution (B, C) from its ``k`` kept entries: ``values`` (B, k) at ``indices`` (B, k), and
+    the remaining mass ``1 - sum(values)`` spread evenly over the other ``C - k`` classes.
+
+    How IKL reads back the top-k store of last epoch's predictions (IUR, eq. 3) and the top-k rows of
+    its correlation labels (ICL, eq. 7-8); with ``k = C`` it is the stored distribution itself."""
+    values = values.float()
+    rest = (1.0 - values.sum(dim=1, keepdim=True)).clamp_min(0.0) / max(num_classes - values.shape[1], 1)
+    dense = rest.expand(-1, num_classes).clone()
+    return dense.scatter_(1, indices.long(), values)
+
+
+def ikl_keep_smallest_keys(keys: torch.Tensor, features: torch.Tensor, cap: int, empty: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row (class), the ``cap`` entries with the smallest keys, ascending, dropping repeated keys.
+
+    The bounded class sample behind IKL's class medians (seed 004, eq. 6) at large scale: every
+    training sample gets a random key per epoch (a seeded permutation of the sample indices), and a
+    class keeps the features of its ``cap`` smallest-keyed samples — a uniform random sample without
+    replacement of the samples seen, which does not depend on the order they arrive in. So a batch,
+    another rank's sample or a resumed run merge into it by this one function, with the same result.
+
+    keys (R, J) integers, ``empty`` marks a free slot; features (R, J, d). Of entries with the same
+    key (one sample drawn twice, or padded onto two ranks) the later one along J is kept. Returns
+    keys (R, cap) and features (R, cap, d); missing entries have key ``empty``.
+    """
+    if keys.shape != features.shape[:2]:
+        raise ValueError(f"keys {tuple(keys.shape)} must match the first two dims of features {tuple(features.shape)}")
+    order = torch.sort(keys, dim=1, stable=True).indices
+    ordered = keys.gather(1, order)
+    repeated = torch.zeros_like(ordered, dtype=torch.bool)
+    repeated[:, :-1] = ordered[:, :-1] == ordered[:, 1:]  # an earlier copy of a key that comes again
+    ordered = ordered.masked_fill(repeated, empty)
+    width = min(cap, keys.shape[1])
+    chosen = torch.sort(ordered, dim=1, stable=True).indices[:, :width]
+    kept_keys = ordered.gather(1, chosen)
+    rows = order.gather(1, chosen)
+    kept = features.gather(1, rows[..., None].expand(-1, -1, features.shape[2]))
+    if width < cap:  # fewer candidates than slots: pad with free slots
+        kept_keys = torch.cat([kept_keys, kept_keys.new_full((len(keys), cap - width), empty)], dim=1)
+        kept = torch.cat([kept, kept.new_zeros(len(keys), cap - width, kept.shape[2])], dim=1)
+    return kept_keys, kept
 
 
 def ikl_alpha(epoch: int, total_epochs: int, schedule: str = "parabolic") -> float:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (balanced_softmax_loss, class_balanced_weights, focal_loss, label_smoothing_loss,
-                                 logit_adjusted_loss)
+from longtail.functional import (balanced_softmax_logits, balanced_softmax_loss, class_balanced_weights, focal_loss,
+                                 label_smoothing_loss, logit_adjusted_logits, logit_adjusted_loss)
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
 
@@ -102,6 +102,10 @@ class BalancedSoftmax(nn.Module):
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return balanced_softmax_loss(output.logits, targets, self.class_counts, reduction="none")
 
+    def adjust_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The logits this loss's softmax sees (a wrapping loss, e.g. IKL's ICL, may train on them too)."""
+        return balanced_softmax_logits(logits, self.class_counts)
+
 
 @LOSSES.register("logit_adjustment")
 class LogitAdjustment(nn.Module):
@@ -114,3 +118,7 @@ class LogitAdjustment(nn.Module):
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return logit_adjusted_loss(output.logits, targets, self.class_counts, self.tau, reduction="none")
+
+    def adjust_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The logits this loss's softmax sees (a wrapping loss, e.g. IKL's ICL, may train on them too)."""
+        return logit_adjusted_logits(logits, self.class_counts, self.tau)

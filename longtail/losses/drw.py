@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from longtail.functional import class_balanced_weights, ldam_loss
+from longtail.functional import class_balanced_weights, ldam_logits, ldam_loss
 from longtail.losses.basic import checked_counts
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
@@ -54,3 +54,7 @@ class LDAMDRW(nn.Module):
         losses = ldam_loss(output.logits, targets, self.class_counts, self.max_margin, self.scale,
                            weight=self.weight, reduction="none")
         return as_weighted_mean(losses, self.weight[targets])
+
+    def adjust_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The logits this loss's softmax sees: margin at the target, then ``scale`` (for IKL's ICL)."""
+        return ldam_logits(logits, targets, self.class_counts, self.max_margin, self.scale)

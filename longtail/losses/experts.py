@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import ride_class_temperatures, ride_diversity_loss, shike_dkt_loss, shike_mutual_loss
+from longtail.functional import (DKT_FORMS, ride_class_temperatures, ride_diversity_loss, shike_dkt_loss,
+                                 shike_mutual_loss)
 from longtail.losses.basic import checked_counts
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
@@ -35,15 +36,19 @@ class SHIKELoss(nn.Module):
     ``shike_mutual_loss`` (eq. 4), both with batch-mean KL. The authors' code weighs them 10 and 1
     with ``F.kl_div(reduction="mean")``, which also averages over the C classes, so the defaults
     here are ``alpha = 10 / C`` and ``beta = 1 / C`` (DESIGN.md "Recipes"). The terms are logged as
-    ``ce``, ``dkt`` (alpha L_nt) and ``mutual`` (beta L_mu).
+    ``ce``, ``dkt`` (alpha L_nt) and ``mutual`` (beta L_mu). ``dkt_form`` picks the authors' code
+    (``code``, default: the target column kept in the softmaxes) or the paper's eq. 8 (``paper``).
     """
 
     single_prediction = False  # reads every expert's logits: never a per-expert base loss
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, alpha: float | None = None,
-                 beta: float | None = None, temperature: float = 1.0) -> None:
+                 beta: float | None = None, temperature: float = 1.0, dkt_form: str = "code") -> None:
         super().__init__()
         checked_counts(class_counts, num_classes)
+        if dkt_form not in DKT_FORMS:
+            raise ValueError(f"loss.params.dkt_form must be one of {DKT_FORMS}, got {dkt_form!r}")
+        self.dkt_form = dkt_form
         self.alpha = alpha if alpha is not None else 10.0 / num_classes
         self.beta = beta if beta is not None else 1.0 / num_classes
         self.temperature = temperature
@@ -51,7 +56,8 @@ class SHIKELoss(nn.Module):
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> LossTerms:
         experts = _expert_logits(output, "shike")
         terms = {"ce": sum(F.cross_entropy(logits, targets, reduction="none") for logits in experts),
-                 "dkt": self.alpha * shike_dkt_loss(experts, targets, self.temperature, reduction="none"),
+                 "dkt": self.alpha * shike_dkt_loss(experts, targets, self.temperature, reduction="none",
+                                                     form=self.dkt_form),
                  "mutual": self.beta * shike_mutual_loss(experts, self.temperature, reduction="none")}
         return LossTerms(total=terms["ce"] + terms["dkt"] + terms["mutual"], terms=terms)
 
@@ -62,7 +68,8 @@ class RIDELoss(nn.Module):
 
     ``base`` is any registered single-prediction loss applied to each expert's logits and summed
     (RIDE: ``ldam_drw``; ``balanced_softmax`` also works); its ``on_epoch_start`` (the DRW switch)
-    is forwarded. The diversity term is ``ride_diversity_loss`` with RIDE's negative factor -0.2.
+    is forwarded. The diversity term is ``ride_diversity_loss`` with a negative factor (RIDELoss's
+    default -0.2; the authors' CIFAR configs use -0.45).
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
     becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
     ``reweight_factor=0`` keeps it uniform. The terms are logged as ``base`` (the experts' losses

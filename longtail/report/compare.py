@@ -1,14 +1,40 @@
-"""Compare runs: one Markdown table (top-1, many/medium/few, ECE, per-expert accuracy) and one plot."""
+"""Compare runs: per-run rows, recipes' mean ± std over seeds with paired differences, the papers'
+numbers where the setting matches, plots; written as report.md and a self-contained report.html."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
+from longtail.report.html import write_html
+from longtail.report.papers import load_paper_numbers, paper_entry_for
+from longtail.report.plots import accuracy_by_class_size, calibration_bars, shot_group_bars
+
+__all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
+
+STUDY_MARKER = "study_run.json"  # written by `longtail study` when every step of a run is done
+PAIRED_METRICS = ("top1", "ece")
+
+
+def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(finished runs, unfinished study runs): a run directory stands for itself; a study folder for
+    its runs (``<cell>/seed<k>``)."""
+    runs: list[Path] = []
+    unfinished: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "metrics.json").is_file():
+            runs.append(path)
+            continue
+        if not (path / "study.yaml").is_file():
+            raise FileNotFoundError(f"{path} is neither a finished run (metrics.json) nor a study folder (study.yaml, "
+                                    "written by `longtail study`); give finished `longtail train` runs or a study")
+        cells = sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file())
+        runs += [p for p in cells if (p / STUDY_MARKER).is_file()]
+        unfinished += [p for p in cells if not (p / STUDY_MARKER).is_file()]
+    return runs, unfinished
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -23,53 +49,144 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return results
 
 
+def _calibration(folder: Path) -> dict[str, float]:
+    """Test ECE after each calibrator fitted on this model (RUN[/stage2...]/calibration/<method>)."""
+    out = {}
+    for path in sorted(folder.glob("calibration/*/metrics.json")):
+        out[path.parent.name] = json.loads(path.read_text())["after"]["ece"]
+    return out
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
 def rows_for(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per stage of a run (stage 1 'last', its 'best' if selected, stage 2 if present)."""
+    """One row per stage of a run (stage 1 'last', its 'best' if selected, each stage 2), with what
+    grouping needs: the recipe (a study's cell, else the config's name), the seeds, the config."""
     results = load_run(run_dir)
+    config = _config(run_dir)
+    marker = run_dir / STUDY_MARKER
+    recipe = json.loads(marker.read_text())["cell"] if marker.is_file() else config.get("name", run_dir.name)
+    pair = (config.get("seed"), (config.get("data") or {}).get("selection_seed"))
+    base = {"run": run_dir.name, "recipe": recipe, "pair": pair, "path": run_dir}
     rows = []
-    for key, label in (("last", "last"), ("best", "best")):
+    for key in ("last", "best"):
         if key in results:
-            rows.append({"run": run_dir.name, "stage": label, **results[key]["test"]})
-    for folder, stage2 in results["stage2"].items():
-        label = stage2.get("method", "?") if folder == "stage2" else folder.removeprefix("stage2_")
-        rows.append({"run": run_dir.name, "stage": f"stage 2 ({label})", **stage2["last"]["test"]})
+            rows.append({**results[key]["test"], **base, "stage": key,
+                         "label": recipe if key == "last" else f"{recipe} · best", "config": config,
+                         "folder": run_dir, "calibrators": _calibration(run_dir) if key == "last" else {}})
+    for name, stage2 in results["stage2"].items():
+        label = stage2.get("method", "?") if name == "stage2" else name.removeprefix("stage2_")
+        folder = run_dir / name
+        rows.append({**stage2["last"]["test"], **base, "stage": f"stage 2 ({label})", "label": f"{recipe} · {label}",
+                     "config": _config(folder) or config, "folder": folder, "calibrators": _calibration(folder)})
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    def pct(value: Any) -> str:
-        return "–" if value is None else f"{100 * value:.2f}"
-    lines = ["| run | stage | top-1 | many | medium | few | ECE | NLL | experts top-1 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for row in rows:
-        experts = ", ".join(pct(v) for v in row.get("expert_top1", [])) or "–"
-        lines.append(f"| {row['run']} | {row['stage']} | {pct(row['top1'])} | {pct(row.get('many_top1'))} | "
-                     f"{pct(row.get('medium_top1'))} | {pct(row.get('few_top1'))} | {pct(row['ece'])} | "
-                     f"{row['nll']:.3f} | {experts} |")
+def pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def format_mean_std(values: Sequence[float], metric: str) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(values)
+    scale, digits = (1, 3) if metric == "nll" else (100, 2)
+    return f"{scale * mean:.{digits}f} ± {'–' if std is None else f'{scale * std:.{digits}f}'}"
+
+
+def _paper_cells(group: Group, entry: dict[str, Any] | None, metric: str) -> list[str]:
+    """The paper's value of ``metric`` (in %) and our mean minus it, or dashes."""
+    paper = entry["metrics"].get(metric) if entry else None
+    ours = group.values(metric)
+    if paper is None:
+        return ["–", "–"]
+    return [f"{paper:.2f}", f"{100 * mean_std(ours)[0] - paper:+.2f}" if ours else "–"]
+
+
+def summary_rows(groups: Sequence[Group], papers: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the recipes' table: n, mean ± std of each metric and each calibrator's ECE,
+    the paper's top-1 and ECE and our mean minus them where the setting matches."""
+    calibrators = sorted({m for g in groups for m in g.calibrators()})
+    header = ["recipe", "n", *(title for _, title in METRICS), *(f"ECE after {m}" for m in calibrators),
+              "paper top-1", "ours − paper top-1", "paper ECE", "ours − paper ECE", "paper source"]
+    cells = []
+    for group in groups:
+        entry = paper_entry_for(group.rows[0], papers)
+        cells.append([group.label, str(group.n), *(format_mean_std(group.values(m), m) for m, _ in METRICS),
+                      *(format_mean_std(group.calibrated_ece(m), "ece") for m in calibrators),
+                      *_paper_cells(group, entry, "top1"), *_paper_cells(group, entry, "ece"), _source(entry)])
+    return header, cells
+
+
+def _source(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "–"
+    text = f"{entry['paper']}, {entry['table']}, row {entry['row']!r} (model selection: {entry['selection']})"
+    return text + "".join(f"; also {other}" for other in entry.get("also", []))
+
+
+def pairwise_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    header = ["A", "B", "metric", "n seeds", "A − B (mean)", "95% interval", "p (paired t)", "verdict"]
+    cells = []
+    for metric in PAIRED_METRICS:
+        for item in pairwise(groups, metric):
+            interval = "–" if item["n"] < 2 else f"[{100 * item['low']:+.2f}, {100 * item['high']:+.2f}]"
+            cells.append([item["a"], item["b"], dict(METRICS)[metric], str(item["n"]), f"{100 * item['mean']:+.2f}",
+                          interval, "–" if item["n"] < 2 else f"{item['p']:.3f}", item["verdict"]])
+    return header, cells
+
+
+def markdown(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
 
-def comparison_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    groups = ["top1", "many_top1", "medium_top1", "few_top1"]
-    width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) + 0.3 * len(rows)), 4))
-    for i, row in enumerate(rows):
-        values = [100 * (row.get(g) or 0) for g in groups]
-        ax.bar([g + i * width for g in range(len(groups))], values, width=width, label=f"{row['run']} {row['stage']}")
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], ["overall", "many", "medium", "few"])
-    ax.set_ylabel("test top-1 (%)")
-    ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
-    """``out`` is a folder: report.md and comparison.png."""
-    rows = [row for run in run_dirs for row in rows_for(Path(run))]
+def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = None) -> Path:
+    """``out`` is a folder: report.md, report.html (self-contained) and the plots as PNGs."""
+    runs, unfinished = expand_runs(paths)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
+    rows = [row for run in runs for row in rows_for(run)]
+    try:
+        groups = group_rows(rows)
+    except ValueError as error:
+        raise FileNotFoundError(str(error)) from None
+    entries = load_paper_numbers(papers)
     out.mkdir(parents=True, exist_ok=True)
-    comparison_plot(rows, out / "comparison.png")
-    text = "# longtail report\n\n" + markdown_table(rows) + "\n\n![comparison](comparison.png)\n"
-    (out / "report.md").write_text(text)
+    summary = summary_rows(groups, entries)
+    paired = pairwise_rows(groups)
+    runs_table = runs_rows(rows)
+    plots = {"shot groups (mean ± std over seeds)": shot_group_bars(groups, out / "shot_groups.png"),
+             "accuracy against class size (mean over seeds)": accuracy_by_class_size(groups, out / "class_size.png")}
+    if any(g.calibrators() for g in groups):
+        plots["ECE before and after each calibrator"] = calibration_bars(groups, out / "calibration.png")
+    reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
+    reliability = {label: path for label, path in reliability.items() if path.is_file()}
+    note = (f"{len(unfinished)} unfinished study runs are not included." if unfinished else "")
+    text = ["# longtail report", "",
+            f"{len(runs)} runs in {len(groups)} groups (recipe · stage); mean ± sample std over the seeds, n = runs. "
+            + note, "", "## Recipes", "", markdown(*summary), "",
+            "Paper values are shown only where dataset, imbalance factor, backbone, schedule length and method "
+            "match the run's config (benchmarks/paper_numbers.yaml).", "",
+            "## Differences (paired over shared seeds)", "",
+            markdown(*paired) if paired[1] else "No two groups share a data setting and seeds.", "",
+            "*within noise*: the 95% interval of the mean paired difference contains 0 (paired t-test, p ≥ 0.05).",
+            "", "## Runs", "", markdown(*runs_table), "",
+            *(f"![{title}]({path.name})" for title, path in plots.items()), ""]
+    (out / "report.md").write_text("\n".join(text))
+    write_html(out / "report.html", summary, paired, runs_table, plots, reliability, note)
     return out / "report.md"
+
+
+def runs_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Every stage of every run, with its folder and seeds."""
+    header = ["run", "recipe", "stage", "seed", "subset", *(title for _, title in METRICS), "experts top-1"]
+    cells = [[str(row["path"]), row["recipe"], row["stage"], str(row["pair"][0]), str(row["pair"][1]),
+              *(("–" if row.get(m) is None else f"{row[m]:.3f}") if m == "nll" else pct(row.get(m))
+                for m, _ in METRICS),
+              ", ".join(pct(v) for v in row.get("expert_top1", [])) or "–"] for row in rows]
+    return header, cells

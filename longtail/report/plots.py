@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,3 +65,74 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], class_co
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def _grouped_bars(series: Sequence[tuple[str, list[tuple[float, float]]]], ticks: Sequence[str], ylabel: str,
+                  path: str | Path, width_inches: float, legend_size: int, rotate: bool = False) -> Path:
+    """Bars of (mean, std) fractions in percent: one colour per series, one group of bars per tick."""
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(width_inches, 4))
+    for i, (label, stats) in enumerate(series):
+        ax.bar([k + i * width for k in range(len(ticks))], [100 * m for m, _ in stats], width=width,
+               yerr=[100 * s for _, s in stats], capsize=3, label=label)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(ticks))], list(ticks),
+                  **({"rotation": 20, "ha": "right", "fontsize": 8} if rotate else {}))
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize=legend_size)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return _mean_std(values) if values else (np.nan, 0.0)
+
+
+def shot_group_bars(groups: Sequence[Any], path: str | Path) -> Path:
+    """Top-1 overall and per shot group, one bar per recipe, error bars ± one std over seeds
+    (``groups``: longtail.report.aggregate.Group)."""
+    metrics = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
+    series = [(f"{g.label} (n={g.n})", [_stats(g.values(m)) for m, _ in metrics]) for g in groups]
+    return _grouped_bars(series, [title for _, title in metrics], "test top-1 (%)", path,
+                         max(6.5, 1.6 * len(metrics) + 0.35 * len(groups)), legend_size=7)
+
+
+def accuracy_by_class_size(groups: Sequence[Any], path: str | Path) -> Path:
+    """Each recipe's per-class accuracy (mean over seeds) against the class's training size: the head
+    bias of a model is the slope of its line."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for group in groups:
+        rows = [r for r in group.rows if r.get("per_class_top1") and r.get("train_counts")]
+        if not rows:
+            continue
+        counts = np.mean([r["train_counts"] for r in rows], axis=0)
+        accuracy = np.array([[np.nan if a is None else a for a in r["per_class_top1"]] for r in rows], dtype=float)
+        order = np.argsort(-counts)
+        ax.plot(counts[order], 100 * np.nanmean(accuracy, axis=0)[order], marker="o", markersize=3,
+                label=f"{group.label} (n={len(rows)})")
+    ax.set_xscale("log")
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("training images of the class (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def calibration_bars(groups: Sequence[Any], path: str | Path) -> Path:
+    """Test ECE of each recipe before and after each calibrator (mean ± std over seeds)."""
+    methods = sorted({m for g in groups for m in g.calibrators()})
+    series = [("uncalibrated", [_stats(g.values("ece")) for g in groups])]
+    series += [(m, [_stats(g.calibrated_ece(m)) for g in groups]) for m in methods]
+    return _grouped_bars(series, [g.label for g in groups], "test ECE (%)", path,
+                         max(6.5, 1.2 * len(groups) + 2), legend_size=8, rotate=True)

@@ -5,7 +5,7 @@ of a model whose backbone stage 1 trained and stage 2 keeps frozen.
 - ``lws``: learn one scale per class on top of each frozen head (Kang et al. 2020);
 - ``tau_norm``: post-hoc ``w_c / ||w_c||^tau``, tau grid-searched on the validation split when there
   is one (Kang et al. 2020);
-- ``ncm``: nearest class mean of L2-normalised features (Kang et al. 2020);
+- ``ncm``: nearest class mean of centred, L2-normalised features (Kang et al. 2020);
 - ``mislas``: label-aware smoothing, shift learning on BN and the enhanced classifier
   ``z = diag(s)(rW + dW)^T x`` (seed 001_9389938eb33d47c2.txt), on backbone passes over augmented images;
 - ``ladc``: LADC's calibrated tail features and LWS-Plus (seed 002_6b2bba2c1b62b163.txt), on cached features.
@@ -28,7 +28,7 @@ from longtail.losses.basic import CrossEntropy
 from longtail.metrics import per_class_accuracy
 from longtail.models.heads import LWSHead, TauNormHead, fresh_like
 from longtail.registry import STAGE2
-from longtail.stage2.heads import LWSPlusHead, NCMHead
+from longtail.stage2.heads import NCM_NORMS, LWSPlusHead, NCMHead
 from longtail.stage2.ladc import TailGaussians, choose_covariance, log_choice, memory_budget
 from longtail.stage2.training import Stage2Context
 from longtail.types import Batch, ModelOutput
@@ -122,16 +122,22 @@ class TauNorm(Stage2Method):
 
 @STAGE2.register("ncm")
 class NCM(Stage2Method):
-    """Nearest class mean on L2-normalised cached features, one classifier per expert."""
+    """Nearest class mean on cached features, one classifier per expert; ``norm``: ``cl2n`` (centre on
+    the training mean, then L2-normalise: Kang et al.'s code) or ``l2`` (L2 only)."""
 
     post_hoc = True
     feature_modes = ("cached",)
 
+    def __init__(self, norm: str = "cl2n") -> None:
+        if norm not in NCM_NORMS:
+            raise ValueError(f"stage2.params.norm must be one of {NCM_NORMS}, got {norm!r}")
+        self.norm = norm
+
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
         train = ctx.features("train")
-        heads = [NCMHead.fit(features, train.targets, ctx.num_classes) for features in train.features]
+        heads = [NCMHead.fit(features, train.targets, ctx.num_classes, self.norm) for features in train.features]
         _replace_heads(ctx.model, heads)
-        return {}
+        return {"norm": self.norm}
 
 
 class LabelAwareSmoothingLoss(nn.Module):

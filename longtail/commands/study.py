@@ -1,0 +1,332 @@
+"""``longtail study STUDY.yaml``: many runs from one file, so methods are compared over seeds.
+
+A study is a list of recipes (each a config with overrides, optional ``longtail stage2`` steps on its
+stage-1 run and ``longtail calibrate`` steps on its final model), a list of training seeds and of
+long-tailed subsets (``data.selection_seed``), and optionally a grid over config keys. Every run lands
+in ``STUDY_DIR/<cell>/seed<k>/`` (``<cell>`` = recipe plus grid values) and is done when its
+``study_run.json`` marker exists; a rerun skips finished runs, ``--resume``s a stopped one and
+continues a stopped stage 2. ``--print-commands`` prints the ``torchrun`` lines of the runs left, to
+spread them over machines (rerunning the study afterwards only writes the markers).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
+
+from longtail.commands.common import UserError
+from longtail.config import (Config, Section, apply_overrides, config_from_dict, format_validation_error, load_config,
+                             read_recipe)
+from longtail.registry import ConfigError
+from longtail.report.compare import STUDY_MARKER as MARKER
+
+__all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class Stage2Step(Section):
+    """``longtail stage2 RUN [recipe] [overrides]`` on the recipe's stage-1 run."""
+
+    recipe: str | None = Field(None, description="a recipe whose stage2 section to use (relative to the study file)")
+    overrides: list[str] = Field(default_factory=list, description="e.g. stage2.method=crt stage2.epochs=10")
+
+
+class CalibrateStep(Section):
+    """``longtail calibrate`` on the recipe's final model (its own stage 2 when it has one)."""
+
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudyRecipe(Section):
+    name: str = Field(description="folder name of the recipe's cells; also its row in the report")
+    config: str = Field(description="the recipe YAML, relative to the study file")
+    overrides: list[str] = Field(default_factory=list)
+    stage2: list[Stage2Step] = Field(default_factory=list)
+    calibrate: list[CalibrateStep] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a recipe name is a folder name: letters, digits and _ . + - only")
+        return value
+
+
+class Study(Section):
+    name: str
+    output_dir: str = Field("runs/studies", description="the study goes to output_dir/name (relative to the "
+                                                        "current folder)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="training seeds (`seed`)")
+    selection_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                                       description="long-tailed subsets (`data.selection_seed`)")
+    overrides: list[str] = Field(default_factory=list, description="applied to every recipe, before its own")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="key: [values]; every combination")
+    recipes: list[StudyRecipe] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Study":
+        names = [r.name for r in self.recipes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"recipe names must be distinct (they are folder names): {', '.join(twice)}")
+        for label, values in (("seeds", self.seeds), ("selection_seeds", self.selection_seeds)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{label} repeat a value: {values}")
+        empty = [key for key, values in self.grid.items() if not values]
+        if empty:
+            raise ValueError(f"grid keys without values: {', '.join(empty)}")
+        last = [key.split(".")[-1] for key in self.grid]
+        if len(set(last)) != len(last):  # cell folders are named by the last part of each key
+            raise ValueError(f"grid keys must end differently (cell folders use the last part): {list(self.grid)}")
+        return self
+
+
+@dataclass
+class Step:
+    """One command of a run: its argv (after ``longtail``), where its results land, how to resume it."""
+
+    argv: list[str]
+    output: Path
+    resume_argv: list[str] | None = None
+    can_resume: Callable[[], bool] = lambda: False
+
+    def done(self) -> bool:
+        return (self.output / "metrics.json").is_file()
+
+
+@dataclass
+class StudyRun:
+    cell: str
+    recipe: str
+    grid: dict[str, Any]
+    seed: int
+    selection_seed: int
+    run_dir: Path
+    steps: list[Step] = field(default_factory=list)
+    signature: str = ""  # what the run is (config and steps, not where it lives); kept in its marker
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / MARKER).is_file()
+
+    def recorded_signature(self) -> str | None:
+        return json.loads((self.run_dir / MARKER).read_text()).get("signature") if self.finished else None
+
+
+def load_study(path: str | Path) -> Study:
+    """The study file, validated like a recipe (an unknown key names the allowed ones)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist; see configs/studies/ for examples")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study file {path} must hold a mapping (name, seeds, recipes, ...)")
+    try:
+        return Study.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, str(path), Study)) from None
+
+
+def _shown(path: Path) -> Path:
+    """``path`` normalised, relative to the current folder when it is inside it (printed commands stay short)."""
+    path = Path(os.path.normpath(path.absolute()))
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def _value_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def _stage2_method(step: Stage2Step, base: Path, recipe_config: Config) -> str:
+    """The method a ``longtail stage2`` step will run, resolved as that command resolves it (the run's
+    config, the step recipe's stage2 section, the overrides), so a bad stage-2 key fails here."""
+    raw = recipe_config.model_dump(mode="json")
+    if step.recipe is not None:
+        raw["stage2"] = read_recipe(base / step.recipe).get("stage2")
+        if not raw["stage2"]:
+            raise ConfigError(f"stage2 step {step.recipe} has no stage2 section; name a stage-2 recipe "
+                              "(e.g. configs/cifar10_lt/if100/crt.yaml)")
+    config = config_from_dict(apply_overrides(raw, step.overrides), f"stage2 step {step.recipe or step.overrides}")
+    if config.stage2 is None:
+        raise ConfigError("a stage2 step needs a recipe with a stage2 section or stage2.method=NAME in its overrides")
+    return config.stage2.method
+
+
+def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]:
+    """Every run of the study with its steps; each run's config is built here, so a bad key fails
+    before anything trains."""
+    base = _shown(study_file.parent)
+    keys = list(study.grid)
+    runs = []
+    # seed-major: a study cut short has every recipe on the first seeds rather than some recipes on all
+    for selection_seed in study.selection_seeds:
+        for seed in study.seeds:
+            folder = f"seed{seed}" + (f"-sel{selection_seed}" if len(study.selection_seeds) > 1 else "")
+            for recipe in study.recipes:
+                config_path = _shown(base / recipe.config)
+                for values in itertools.product(*(study.grid[k] for k in keys)):
+                    grid = dict(zip(keys, values))
+                    cell = "__".join([recipe.name, *(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in grid.items())])
+                    overrides = [*study.overrides, *recipe.overrides,
+                                 *(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in grid.items()),
+                                 f"seed={seed}", f"data.selection_seed={selection_seed}",
+                                 f"output_dir={study_dir / cell}", f"name={folder}"]
+                    config = load_config(config_path, overrides)
+                    run = StudyRun(cell, recipe.name, grid, seed, selection_seed, study_dir / cell / folder)
+                    run.steps = _steps(recipe, config_path, overrides, config, run.run_dir, base)
+                    run.signature = _signature(config, recipe)
+                    runs.append(run)
+    return runs
+
+
+def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Config, run_dir: Path,
+           base: Path) -> list[Step]:
+    final = run_dir / "stage2" if config.stage2 is not None else run_dir
+    train = Step(["train", str(config_path), *overrides], final,
+                 resume_argv=["train", "--resume", str(run_dir)],
+                 can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file())
+    steps = [train]
+    methods = [_stage2_method(step, base, config) for step in recipe.stage2]
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"recipe {recipe.name}: two stage2 steps use the same method ({', '.join(methods)}); "
+                          "each lands in RUN/stage2_<method>, so make the second a recipe of its own")
+    for step, method in zip(recipe.stage2, methods):
+        out = run_dir / f"stage2_{method}"
+        argv = ["stage2", str(run_dir), *([str(_shown(base / step.recipe))] if step.recipe else []), *step.overrides]
+        steps.append(Step(argv, out, resume_argv=["stage2", "--resume", str(out)],
+                          can_resume=lambda out=out: (out / "checkpoints" / "last.pt").is_file()))
+    for calibration in recipe.calibrate:
+        params = [item for key, value in calibration.params.items()
+                  for item in ("--param", f"{key}={json.dumps(value)}")]
+        steps.append(Step(["calibrate", str(final), "--method", calibration.method, *params],
+                          final / "calibration" / calibration.method))
+    return steps
+
+
+def _signature(config: Config, recipe: StudyRecipe) -> str:
+    """A digest of the resolved config (less output_dir and name) and the recipe's stage-2 and
+    calibration steps: a finished run whose recipe was edited since is not silently reused."""
+    described = {"config": config.model_dump(mode="json", exclude={"output_dir", "name"}),
+                 "stage2": [step.model_dump() for step in recipe.stage2],
+                 "calibrate": [step.model_dump() for step in recipe.calibrate]}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_unchanged(runs: list[StudyRun]) -> None:
+    """Finished runs must still be what the study file describes; else name them and the way out."""
+    changed = [run.run_dir for run in runs if run.recorded_signature() not in (None, run.signature)]
+    if changed:
+        raise UserError(f"{len(changed)} finished runs were made from a different version of their recipe (first: "
+                        f"{changed[0]}); give the study a new name (or --out) to rerun them, or restore the file")
+
+
+def _next_command(step: Step) -> list[str] | None:
+    """What runs ``step`` from where it stands: nothing when done, ``--resume`` when it has a checkpoint."""
+    if step.done():
+        return None
+    if step.resume_argv is not None and step.can_resume():
+        return step.resume_argv
+    return step.argv
+
+
+def _clear_unresumable(step: Step, run_dir: Path) -> None:
+    """A step that died before its first checkpoint left a folder a fresh start would not reuse
+    (``new_run_dir`` numbers it instead): remove it, it holds no results."""
+    folder = run_dir if step.argv[0] == "train" else step.output
+    if folder.exists() and not step.can_resume():
+        shutil.rmtree(folder)
+
+
+def _mark_finished(run: StudyRun, study: Study) -> None:
+    record = {"study": study.name, "cell": run.cell, "recipe": run.recipe, "grid": run.grid, "seed": run.seed,
+              "selection_seed": run.selection_seed, "signature": run.signature, "steps": [step.argv for step in run.steps],
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = run.run_dir / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(run.run_dir / MARKER)
+
+
+def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]], int],
+              max_runs: int | None = None) -> int:
+    """Run what is left of ``runs`` one after another with ``execute(argv)``; returns how many ran.
+    Progress over the whole study (runs done / total, ETA) on stderr."""
+    done = sum(run.finished for run in runs)
+    ran = 0
+    with tqdm(total=len(runs), initial=done, desc=f"study {study.name}", unit="run", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for run in runs:
+            if run.finished:
+                continue
+            if max_runs is not None and ran >= max_runs:
+                break
+            bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
+            for step in run.steps:
+                command = _next_command(step)
+                if command is None:
+                    continue
+                if command is step.argv:
+                    _clear_unresumable(step, run.run_dir)
+                code = execute(command)
+                if code != 0:
+                    raise UserError(f"`longtail {shlex.join(command)}` failed (exit {code}) in {run.run_dir}; fix "
+                                    "the cause and rerun the study: finished runs are skipped, this one resumes")
+            _mark_finished(run, study)
+            ran += 1
+            bar.update(1)
+    return ran
+
+
+def print_commands(runs: list[StudyRun]) -> None:
+    """One shell line per unfinished run (its steps joined by ``&&``), ready for any machine that
+    sees the same folders; ``NPROC`` sets the processes per node."""
+    for run in runs:
+        if run.finished:
+            continue
+        commands = [_next_command(step) or [] for step in run.steps]
+        lines = []
+        for command in (c for c in commands if c):
+            launcher = ["torchrun", "--nproc_per_node=${NPROC:-1}"] if command[0] in ("train", "stage2") else []
+            words = [*launcher, "-m", "longtail"] if launcher else ["longtail"]
+            lines.append(" ".join([*words, shlex.join(command)]))
+        print(" && ".join(lines) if lines else f"# {run.run_dir}: all steps done")
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """``args.run_command(argv)`` runs one ``longtail`` command (the cli passes its own ``main``, so the
+    steps run in this process, one after another)."""
+    study_file = Path(args.study)
+    study = load_study(study_file)
+    study_dir = Path(args.out) if args.out else Path(study.output_dir) / study.name
+    runs = plan_runs(study, study_file, study_dir)
+    check_unchanged(runs)
+    if args.print_commands:
+        print(f"# {sum(r.finished for r in runs)}/{len(runs)} runs of {study.name} finished; the rest, one line "
+              "each (NPROC: processes per node, default 1):")
+        print_commands(runs)
+        return 0
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "study.yaml").write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    ran = run_study(study, runs, args.run_command, args.max_runs)
+    left = sum(not r.finished for r in runs)
+    if left:
+        print(f"ran {ran} runs; {left} left: rerun `longtail study {study_file}` to continue")
+    else:
+        print(f"study {study.name} finished ({len(runs)} runs); compare with `longtail report {study_dir}`")
+    return 0

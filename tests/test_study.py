@@ -1,0 +1,262 @@
+"""`longtail study` and the study report on the embedded Digits-LT: run, interrupt, resume without
+retraining, mean ± std over seeds in report.md and report.html; the statistics and the paper column."""
+import base64
+import json
+import math
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longtail.cli import main
+from longtail.commands.study import load_study, plan_runs
+from longtail.config import apply_overrides
+from longtail.report.aggregate import paired_difference
+from longtail.report.compare import format_mean_std
+from longtail.report.papers import load_paper_numbers, paper_entry_for
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "studies" / "tiny_digits.yaml"
+
+
+class Tables(HTMLParser):
+    """The rows of every table (by id) and every image's src of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[str] = []
+        self._table = self._row = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs["id"], [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._table is not None:
+            self._table.append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._table = None
+
+
+def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_path, capsys, one_thread):
+    out = tmp_path / "study"
+    assert main(["study", str(TINY), "--out", str(out), "--max-runs", "1"]) == 0  # "interrupted" after one run
+    first = out / "ce" / "seed0"
+    assert (first / "study_run.json").is_file() and not (out / "balanced_softmax").exists()
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in
+            [first / "metrics.json", first / "checkpoints" / "last.pt", first / "stage2_crt" / "metrics.json",
+             first / "calibration" / "ts" / "metrics.json", first / "study_run.json"]}
+
+    # the second run is killed after its first epoch: a checkpoint, no results
+    (second,) = [r for r in plan_runs(load_study(TINY), TINY, out) if r.recipe == "ce" and r.seed == 1]
+    assert main([*second.steps[0].argv, "train.stop_at_epoch=1"]) == 0
+    assert (second.run_dir / "checkpoints" / "last.pt").is_file() and not (second.run_dir / "metrics.json").exists()
+
+    # another run died before its first checkpoint: its folder holds nothing to resume and is started afresh
+    (dead,) = [r for r in plan_runs(load_study(TINY), TINY, out) if r.recipe == "balanced_softmax" and r.seed == 1]
+    dead.run_dir.mkdir(parents=True)
+    (dead.run_dir / "config.yaml").write_text("name: seed1\n")
+
+    assert main(["study", str(TINY), "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "balanced_softmax").iterdir()) == ["seed0", "seed1"]
+    for path, (mtime, content) in kept.items():  # the finished run was not touched
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content, path
+    assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]  # resumed, not started again
+    assert "resumed from epoch 1" in (second.run_dir / "train.log").read_text()
+    assert len(list(out.glob("*/*/study_run.json"))) == 4
+    # every step done but the marker lost (the steps ran from --print-commands elsewhere): nothing reruns
+    (first / "study_run.json").unlink()
+    del kept[first / "study_run.json"]
+    assert main(["study", str(TINY), "--out", str(out)]) == 0
+    assert (first / "study_run.json").is_file()
+    for path, (mtime, _) in kept.items():
+        assert path.stat().st_mtime_ns == mtime, path
+    assert sorted(p.name for p in (out / "ce").iterdir()) == ["seed0", "seed1"]
+    assert [p.name for p in first.glob("stage2_*")] == ["stage2_crt"]
+    assert [p.name for p in (first / "calibration").iterdir()] == ["ts"]
+
+    # the study file changed under finished runs: they are not silently reused
+    edited = tmp_path / "edited.yaml"
+    raw = yaml.safe_load(TINY.read_text())
+    raw["overrides"] = [*raw["overrides"], "optim.lr=0.05"]
+    for recipe in raw["recipes"]:
+        recipe["config"] = str(TINY.parent / recipe["config"])
+    edited.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(edited), "--out", str(out)]) == 2
+    assert "made from a different version of their recipe" in capsys.readouterr().err
+
+    # published numbers: one entry matches balanced softmax's setting, the CE one differs in schedule length
+    source = {"paper": "P", "seed_file": "x.txt", "table": "T1", "row": "r", "selection": "last epoch"}
+    setting = {"data.dataset": "digits_lt", "data.imbalance_factor": 10, "model.name": "mlp", "train.epochs": 2}
+    papers = tmp_path / "papers.yaml"
+    papers.write_text(yaml.safe_dump({"entries": [
+        {**source, "setting": setting, "method": {"loss.name": "balanced_softmax", "stage2.method": None},
+         "metrics": {"top1": 80.0, "ece": 30.0}},
+        {**source, "setting": {**setting, "train.epochs": 30}, "method": {"loss.name": "ce", "stage2.method": None},
+         "metrics": {"top1": 90.0}}]}))
+
+    report = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(report), "--papers", str(papers)]) == 0
+    top1 = {recipe: [json.loads((out / recipe / f"seed{k}" / "metrics.json").read_text())["last"]["test"]["top1"]
+                     for k in (0, 1)] for recipe in ("ce", "balanced_softmax")}
+    expected = {recipe: f"{100 * sum(v) / 2:.2f} ± {100 * abs(v[0] - v[1]) / math.sqrt(2):.2f}"
+                for recipe, v in top1.items()}  # sample std of two values: |a - b| / sqrt(2)
+    text = (report / "report.md").read_text()
+    for recipe, cell in expected.items():
+        assert f"| {recipe} | 2 | {cell} |" in text
+
+    page = Tables()
+    page.feed((report / "report.html").read_text())
+    recipes = {row[0]: row for row in page.tables["recipes"][1:]}
+    assert set(recipes) == {"ce", "ce · crt", "balanced_softmax"}
+    header = page.tables["recipes"][0]
+    for recipe, cell in expected.items():
+        assert recipes[recipe][header.index("n")] == "2" and recipes[recipe][header.index("top-1")] == cell
+    assert recipes["ce"][header.index("ECE after ts")] != "–"
+    bsce = sum(top1["balanced_softmax"]) / 2
+    assert recipes["balanced_softmax"][header.index("paper top-1")] == "80.00"
+    assert recipes["balanced_softmax"][header.index("ours − paper top-1")] == f"{100 * bsce - 80:+.2f}"
+    assert recipes["balanced_softmax"][header.index("paper ECE")] == "30.00"
+    assert "P, T1, row 'r' (model selection: last epoch)" in recipes["balanced_softmax"][header.index("paper source")]
+    for label in ("ce", "ce · crt"):  # 2 epochs against the paper's 30 (and a stage 2): never compared
+        assert recipes[label][header.index("paper top-1")] == "–"
+    assert len(page.tables["runs"]) == 1 + 6  # 4 runs, 2 of them with a stage 2
+    assert {row[2] for row in page.tables["differences"][1:]} == {"top-1", "ECE"}
+    assert len(page.images) == 3 + 3  # shot groups, class size, calibration; a reliability diagram per recipe
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_file_plans_valid_runs(path, tmp_path):
+    study = load_study(path)
+    runs = plan_runs(study, path, tmp_path)  # builds and validates every run's config
+    assert len(runs) == len(study.seeds) * len(study.selection_seeds) * len(study.recipes)
+    assert len({run.run_dir for run in runs}) == len(runs)
+
+
+def test_study_file_is_validated_before_anything_runs(tmp_path, capsys):
+    raw = yaml.safe_load(TINY.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**raw, "seed": [0]}))
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown key 'seed' (did you mean 'seeds'?)" in capsys.readouterr().err
+
+    raw["recipes"][0]["overrides"] = ["optim.lrr=0.1"]
+    raw["recipes"][1]["config"] = str(TINY.parent / raw["recipes"][1]["config"])
+    raw["recipes"][0]["config"] = str(TINY.parent / raw["recipes"][0]["config"])
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown key 'optim.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+
+    raw["recipes"][0]["overrides"] = []
+    raw["recipes"][0]["stage2"] = [{"overrides": ["stage2.method=crt", "stage2.epoch=2"]}]
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown key 'stage2.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_commands_lists_each_unfinished_run_with_its_steps(tmp_path, capsys):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["grid"] = {"data.imbalance_factor": [10, 20]}
+    for recipe in raw["recipes"]:
+        recipe["config"] = str(TINY.parent / recipe["config"])
+    study = tmp_path / "grid.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--print-commands"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 * 2 * 2  # seeds x recipes x grid
+    assert lines[0].startswith("torchrun --nproc_per_node=${NPROC:-1} -m longtail train ")
+    assert "data.imbalance_factor=10 seed=0 data.selection_seed=0" in lines[0]
+    assert f"output_dir={tmp_path / 'out' / 'ce__imbalance_factor=10'} name=seed0" in lines[0]
+    assert " && torchrun --nproc_per_node=${NPROC:-1} -m longtail stage2 " in lines[0]
+    assert lines[0].endswith("--method ts")
+    assert not (tmp_path / "out").exists()  # printing runs nothing
+
+
+def test_paired_difference_matches_the_hand_computed_t_test():
+    # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641 with 2 degrees of
+    # freedom; two-sided p = 1 - t / sqrt(2 + t^2) = 0.07418 (the t(2) distribution's closed form)
+    a = {(0, 0): 0.6, (1, 0): 0.8, (2, 0): 0.7}
+    b = {(0, 0): 0.5, (1, 0): 0.5, (2, 0): 0.5, (3, 0): 0.9}  # seed 3 has no partner: left out
+    result = paired_difference(a, b)
+    t = 0.2 / (0.1 / math.sqrt(3))
+    assert result["n"] == 3 and result["mean"] == pytest.approx(0.2)
+    assert result["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-6)
+    # 95% interval: mean ± t_{0.975, 2} * se with t_{0.975, 2} = 4.302653
+    assert result["low"] == pytest.approx(0.2 - 4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert result["verdict"] == "within noise"
+    tight = paired_difference({k: v + 0.2 + 0.001 * k[0] for k, v in b.items()}, b)
+    assert tight["verdict"] == "outside noise" and tight["p"] < 0.05
+    assert paired_difference({(0, 0): 1.0}, {(0, 0): 0.5})["verdict"].startswith("cannot tell")
+
+
+def test_mean_std_cell_is_the_sample_std():
+    assert format_mean_std([0.5, 0.7, 0.6], "top1") == "60.00 ± 10.00"
+    assert format_mean_std([0.5], "top1") == "50.00 ± –"
+    assert format_mean_std([1.0, 1.2], "nll") == f"1.100 ± {0.2 / math.sqrt(2):.3f}"
+
+
+def _row(overrides: tuple[str, ...] = (), stage: str = "last") -> dict:
+    """A report row of a CIFAR-10-LT IF=100 ResNet-32 CE run of 200 epochs, changed by ``overrides``."""
+    config = {"data": {"dataset": "cifar10_lt", "imbalance_factor": 100.0, "augment": {"mixup_alpha": 0.0}},
+              "model": {"name": "resnet32"},
+              "loss": {"name": "ce", "params": {}}, "train": {"epochs": 200}, "stage2": None}
+    return {"stage": stage, "config": apply_overrides(config, list(overrides))}
+
+
+def test_paper_numbers_appear_only_where_the_setting_matches():
+    entries = load_paper_numbers()
+    ce = paper_entry_for(_row(), entries)
+    assert ce is not None and ce["row"] == "Cross-entropy training" and ce["metrics"]["top1"] == 70.14
+    for change in ("train.epochs=10", "data.imbalance_factor=50", "model.name=resnet56", "loss.name=focal_typo"):
+        assert paper_entry_for(_row((change,)), entries) is None, change  # never compared
+    ce100 = paper_entry_for(_row(("data.dataset=cifar100_lt",)), entries)
+    assert ce100["metrics"]["top1"] == 37.92 and "IKL" in ce100["also"][0] and "41.4" in ce100["also"][0]
+    # cRT: the CE stage 1 row gets CE's value, its stage-2 row cRT's; never the other way round
+    crt = paper_entry_for(_row(("stage2.method=crt",), stage="stage 2 (crt)"), entries)
+    assert crt is not None and crt["row"] == "cRT" and crt["metrics"]["top1"] == 73.02
+    assert paper_entry_for(_row(("stage2.method=crt",)), entries) == ce
+    seeds = REPO.parent / "shared" / "seeds"
+    if seeds.is_dir():
+        for entry in entries:
+            assert (seeds / entry["seed_file"]).is_file(), entry["seed_file"]
+
+
+def test_a_failing_step_stops_the_study_with_a_clear_error(tmp_path, capsys, one_thread):
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(seeds=[0], recipes=[{**raw["recipes"][1], "config": str(TINY.parent / raw["recipes"][1]["config"]),
+                                    "overrides": ["data.val_fraction=0"]}])  # calibration needs a validation split
+    study = tmp_path / "no_val.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no validation split" in err and "calibrate" in err and "rerun the study" in err
+    assert not list((tmp_path / "out").glob("*/*/study_run.json"))
+
+
+def test_runs_of_one_recipe_in_two_data_settings_are_not_averaged():
+    from longtail.report.aggregate import group_rows
+    rows = [{**_row((f"data.imbalance_factor={factor}",)), "label": "ce", "pair": (0, 0), "top1": 0.5}
+            for factor in (10, 100)]
+    with pytest.raises(ValueError, match="differ in their data"):
+        group_rows(rows)
