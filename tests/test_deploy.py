@@ -3,6 +3,7 @@ as PNG files give ``longtail eval``'s predictions; a corrupt file is reported an
 export`` (TorchScript / ONNX files give the run's logits) and ``longtail eval --shifts``."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +105,8 @@ def test_eval_shifts_writes_table_plot_and_em_helps_under_shift(run, capsys):
                                                                   for f in (2.0, 10.0))}
     # backward-LT at IF 10: the tail dominates; the true prior can only help a calibrated model's top-1
     assert rows[("backward", 10.0, "ts + true prior")]["top1"] >= rows[("backward", 10.0, "ts")]["top1"]
+    estimate = rows[("backward", 10.0, "ts + EM prior")]["estimated_prior"]
+    assert len(estimate) == 10 and sum(estimate) == pytest.approx(1.0)
     assert rows[("backward", 10.0, "raw")]["num_samples"] == sum(int(50 * 10 ** (-i / 9)) for i in range(10))
 
 
@@ -129,3 +132,30 @@ def test_export_refuses_a_calibrator_it_cannot_fold(run, capsys):
     assert main(["calibrate", str(run), "--method", "iso"]) == 0
     assert main(["export", str(run), "--format", "torchscript", "--calibrator", "iso"]) == 2
     assert "not an affine map" in capsys.readouterr().err
+
+
+def _predict_matches_eval(run_dir, folder, tmp_path):
+    """predict on 20 of the PNG test images gives the loaded run's own eval-loader probabilities."""
+    loaded = load_run(run_dir)
+    loader = builders.eval_loader(loaded.config, loaded.bundle.test, loaded.augment.normalize, loaded.dist_info)
+    probs = predict(loaded.model, loader, loaded.dist_info, len(loaded.bundle.test))["logits"].softmax(1)
+    files = sorted(folder.rglob("*.png"))[::25]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run_dir), *map(str, files), "--out", str(out), "--top-k", "1", "--workers", "0"]) == 0
+    rows = _read_csv(out)
+    index = [int(f.stem) for f in files]
+    assert [row["class_1"] for row in rows] == [str(c) for c in probs[index].argmax(1).tolist()]
+    torch.testing.assert_close(torch.tensor([float(row["prob_1"]) for row in rows]), probs[index].max(1).values,
+                               atol=1e-5, rtol=0)
+
+
+def test_predict_on_stage2_and_multi_expert_runs(run, test_images, tmp_path):
+    folder, _ = test_images
+    assert main(["stage2", str(run), "stage2.method=crt", "stage2.epochs=1"]) == 0
+    _predict_matches_eval(run / "stage2_crt", folder, tmp_path)
+    ride_root = tmp_path / "ride"
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "ride.yaml"
+    assert main(["train", str(recipe), f"output_dir={ride_root}", "data.dataset=digits_lt", "data.root=null",
+                 "data.imbalance_factor=10", "data.max_count=20", "data.batch_size=32", "data.augment={}", "train.epochs=1", "train.eval_every=0"]) == 0
+    (ride,) = [p for p in ride_root.iterdir() if p.is_dir()]
+    _predict_matches_eval(ride, folder, tmp_path)

@@ -88,9 +88,10 @@ def test_bad_priors_are_clear_errors():
 def test_shifted_test_sets_have_the_requested_class_counts(direction, factor):
     from longtail.data.shifts import shifted_test_set
     test = ImageSet(torch.arange(10).repeat_interleave(100), 10, [str(c) for c in range(10)],
-                    images=torch.zeros(1000, 1, 2, 2, dtype=torch.uint8))
+                    paths=[f"{i}.png" for i in range(1000)], image_size=8)
     shifted = shifted_test_set(test, factor, direction, seed=3)
     # Cao et al.'s exponential profile written out: 100 * factor ** (-i / 9), floored
     expected = [int(100 * factor ** (-i / 9)) for i in range(10)]
     assert shifted.class_counts() == (expected if direction == "forward" else expected[::-1])
-    assert shifted_test_set(test, factor, direction, seed=3).targets.equal(shifted.targets)
+    assert shifted_test_set(test, factor, direction, seed=3).paths == shifted.paths  # seeded
+    assert shifted_test_set(test, factor, direction, seed=4).paths != shifted.paths

@@ -55,8 +55,11 @@ def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[i
             if oracle:
                 corrected[f"{name} + true prior"] = prior_corrected_logits(base, prior, true_prior / true_prior.sum())
             for variant, variant_logits in corrected.items():
-                rows.append({"direction": direction, "imbalance_factor": factor, "variant": variant,
-                             "num_samples": len(index), **_scores(variant_logits.float(), set_targets, groups)})
+                row = {"direction": direction, "imbalance_factor": factor, "variant": variant,
+                       "num_samples": len(index), **_scores(variant_logits.float(), set_targets, groups)}
+                if variant.endswith("EM prior"):
+                    row["estimated_prior"] = estimate.tolist()
+                rows.append(row)
     return rows
 
 

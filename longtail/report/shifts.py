@@ -24,17 +24,22 @@ def shift_position(direction: str, imbalance_factor: float) -> float:
 
 def label_shift_plot(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
     """``rows``: one per (test set, model variant) with direction, imbalance_factor, variant and the
-    metrics of :data:`PANELS` as fractions (None where a shot group has no test image)."""
+    metrics of :data:`PANELS` as fractions (None where a shot group has no test image; a panel with
+    no value at all, e.g. many-shot on Digits-LT, is left out)."""
     variants = list(dict.fromkeys(row["variant"] for row in rows))
+    bases = list(dict.fromkeys(variant.split(" + ")[0] for variant in variants))
+    panels = [(key, label) for key, label in PANELS if any(row.get(key) is not None for row in rows)]
     sets = sorted({(row["direction"], row["imbalance_factor"]) for row in rows}, key=lambda s: shift_position(*s))
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.6), sharex=True)
-    for ax, (key, label) in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), sharex=True, squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, panels):
         for variant in variants:
-            points = [(shift_position(row["direction"], row["imbalance_factor"]), 100 * row[key])
-                      for row in rows if row["variant"] == variant and row.get(key) is not None]
-            points.sort()
-            style = "--" if "oracle" in variant else ("-" if "EM" in variant else ":")
-            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3, label=variant)
+            points = sorted((shift_position(row["direction"], row["imbalance_factor"]), 100 * row[key])
+                            for row in rows if row["variant"] == variant and row.get(key) is not None)
+            # colour: the calibrator; line: the prior correction (dotted none, solid EM, dashed true prior)
+            style = "--" if "true prior" in variant else ("-" if "EM" in variant else ":")
+            ax.plot([x for x, _ in points], [y for _, y in points], style, marker="o", markersize=3, label=variant,
+                    color=f"C{bases.index(variant.split(' + ')[0])}")
         ax.set_title(label, fontsize=10)
         ax.set_xticks([shift_position(*s) for s in sets])
         ax.set_xticklabels(["bal" if d == "balanced" else f"{'F' if d == 'forward' else 'B'}{f:g}" for d, f in sets],
