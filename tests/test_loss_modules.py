@@ -65,21 +65,26 @@ def test_focal_module_is_modulated_log_likelihood(gamma):
     assert per_sample(loss_module("focal", gamma=gamma), logits, targets) == pytest.approx(expected, rel=1e-5)
 
 
-def test_ncm_head_is_minus_squared_distance_to_normalised_class_means():
+@pytest.mark.parametrize("norm", ["cl2n", "l2"])
+def test_ncm_head_is_minus_squared_distance_to_normalised_class_means(norm):
+    # Kang et al.'s cl2n: subtract the mean of all training features, then L2-normalise; l2: normalise only
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(12, 5, generator=generator) * 4 + 1
     targets = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 1, 2])
     queries = torch.randn(7, 5, generator=generator) * 3
+    rows = features.double().tolist()
+    centre = [sum(column) / len(rows) for column in zip(*rows)] if norm == "cl2n" else [0.0] * 5
 
-    def unit(vector: list[float]) -> list[float]:
-        norm = math.sqrt(sum(v * v for v in vector))
-        return [v / norm for v in vector]
+    def normalised(vector: list[float]) -> list[float]:
+        shifted = [v - c for v, c in zip(vector, centre)]
+        length = math.sqrt(sum(v * v for v in shifted))
+        return [v / length for v in shifted]
 
     means = []
     for c in range(3):
-        members = [unit(f) for f, t in zip(features.double().tolist(), targets.tolist()) if t == c]
+        members = [normalised(f) for f, t in zip(rows, targets.tolist()) if t == c]
         means.append([sum(column) / len(members) for column in zip(*members)])
-    expected = [[-sum((q - m) ** 2 for q, m in zip(unit(query), mean)) for mean in means]
+    expected = [[-sum((q - m) ** 2 for q, m in zip(normalised(query), mean)) for mean in means]
                 for query in queries.double().tolist()]
-    head = NCMHead.fit(features, targets, num_classes=3)
+    head = NCMHead.fit(features, targets, num_classes=3, norm=norm)
     assert head(queries).flatten().tolist() == pytest.approx(sum(expected, []), abs=1e-5)
