@@ -37,10 +37,7 @@ def class_histogram(class_counts: Sequence[int], path: str | Path, title: str = 
     ax.set_ylabel("images (log scale)")
     ax.set_title(title)
     ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], class_counts: Sequence[int],
@@ -54,13 +51,22 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], class_co
         ys = [100 * per_class_accuracy[c] for c in range(len(class_counts)) if groups[c] == group and per_class_accuracy[c] is not None]
         if xs:
             ax.scatter(xs, ys, s=18, color=colour, label=f"{group} ({len(xs)})", alpha=0.8)
+    _class_size_axes(ax)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    return _save(fig, path)
+
+
+def _class_size_axes(ax: Any) -> None:
+    """Accuracy (%) against the training size of the class, on a log axis."""
     ax.set_xscale("log")
     ax.set_ylim(-2, 102)
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False, fontsize=8)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -85,10 +91,7 @@ def _grouped_bars(series: Sequence[tuple[str, list[tuple[float, float]]]], ticks
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, fontsize=legend_size)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -117,16 +120,10 @@ def accuracy_by_class_size(groups: Sequence[Any], path: str | Path) -> Path:
         order = np.argsort(-counts)
         ax.plot(counts[order], 100 * np.nanmean(accuracy, axis=0)[order], marker="o", markersize=3,
                 label=f"{group.label} (n={len(rows)})")
-    ax.set_xscale("log")
-    ax.set_ylim(-2, 102)
-    ax.set_xlabel("training images of the class (log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    _class_size_axes(ax)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def calibration_bars(groups: Sequence[Any], path: str | Path) -> Path:
