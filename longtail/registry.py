@@ -7,6 +7,8 @@ import inspect
 import typing
 from typing import Any, Callable, Iterable
 
+from pydantic import TypeAdapter, ValidationError
+
 
 class ConfigError(ValueError):
     """A config names something that does not exist or gives it a bad value."""
@@ -76,8 +78,6 @@ class Registry:
     def _check_types(self, name: str, params: dict[str, Any], where: str) -> None:
         """User values must fit the constructor's annotations (``gamma=abc`` for a float fails here,
         not at the first training step)."""
-        from pydantic import TypeAdapter, ValidationError
-
         fn = self.get(name)
         try:
             hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
