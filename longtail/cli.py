@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue the stopped stage 2 in RUN_DIR (a RUN/stage2_<method> folder)")
     stage2.add_argument("--allow-incomplete", action="store_true",
                         help="run stage 2 on a stage 1 that has not finished (its last intermediate checkpoint)")
+    stage2.add_argument("--name", metavar="NAME",
+                        help="land in RUN/stage2_NAME instead of RUN/stage2_<method>, e.g. crt-cached beside crt")
     stage2.set_defaults(func=_command("stage2", "cmd_stage2"))
 
     evaluate = sub.add_parser("eval", help="evaluate a run directory or checkpoint")

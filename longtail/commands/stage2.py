@@ -1,10 +1,12 @@
 """``longtail stage2``: a decoupled stage 2 on a finished stage-1 run, so one representation can be
-compared under several classifiers; each lands in ``RUN/stage2_<method>[-N]`` (never overwritten).
+compared under several classifiers; each lands in ``RUN/stage2_<method>[-N]`` (never overwritten), or
+``RUN/stage2_<name>[-N]`` with ``--name`` (two variants of one method side by side).
 ``--resume STAGE2_DIR`` continues one that was stopped (``stage2.stop_at_epoch``) or interrupted."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +19,8 @@ from longtail.engine.logging import LOG, setup_text_log
 from longtail.engine.rundir import discard_if_unstarted, new_run_dir, run_lock
 
 __all__ = ["cmd_stage2"]
+
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def cmd_stage2(args: argparse.Namespace) -> int:
@@ -43,7 +47,8 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     dist_info = distributed.init_distributed(config.device)
     out_dir = None
     try:
-        out_dir = new_run_dir(run_dir, f"stage2_{config.stage2.method}") if dist_info.is_main else None
+        folder = f"stage2_{_checked_name(args.name) if args.name else config.stage2.method}"
+        out_dir = new_run_dir(run_dir, folder) if dist_info.is_main else None
         out_dir = distributed.broadcast_object(out_dir)
         setup_text_log(out_dir, dist_info.is_main)
         if dist_info.is_main:
@@ -60,6 +65,12 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def _checked_name(name: str) -> str:
+    if not _FOLDER_NAME.match(name):
+        raise UserError(f"--name {name!r} is not a folder name: use letters, digits and _ . + - (e.g. crt-cached)")
+    return name
 
 
 def _resume(out_dir: Path, overrides: list[str]) -> int:

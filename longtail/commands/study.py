@@ -44,6 +44,15 @@ class Stage2Step(Section):
 
     recipe: str | None = Field(None, description="a recipe whose stage2 section to use (relative to the study file)")
     overrides: list[str] = Field(default_factory=list, description="e.g. stage2.method=crt stage2.epochs=10")
+    name: str | None = Field(None, description="its folder RUN/stage2_<name> and its label in the report (default: "
+                                               "the method); needed when two steps run the same method")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError("a stage2 step name is a folder name: letters, digits and _ . + - only")
+        return value
 
 
 class CalibrateStep(Section):
@@ -203,13 +212,15 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
                  resume_argv=["train", "--resume", str(run_dir)],
                  can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file())
     steps = [train]
-    methods = [_stage2_method(step, base, config) for step in recipe.stage2]
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"recipe {recipe.name}: two stage2 steps use the same method ({', '.join(methods)}); "
-                          "each lands in RUN/stage2_<method>, so make the second a recipe of its own")
-    for step, method in zip(recipe.stage2, methods):
-        out = run_dir / f"stage2_{method}"
-        argv = ["stage2", str(run_dir), *([str(_shown(base / step.recipe))] if step.recipe else []), *step.overrides]
+    names = [step.name or _stage2_method(step, base, config) for step in recipe.stage2]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"recipe {recipe.name}: two stage2 steps land in the same folder (stage2_{twice[0]}); "
+                          "give the second a `name:` of its own (e.g. crt-cached)")
+    for step, name in zip(recipe.stage2, names):
+        out = run_dir / f"stage2_{name}"
+        argv = ["stage2", str(run_dir), *([str(_shown(base / step.recipe))] if step.recipe else []), *step.overrides,
+                *(["--name", step.name] if step.name else [])]
         steps.append(Step(argv, out, resume_argv=["stage2", "--resume", str(out)],
                           can_resume=lambda out=out: (out / "checkpoints" / "last.pt").is_file()))
     for calibration in recipe.calibrate:
