@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from longtail.config import Stage2Config, load_config
@@ -284,7 +285,11 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     assert main(["stage2", str(run_dir), str(recipe)]) == 0
     assert main(["stage2", str(run_dir), "stage2.method=ncm"]) == 0
     assert main(["stage2", str(run_dir), "stage2.method=ncm"]) == 0  # a second run never overwrites the first
-    assert {p.name for p in run_dir.glob("stage2_*")} == {"stage2_tau_norm", "stage2_ncm", "stage2_ncm-1"}
+    assert main(["stage2", str(run_dir), "stage2.method=ncm", "stage2.params.norm=l2", "--name", "ncm-l2"]) == 0
+    assert main(["stage2", str(run_dir), "stage2.method=ncm", "--name", "../escape"]) == 2  # not a folder name
+    assert {p.name for p in run_dir.glob("stage2_*")} == {"stage2_tau_norm", "stage2_ncm", "stage2_ncm-1",
+                                                          "stage2_ncm-l2"}
+    assert yaml.safe_load((run_dir / "stage2_ncm-l2" / "config.yaml").read_text())["stage2"]["params"]["norm"] == "l2"
     reported = json.loads((run_dir / "stage2_ncm" / "metrics.json").read_text())["last"]["test"]
 
     # eval and calibrate rebuild the NCM head from its spec and reproduce stage 2's numbers
@@ -301,7 +306,8 @@ def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate
     shutil.copy(source / "metrics.json", run_dir / "metrics.json")
     assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text()
-    for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |"):
+    for stage in ("| last |", "| stage 2 (tau_norm) |", "| stage 2 (ncm) |", "| stage 2 (ncm-1) |",
+                  "| stage 2 (ncm-l2) |"):
         assert stage in table
     assert f"| {100 * reported['top1']:.2f} |" in table
     assert (tmp_path / "report" / "shot_groups.png").stat().st_size > 1000

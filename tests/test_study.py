@@ -193,6 +193,27 @@ def test_print_commands_lists_each_unfinished_run_with_its_steps(tmp_path, capsy
     assert not (tmp_path / "out").exists()  # printing runs nothing
 
 
+def test_two_stage2_steps_of_one_method_need_names_and_land_side_by_side(tmp_path, capsys):
+    raw = yaml.safe_load(TINY.read_text())
+    for recipe in raw["recipes"]:
+        recipe["config"] = str(TINY.parent / recipe["config"])
+    cached = {"overrides": ["stage2.method=crt", "stage2.epochs=2", "stage2.features=cached"]}
+    raw["recipes"][0]["stage2"].append(cached)
+    study = tmp_path / "two.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--print-commands"]) == 2
+    assert "two stage2 steps land in the same folder (stage2_crt)" in capsys.readouterr().err
+    cached["name"] = "crt-cached"
+    study.write_text(yaml.safe_dump(raw))
+    run = plan_runs(load_study(study), study, tmp_path / "out")[0]
+    assert [step.output.name for step in run.steps[1:3]] == ["stage2_crt", "stage2_crt-cached"]
+    assert run.steps[2].argv[-2:] == ["--name", "crt-cached"]  # where `longtail stage2` will write it
+    cached["name"] = "../up"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--print-commands"]) == 2
+    assert "folder name" in capsys.readouterr().err
+
+
 def test_paired_difference_matches_the_hand_computed_t_test():
     # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 3.4641 with 2 degrees of
     # freedom; two-sided p = 1 - t / sqrt(2 + t^2) = 0.07418 (the t(2) distribution's closed form)
