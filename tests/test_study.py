@@ -144,6 +144,18 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # against one baseline: only the pairs containing it, read as "other − baseline"
+    assert main(["report", str(out), "--out", str(tmp_path / "vs_ce"), "--baseline", "ce"]) == 0
+    page = Tables()
+    page.feed((tmp_path / "vs_ce" / "report.html").read_text())
+    pairs = {(row[0], row[1], row[2]): row for row in page.tables["differences"][1:]}
+    assert set(pairs) == {(a, "ce", m) for a in ("balanced_softmax", "ce · crt") for m in ("top-1", "ECE")}
+    assert pairs[("balanced_softmax", "ce", "top-1")][4] == f"{100 * (bsce - sum(top1['ce']) / 2):+.2f}"
+    assert main(["report", str(out), "--out", str(tmp_path / "typo"), "--baseline", "cee"]) == 2
+    assert "--baseline 'cee' is not a group of this report; the groups are: balanced_softmax, ce, ce · crt" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "typo").exists()
+
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_study_file_plans_valid_runs(path, tmp_path):

@@ -60,6 +60,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "report")
     if args.out and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
-    report = write_report([Path(r) for r in args.runs], out, papers=args.papers)
+    try:
+        report = write_report([Path(r) for r in args.runs], out, papers=args.papers, baselines=args.baseline)
+    except (ValueError, FileNotFoundError) as error:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was written: leave no empty report folder behind
+        raise UserError(str(error)) from None
     print(f"report: {report} and {report.with_suffix('.html')}")
     return 0

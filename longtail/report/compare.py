@@ -128,11 +128,15 @@ def _source(entry: dict[str, Any] | None) -> str:
     return text + "".join(f"; also {other}" for other in entry.get("also", []))
 
 
-def pairwise_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+def pairwise_rows(groups: Sequence[Group], baselines: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
     header = ["A", "B", "metric", "n seeds", "A − B (mean)", "95% interval", "p (paired t)", "verdict"]
+    unknown = sorted(set(baselines) - {g.label for g in groups})
+    if unknown:
+        raise ValueError(f"--baseline {unknown[0]!r} is not a group of this report; the groups are: "
+                         + ", ".join(g.label for g in groups))
     cells = []
     for metric in PAIRED_METRICS:
-        for item in pairwise(groups, metric):
+        for item in pairwise(groups, metric, baselines=baselines):
             interval = "–" if item["n"] < 2 else f"[{100 * item['low']:+.2f}, {100 * item['high']:+.2f}]"
             cells.append([item["a"], item["b"], dict(METRICS)[metric], str(item["n"]), f"{100 * item['mean']:+.2f}",
                           interval, "–" if item["n"] < 2 else f"{item['p']:.3f}", item["verdict"]])
@@ -145,8 +149,10 @@ def markdown(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = None) -> Path:
-    """``out`` is a folder: report.md, report.html (self-contained) and the plots as PNGs."""
+def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = None,
+                 baselines: Sequence[str] = ()) -> Path:
+    """``out`` is a folder: report.md, report.html (self-contained) and the plots as PNGs. ``baselines``
+    (group labels such as ``ce``) limits the paired differences to the pairs containing one of them."""
     runs, unfinished = expand_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
@@ -156,9 +162,9 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
     except ValueError as error:
         raise FileNotFoundError(str(error)) from None
     entries = load_paper_numbers(papers)
+    paired = pairwise_rows(groups, baselines)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(groups, entries)
-    paired = pairwise_rows(groups)
     runs_table = runs_rows(rows)
     plots = {"shot groups (mean ± std over seeds)": shot_group_bars(groups, out / "shot_groups.png"),
              "accuracy against class size (mean over seeds)": accuracy_by_class_size(groups, out / "class_size.png")}
