@@ -156,6 +156,19 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
         capsys.readouterr().err)
     assert not (tmp_path / "typo").exists()
 
+    # the validation split, for choosing between readings without the test set
+    assert main(["report", str(out), "--out", str(tmp_path / "val"), "--split", "val"]) == 0
+    page = Tables()
+    page.feed((tmp_path / "val" / "report.html").read_text())
+    header, *rows = page.tables["recipes"]
+    assert "paper top-1" not in header and not any(h.startswith("ECE after") for h in header)
+    val = [json.loads((out / "ce" / f"seed{k}" / "metrics.json").read_text())["last"]["val"] for k in (0, 1)]
+    class_avg = [sum(a for a in v["per_class_top1"] if a is not None) /
+                 sum(a is not None for a in v["per_class_top1"]) for v in val]
+    assert {r[0]: r for r in rows}["ce"][header.index("class-avg")] == format_mean_std(class_avg, "top1")
+    assert {r[0]: r for r in rows}["ce"][header.index("top-1")] == format_mean_std([v["top1"] for v in val], "top1")
+    assert {row[2] for row in page.tables["differences"][1:]} == {"class-avg", "ECE"}
+
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_study_file_plans_valid_runs(path, tmp_path):

@@ -61,7 +61,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out and out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
     try:
-        report = write_report([Path(r) for r in args.runs], out, papers=args.papers, baselines=args.baseline)
+        report = write_report([Path(r) for r in args.runs], out, papers=args.papers, baselines=args.baseline,
+                              split=args.split)
     except (ValueError, FileNotFoundError) as error:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing was written: leave no empty report folder behind

@@ -16,9 +16,10 @@ from scipy import stats
 
 __all__ = ["METRICS", "Group", "group_rows", "paired_difference", "pairwise", "mean_std"]
 
-# (key in a row, column title); percentages except NLL
-METRICS = (("top1", "top-1"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few"),
-           ("ece", "ECE"), ("nll", "NLL"))
+# (key in a row, column title); percentages except NLL. "class-avg" is the mean per-class top-1: equal to
+# top-1 on a balanced test set, and the fair criterion on a long-tailed split (top-1 there rewards head bias)
+METRICS = (("top1", "top-1"), ("class_avg_top1", "class-avg"), ("many_top1", "many"), ("medium_top1", "medium"),
+           ("few_top1", "few"), ("ece", "ECE"), ("nll", "NLL"))
 DATA_KEYS = ("data.dataset", "data.imbalance_factor", "data.profile", "data.max_count", "data.val_fraction",
              "data.val_source")
 

@@ -16,7 +16,10 @@ from longtail.report.plots import accuracy_by_class_size, calibration_bars, shot
 __all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
 
 STUDY_MARKER = "study_run.json"  # written by `longtail study` when every step of a run is done
-PAIRED_METRICS = ("top1", "ece")
+# the paired comparisons: top-1 on the (balanced) test set; on a long-tailed validation split top-1
+# rewards the head bias, so selection there compares class-averaged accuracy
+PAIRED_METRICS = {"test": ("top1", "ece"), "val": ("class_avg_top1", "ece")}
+SPLITS = tuple(PAIRED_METRICS)
 
 
 def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
@@ -62,9 +65,21 @@ def _config(folder: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
-def rows_for(run_dir: Path) -> list[dict[str, Any]]:
+def _metrics(results: dict[str, Any], split: str, where: Path) -> dict[str, Any]:
+    """The ``split`` metrics of one result, with the class-averaged top-1 added."""
+    if split not in results:
+        raise FileNotFoundError(f"{where} has no {split} metrics" + (
+            " (it was trained without a validation split: data.val_fraction)" if split == "val" else ""))
+    metrics = dict(results[split])
+    per_class = [a for a in metrics.get("per_class_top1") or [] if a is not None]
+    metrics["class_avg_top1"] = sum(per_class) / len(per_class) if per_class else None
+    return metrics
+
+
+def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
     """One row per stage of a run (stage 1 'last', its 'best' if selected, each stage 2), with what
-    grouping needs: the recipe (a study's cell, else the config's name), the seeds, the config."""
+    grouping needs: the recipe (a study's cell, else the config's name), the seeds, the config.
+    ``split="val"`` reads the validation metrics (for choosing between readings without the test set)."""
     results = load_run(run_dir)
     config = _config(run_dir)
     marker = run_dir / STUDY_MARKER
@@ -74,14 +89,16 @@ def rows_for(run_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for key in ("last", "best"):
         if key in results:
-            rows.append({**results[key]["test"], **base, "stage": key,
+            rows.append({**_metrics(results[key], split, run_dir), **base, "stage": key,
                          "label": recipe if key == "last" else f"{recipe} · best", "config": config,
-                         "folder": run_dir, "calibrators": _calibration(run_dir) if key == "last" else {}})
+                         "folder": run_dir,
+                         "calibrators": _calibration(run_dir) if key == "last" and split == "test" else {}})
     for name, stage2 in results["stage2"].items():
         label = stage2.get("method", "?") if name == "stage2" else name.removeprefix("stage2_")
         folder = run_dir / name
-        rows.append({**stage2["last"]["test"], **base, "stage": f"stage 2 ({label})", "label": f"{recipe} · {label}",
-                     "config": _config(folder) or config, "folder": folder, "calibrators": _calibration(folder)})
+        rows.append({**_metrics(stage2["last"], split, folder), **base, "stage": f"stage 2 ({label})",
+                     "label": f"{recipe} · {label}", "config": _config(folder) or config, "folder": folder,
+                     "calibrators": _calibration(folder) if split == "test" else {}})
     return rows
 
 
@@ -106,18 +123,22 @@ def _paper_cells(group: Group, entry: dict[str, Any] | None, metric: str) -> lis
     return [f"{paper:.2f}", f"{100 * mean_std(ours)[0] - paper:+.2f}" if ours else "–"]
 
 
-def summary_rows(groups: Sequence[Group], papers: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def summary_rows(groups: Sequence[Group], papers: Sequence[dict[str, Any]] | None) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the recipes' table: n, mean ± std of each metric and each calibrator's ECE,
-    the paper's top-1 and ECE and our mean minus them where the setting matches."""
+    the paper's top-1 and ECE and our mean minus them where the setting matches (no paper columns
+    when ``papers`` is None: a validation-split report)."""
     calibrators = sorted({m for g in groups for m in g.calibrators()})
-    header = ["recipe", "n", *(title for _, title in METRICS), *(f"ECE after {m}" for m in calibrators),
-              "paper top-1", "ours − paper top-1", "paper ECE", "ours − paper ECE", "paper source"]
+    header = ["recipe", "n", *(title for _, title in METRICS), *(f"ECE after {m}" for m in calibrators)]
+    if papers is not None:
+        header += ["paper top-1", "ours − paper top-1", "paper ECE", "ours − paper ECE", "paper source"]
     cells = []
     for group in groups:
-        entry = paper_entry_for(group.rows[0], papers)
-        cells.append([group.label, str(group.n), *(format_mean_std(group.values(m), m) for m, _ in METRICS),
-                      *(format_mean_std(group.calibrated_ece(m), "ece") for m in calibrators),
-                      *_paper_cells(group, entry, "top1"), *_paper_cells(group, entry, "ece"), _source(entry)])
+        row = [group.label, str(group.n), *(format_mean_std(group.values(m), m) for m, _ in METRICS),
+               *(format_mean_std(group.calibrated_ece(m), "ece") for m in calibrators)]
+        if papers is not None:
+            entry = paper_entry_for(group.rows[0], papers)
+            row += [*_paper_cells(group, entry, "top1"), *_paper_cells(group, entry, "ece"), _source(entry)]
+        cells.append(row)
     return header, cells
 
 
@@ -128,14 +149,15 @@ def _source(entry: dict[str, Any] | None) -> str:
     return text + "".join(f"; also {other}" for other in entry.get("also", []))
 
 
-def pairwise_rows(groups: Sequence[Group], baselines: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+def pairwise_rows(groups: Sequence[Group], baselines: Sequence[str] = (),
+                  split: str = "test") -> tuple[list[str], list[list[str]]]:
     header = ["A", "B", "metric", "n seeds", "A − B (mean)", "95% interval", "p (paired t)", "verdict"]
     unknown = sorted(set(baselines) - {g.label for g in groups})
     if unknown:
         raise ValueError(f"--baseline {unknown[0]!r} is not a group of this report; the groups are: "
                          + ", ".join(g.label for g in groups))
     cells = []
-    for metric in PAIRED_METRICS:
+    for metric in PAIRED_METRICS[split]:
         for item in pairwise(groups, metric, baselines=baselines):
             interval = "–" if item["n"] < 2 else f"[{100 * item['low']:+.2f}, {100 * item['high']:+.2f}]"
             cells.append([item["a"], item["b"], dict(METRICS)[metric], str(item["n"]), f"{100 * item['mean']:+.2f}",
@@ -150,19 +172,23 @@ def markdown(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 
 
 def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = None,
-                 baselines: Sequence[str] = ()) -> Path:
+                 baselines: Sequence[str] = (), split: str = "test") -> Path:
     """``out`` is a folder: report.md, report.html (self-contained) and the plots as PNGs. ``baselines``
-    (group labels such as ``ce``) limits the paired differences to the pairs containing one of them."""
+    (group labels such as ``ce``) limits the paired differences to the pairs containing one of them.
+    ``split="val"`` reports the validation split instead of the test set, with no paper column (the
+    papers report test numbers) and no calibrators (they were fitted on that split)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     runs, unfinished = expand_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
-    rows = [row for run in runs for row in rows_for(run)]
+    rows = [row for run in runs for row in rows_for(run, split)]
     try:
         groups = group_rows(rows)
     except ValueError as error:
         raise FileNotFoundError(str(error)) from None
-    entries = load_paper_numbers(papers)
-    paired = pairwise_rows(groups, baselines)
+    entries = load_paper_numbers(papers) if split == "test" else None
+    paired = pairwise_rows(groups, baselines, split)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(groups, entries)
     runs_table = runs_rows(rows)
@@ -171,13 +197,15 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
     if any(g.calibrators() for g in groups):
         plots["ECE before and after each calibrator"] = calibration_bars(groups, out / "calibration.png")
     reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
-    reliability = {label: path for label, path in reliability.items() if path.is_file()}
-    note = (f"{len(unfinished)} unfinished study runs are not included." if unfinished else "")
+    reliability = {label: path for label, path in reliability.items() if path.is_file() and split == "test"}
+    note = " ".join([f"Metrics of the {'test set' if split == 'test' else 'validation split (for selection)'}.",
+                     *([f"{len(unfinished)} unfinished study runs are not included."] if unfinished else [])])
+    papers_line = ("Paper values are shown only where dataset, imbalance factor, backbone, schedule length and method "
+                   "match the run's config (benchmarks/paper_numbers.yaml)." if entries is not None else
+                   "No paper column: the papers report the test set.")
     text = ["# longtail report", "",
             f"{len(runs)} runs in {len(groups)} groups (recipe · stage); mean ± sample std over the seeds, n = runs. "
-            + note, "", "## Recipes", "", markdown(*summary), "",
-            "Paper values are shown only where dataset, imbalance factor, backbone, schedule length and method "
-            "match the run's config (benchmarks/paper_numbers.yaml).", "",
+            + note, "", "## Recipes", "", markdown(*summary), "", papers_line, "",
             "## Differences (paired over shared seeds)", "",
             markdown(*paired) if paired[1] else "No two groups share a data setting and seeds.", "",
             "*within noise*: the 95% interval of the mean paired difference contains 0 (paired t-test, p ≥ 0.05).",
