@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study folder (default: the file's output_dir/name)")
     study.add_argument("--print-commands", action="store_true",
                        help="print the torchrun command lines of the unfinished runs instead of running them")
-    study.add_argument("--max-runs", type=int, metavar="N", help="stop after N runs (rerun to continue)")
+    study.add_argument("--max-runs", type=int, metavar="N",
+                       help="train at most N runs, then stop (rerun to continue); 0 only records the runs "
+                            "whose steps all finished elsewhere (after --print-commands)")
     study.set_defaults(func=_command("study", "cmd_study"), run_command=lambda argv: main(argv))
     return parser
 

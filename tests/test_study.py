@@ -3,6 +3,7 @@ retraining, mean ± std over seeds in report.md and report.html; the statistics 
 import base64
 import json
 import math
+import shlex
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -216,6 +217,20 @@ def test_print_commands_lists_each_unfinished_run_with_its_steps(tmp_path, capsy
     assert " && torchrun --nproc_per_node=${NPROC:-1} -m longtail stage2 " in lines[0]
     assert lines[0].endswith("--method ts")
     assert not (tmp_path / "out").exists()  # printing runs nothing
+
+
+
+def test_runs_done_from_printed_commands_are_recorded_without_training_more(tmp_path, capsys, one_thread):
+    out = tmp_path / "out"
+    assert main(["study", str(TINY), "--out", str(out), "--print-commands"]) == 0
+    first = next(line for line in capsys.readouterr().out.splitlines() if not line.startswith("#"))
+    for command in first.split(" && "):  # what another machine would run, here in-process
+        words = shlex.split(command.replace("${NPROC:-1}", "1"))
+        assert main(words[words.index("longtail") + 1:]) == 0
+    assert main(["study", str(TINY), "--out", str(out), "--max-runs", "0"]) == 0
+    assert [p.parent.relative_to(out).as_posix() for p in out.glob("*/*/study_run.json")] == ["ce/seed0"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == ["ce/seed0"]  # nothing else trained
+    assert "3 left" in capsys.readouterr().out
 
 
 def test_two_stage2_steps_of_one_method_need_names_and_land_side_by_side(tmp_path, capsys):

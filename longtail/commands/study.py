@@ -285,8 +285,12 @@ def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]],
         for run in runs:
             if run.finished:
                 continue
+            if all(step.done() for step in run.steps):  # ran elsewhere (--print-commands): only record it
+                _mark_finished(run, study)
+                bar.update(1)
+                continue
             if max_runs is not None and ran >= max_runs:
-                break
+                continue
             bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
             for step in run.steps:
                 command = _next_command(step)
