@@ -224,9 +224,16 @@ def test_runs_done_from_printed_commands_are_recorded_without_training_more(tmp_
     out = tmp_path / "out"
     assert main(["study", str(TINY), "--out", str(out), "--print-commands"]) == 0
     first = next(line for line in capsys.readouterr().out.splitlines() if not line.startswith("#"))
-    for command in first.split(" && "):  # what another machine would run, here in-process
+    for number, command in enumerate(first.split(" && ")):  # what another machine would run, here in-process
         words = shlex.split(command.replace("${NPROC:-1}", "1"))
         assert main(words[words.index("longtail") + 1:]) == 0
+        if number == 0:  # trained, stage 2 and calibration still to run: the report already shows stage 1
+            assert main(["study", str(TINY), "--out", str(out), "--max-runs", "0"]) == 0  # writes study.yaml only
+            assert not list(out.glob("*/*/study_run.json"))
+            assert main(["report", str(out), "--out", str(tmp_path / "partial")]) == 0
+            text = (tmp_path / "partial" / "report.md").read_text()
+            assert "| ce | 1 |" in text and "ce · crt" not in text
+            assert "1 study runs still have stage-2 or calibration steps to run" in text
     assert main(["study", str(TINY), "--out", str(out), "--max-runs", "0"]) == 0
     assert [p.parent.relative_to(out).as_posix() for p in out.glob("*/*/study_run.json")] == ["ce/seed0"]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == ["ce/seed0"]  # nothing else trained

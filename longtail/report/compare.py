@@ -22,11 +22,14 @@ PAIRED_METRICS = {"test": ("top1", "ece"), "val": ("class_avg_top1", "ece")}
 SPLITS = tuple(PAIRED_METRICS)
 
 
-def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
-    """(finished runs, unfinished study runs): a run directory stands for itself; a study folder for
-    its runs (``<cell>/seed<k>``)."""
+def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Path]]:
+    """(runs to report, study runs still missing steps, study runs not trained yet): a run directory
+    stands for itself; a study folder for its runs (``<cell>/seed<k>``). A study run whose training
+    finished is reported even while some of its stage-2 or calibration steps are still to run (a
+    study is often read while it runs): every stage it reports is finished, and ``n`` says how many."""
     runs: list[Path] = []
-    unfinished: list[Path] = []
+    partial: list[Path] = []
+    untrained: list[Path] = []
     for path in map(Path, paths):
         if (path / "metrics.json").is_file():
             runs.append(path)
@@ -34,10 +37,15 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
         if not (path / "study.yaml").is_file():
             raise FileNotFoundError(f"{path} is neither a finished run (metrics.json) nor a study folder (study.yaml, "
                                     "written by `longtail study`); give finished `longtail train` runs or a study")
-        cells = sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file())
-        runs += [p for p in cells if (p / STUDY_MARKER).is_file()]
-        unfinished += [p for p in cells if not (p / STUDY_MARKER).is_file()]
-    return runs, unfinished
+        for cell in sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file()):
+            if (cell / STUDY_MARKER).is_file():
+                runs.append(cell)
+            elif (cell / "metrics.json").is_file():
+                runs.append(cell)
+                partial.append(cell)
+            else:
+                untrained.append(cell)
+    return runs, partial, untrained
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -83,7 +91,12 @@ def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
     results = load_run(run_dir)
     config = _config(run_dir)
     marker = run_dir / STUDY_MARKER
-    recipe = json.loads(marker.read_text())["cell"] if marker.is_file() else config.get("name", run_dir.name)
+    if marker.is_file():
+        recipe = json.loads(marker.read_text())["cell"]
+    elif (run_dir.parent.parent / "study.yaml").is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
+        recipe = run_dir.parent.name
+    else:
+        recipe = config.get("name", run_dir.name)
     pair = (config.get("seed"), (config.get("data") or {}).get("selection_seed"))
     base = {"run": run_dir.name, "recipe": recipe, "pair": pair, "path": run_dir}
     rows = []
@@ -179,9 +192,9 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
     papers report test numbers) and no calibrators (they were fitted on that split)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    runs, unfinished = expand_runs(paths)
+    runs, partial, untrained = expand_runs(paths)
     if not runs:
-        raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(unfinished)} unfinished)")
+        raise FileNotFoundError(f"no finished runs in {', '.join(map(str, paths))} ({len(untrained)} not trained yet)")
     rows = [row for run in runs for row in rows_for(run, split)]
     try:
         groups = group_rows(rows)
@@ -199,7 +212,9 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
     reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
     reliability = {label: path for label, path in reliability.items() if path.is_file() and split == "test"}
     note = " ".join([f"Metrics of the {'test set' if split == 'test' else 'validation split (for selection)'}.",
-                     *([f"{len(unfinished)} unfinished study runs are not included."] if unfinished else [])])
+                     *([f"{len(partial)} study runs still have stage-2 or calibration steps to run (their finished "
+                        "stages are included)."] if partial else []),
+                     *([f"{len(untrained)} study runs are not trained yet."] if untrained else [])])
     papers_line = ("Paper values are shown only where dataset, imbalance factor, backbone, schedule length and method "
                    "match the run's config (benchmarks/paper_numbers.yaml)." if entries is not None else
                    "No paper column: the papers report the test set.")
