@@ -1,12 +1,16 @@
 """What several commands share: the user-error type, splitting ``RECIPE key=value ...``, finding a
-run directory, and which config keys may change once a run is trained."""
+run directory, which config keys may change once a run is trained, and what a folder name may be."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["UserError", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
-           "RESUMABLE_KEYS"]
+           "RESUMABLE_KEYS", "FOLDER_NAME"]
+
+# a name the user gives that becomes one folder (a study recipe, a stage-2 variant): no separators, no "..", no spaces
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 # what the training images, their labels and the shot groups are: fixed once a run is trained
 DATA_DEFINITION = ("data.dataset", "data.imbalance_factor", "data.profile", "data.max_count", "data.selection",

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 from pathlib import Path
 
 import yaml
 
-from longtail.commands.common import UserError, run_dir_of, split_config_and_overrides
+from longtail.commands.common import FOLDER_NAME, UserError, run_dir_of, split_config_and_overrides
 from longtail.commands.train import train_stage2
 from longtail.config import apply_overrides, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
@@ -19,8 +18,6 @@ from longtail.engine.logging import LOG, setup_text_log
 from longtail.engine.rundir import discard_if_unstarted, new_run_dir, run_lock
 
 __all__ = ["cmd_stage2"]
-
-_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def cmd_stage2(args: argparse.Namespace) -> int:
@@ -68,7 +65,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
 
 
 def _checked_name(name: str) -> str:
-    if not _FOLDER_NAME.match(name):
+    if not FOLDER_NAME.match(name):
         raise UserError(f"--name {name!r} is not a folder name: use letters, digits and _ . + - (e.g. crt-cached)")
     return name
 

@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
-from longtail.commands.common import UserError
+from longtail.commands.common import FOLDER_NAME, UserError
 from longtail.config import (Config, Section, apply_overrides, config_from_dict, format_validation_error, load_config,
                              read_recipe)
 from longtail.registry import ConfigError
@@ -36,7 +36,6 @@ from longtail.report.compare import STUDY_MARKER as MARKER
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 class Stage2Step(Section):
@@ -50,7 +49,7 @@ class Stage2Step(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
+        if value is not None and not FOLDER_NAME.match(value):
             raise ValueError("a stage2 step name is a folder name: letters, digits and _ . + - only")
         return value
 
@@ -72,7 +71,7 @@ class StudyRecipe(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not FOLDER_NAME.match(value):
             raise ValueError("a recipe name is a folder name: letters, digits and _ . + - only")
         return value
 
