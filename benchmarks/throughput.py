@@ -1,11 +1,14 @@
-"""Training and evaluation throughput against the compute ceiling, measured side by side in one run.
+"""Training and evaluation throughput against the machine's ceiling, measured side by side in one run.
 
-1. ceiling   — forward + backward + SGD step of the model on pre-made tensors already on the device:
-               the compute ceiling, no data pipeline at all.
-2. longtail  — full epochs of longtail's Trainer on CIFAR-10-LT (device-resident uint8 images,
-               batched augmentation, sampler, loss and its terms, logging, progress bar).
+1. ceiling   — a plain training step written in ``plain_step.py``, not longtail's model or settings:
+               ResNet-32 (or a 3-expert ResNet-32 for a multi-expert --model), SGD, cross-entropy,
+               forward + backward + step on pre-made tensors, in every precision (float32, bfloat16
+               autocast where the hardware has it) and memory format (NCHW, channels_last); the
+               fastest variant is the ceiling, for training and for a bare no_grad forward alike.
+2. longtail  — full epochs of longtail's Trainer on CIFAR-10-LT at its defaults (device-resident
+               uint8 images, batched augmentation, sampler, loss and its terms, logging, progress bar).
 3. eval      — longtail's test-set pass (``Trainer.evaluate``: loader, normalisation, gather, metrics)
-               against a bare ``torch.no_grad()`` forward of the same batch size on pre-made tensors.
+               against the plain no_grad forward of the same batch size.
 4. reference — the loop the seeds' public code uses: torchvision ImageFolder over the JPEG files,
                PIL transforms (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize),
                DataLoader workers, the same model/optimizer (optional, --reference).
@@ -17,6 +20,7 @@ see the same machine, and the best round of each is compared (``--rounds``; medi
 
     python benchmarks/throughput.py                         # ResNet-32, CE
     python benchmarks/throughput.py --model shike_resnet32 --loss shike
+    python benchmarks/throughput.py --overrides train.amp=none train.channels_last=no   # float32 NCHW
 
 Prints and writes JSON (benchmarks/results/throughput-<model>-<device>.json).
 """
@@ -37,13 +41,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10_jpg.tar.gz"
+CIFAR100_LT_TRAIN, CIFAR100_TEST = 10_847, 10_000
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_step import all_variants  # noqa: E402  (the benchmark's own independent model)
 
 
 def make_config(args: argparse.Namespace, run_root: Path):
     from longtail.config import load_config
     overrides = [f"model.name={args.model}", f"loss.name={args.loss}", f"data.root={args.data}",
                  "train.epochs=1", "train.eval_every=0", f"output_dir={run_root}", f"device={args.device}",
-                 f"data.num_workers={args.workers}", "name=throughput"]
+                 f"data.num_workers={args.workers}", "name=throughput", *args.overrides]
     return load_config(REPO / "configs/cifar10_lt/if100/ce.yaml", overrides)
 
 
@@ -55,52 +63,6 @@ def _timed(device: torch.device, fn, steps: int, images_per_step: int) -> float:
         fn()
     _sync(device)
     return steps * images_per_step / (time.perf_counter() - start)
-
-
-class Ceiling:
-    """Bare forward + backward + SGD step (and bare no_grad forward) on pre-made device tensors."""
-
-    def __init__(self, config, device: torch.device) -> None:
-        from longtail.engine import builders
-        from longtail.engine.optim import build_optimizer
-        from longtail.losses.terms import as_terms
-        from longtail.registry import LOSSES
-        bundle = builders.build_bundle(config)
-        self.device, self.batch = device, config.data.batch_size
-        self.model = builders.build_model(config, bundle, device)
-        self.loss_fn = LOSSES.build(config.loss.name, config.loss.params, class_counts=bundle.train_counts,
-                                    num_classes=bundle.num_classes,
-                                    num_samples=len(bundle.train.targets)).to(device)
-        self.optimizer = build_optimizer(self.model.parameters(), config.optim, device)
-        self.dtype = builders.amp_dtype(config, device)
-        self.as_terms = as_terms
-        self.images = torch.randn(self.batch, 3, 32, 32, device=device)
-        self.eval_batch = config.data.eval_batch_size
-        self.eval_images = torch.randn(self.eval_batch, 3, 32, 32, device=device)
-        if builders.use_channels_last(config, device):
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
-            self.eval_images = self.eval_images.contiguous(memory_format=torch.channels_last)
-        self.targets = torch.randint(0, bundle.num_classes, (self.batch,), device=device)
-
-    def step(self) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.as_terms(self.loss_fn(self.model(self.images), self.targets)).total.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
-    @torch.no_grad()
-    def forward(self) -> None:
-        self.model.eval()
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            self.model(self.eval_images)
-        self.model.train()
-
-    def train_img_s(self, steps: int) -> float:
-        return _timed(self.device, self.step, steps, self.batch)
-
-    def eval_img_s(self, steps: int) -> float:
-        return _timed(self.device, self.forward, steps, self.eval_batch)
 
 
 class TrainerEpochs:
@@ -117,7 +79,8 @@ class TrainerEpochs:
         bundle = builders.build_bundle(config)
         self.trainer = Trainer(config, builders.stage1_job(config, bundle, dist_info), bundle, run_dir, dist_info)
         self.epoch, self.test_size = 0, len(bundle.test.targets)
-        self.steps = len(self.trainer.job.loader)
+        self.steps, self.num_classes = len(self.trainer.job.loader), bundle.num_classes
+        self.precision = self.trainer.precision.label
 
     def train_img_s(self) -> float:
         stats = self.trainer._train_epoch(self.epoch)
@@ -131,28 +94,48 @@ class TrainerEpochs:
         return self.test_size / (time.perf_counter() - start)
 
 
-def measure(config, device: torch.device, rounds: int, steps: int, warmup: int) -> dict:
-    """Ceiling and trainer alternately, ``rounds`` times each, after a warm-up of both."""
-    ceiling, trainer = Ceiling(config, device), TrainerEpochs(config, device)
-    eval_steps = max(1, trainer.test_size // ceiling.eval_batch)
-    ceiling.train_img_s(warmup)
-    ceiling.eval_img_s(2)
+def measure(config, device: torch.device, rounds: int, steps: int, warmup: int, experts: int) -> dict:
+    """The plain step in every precision x memory format, and longtail's trainer, alternately,
+    ``rounds`` times each after a warm-up of all of them; the ceiling is the best plain variant."""
+    trainer = TrainerEpochs(config, device)
+    variants = all_variants(experts, str(device), trainer.num_classes, config.data.batch_size,
+                            config.data.eval_batch_size)
+    eval_steps = max(1, trainer.test_size // config.data.eval_batch_size)
+    for variant in variants:
+        variant.train_img_s(warmup)
+        variant.eval_img_s(2)
     trainer.train_img_s()  # warm-up epoch, not counted
     trainer.eval_img_s()
-    rows: dict[str, list[float]] = {"ceiling": [], "longtail": [], "eval_ceiling": [], "eval_longtail": []}
+    rows: dict[str, list[float]] = {"longtail": [], "eval_longtail": []}
+    for variant in variants:
+        rows[f"plain_{variant.name}"], rows[f"eval_plain_{variant.name}"] = [], []
     for _ in range(rounds):
-        rows["ceiling"].append(ceiling.train_img_s(steps))
+        for variant in variants:
+            rows[f"plain_{variant.name}"].append(variant.train_img_s(steps))
         rows["longtail"].append(trainer.train_img_s())
-        rows["eval_ceiling"].append(ceiling.eval_img_s(eval_steps))
+        for variant in variants:
+            rows[f"eval_plain_{variant.name}"].append(variant.eval_img_s(eval_steps))
         rows["eval_longtail"].append(trainer.eval_img_s())
-    result = {"longtail_steps_per_epoch": trainer.steps, "rounds": rounds, "per_round_img_s": rows}
+    result = {"longtail_precision": trainer.precision, "longtail_steps_per_epoch": trainer.steps,
+              "rounds": rounds, "per_round_img_s": rows}
     for name, values in rows.items():
         result[f"{name}_img_s"] = max(values)
         result[f"{name}_img_s_median"] = statistics.median(values)
+    train_best = max((v for v in variants), key=lambda v: result[f"plain_{v.name}_img_s"])
+    eval_best = max((v for v in variants), key=lambda v: result[f"eval_plain_{v.name}_img_s"])
+    result["ceiling"] = {"train": train_best.name, "eval": eval_best.name}
+    result["ceiling_img_s"] = result[f"plain_{train_best.name}_img_s"]
+    result["eval_ceiling_img_s"] = result[f"eval_plain_{eval_best.name}_img_s"]
     result["longtail_over_ceiling"] = result["longtail_img_s"] / result["ceiling_img_s"]
     result["longtail_over_ceiling_median"] = statistics.median(
-        t / c for t, c in zip(rows["longtail"], rows["ceiling"]))
-    result["eval_over_bare_forward"] = result["eval_longtail_img_s"] / result["eval_ceiling_img_s"]
+        t / c for t, c in zip(rows["longtail"], rows[f"plain_{train_best.name}"]))
+    result["eval_over_ceiling"] = result["eval_longtail_img_s"] / result["eval_ceiling_img_s"]
+    result["eval_over_ceiling_median"] = statistics.median(
+        t / c for t, c in zip(rows["eval_longtail"], rows[f"eval_plain_{eval_best.name}"]))
+    # what the measured speeds imply for a full schedule (CIFAR-100-LT IF 100: 10,847 training
+    # images, 10,000 test images evaluated once per epoch as the recipes do)
+    epoch_s = CIFAR100_LT_TRAIN / result["longtail_img_s"] + CIFAR100_TEST / result["eval_longtail_img_s"]
+    result["implied_cifar100_lt_200_epochs_hours"] = round(200 * epoch_s / 3600, 2)
     return result
 
 
@@ -224,6 +207,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet32")
     parser.add_argument("--loss", default="ce")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="experts of the plain ceiling model (default: 3 for a multi-expert --model, else 1)")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="config overrides of longtail's side, e.g. train.amp=none train.channels_last=no")
     parser.add_argument("--data", default=str(ARCHIVE))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3, help="alternating ceiling/trainer rounds (best is kept)")
@@ -233,6 +220,8 @@ def main() -> int:
     parser.add_argument("--reference", action="store_true", help="also time the seeds' ImageFolder loop")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.experts is None:
+        args.experts = 3 if any(word in args.model for word in ("shike", "ride", "expert")) else 1
 
     from longtail.engine.distributed import resolve_device
     from longtail.engine.rundir import device_name
@@ -245,7 +234,7 @@ def main() -> int:
                   "eval_batch_size": config.data.eval_batch_size,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-        result.update(measure(config, device, args.rounds, args.steps, args.warmup))
+        result.update(measure(config, device, args.rounds, args.steps, args.warmup, args.experts))
         if args.reference:
             result["reference_img_s"] = time_reference(config, device, args.steps, args.warmup, args.workers)
             result["longtail_over_reference"] = result["longtail_img_s"] / result["reference_img_s"]

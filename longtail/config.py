@@ -158,8 +158,11 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(30, ge=1, description="the default suits the Digits-LT example; CIFAR recipes use 200")
-    amp: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, none on CPU")
-    channels_last: Literal["auto", "yes", "no"] = "auto"
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bfloat16 (AVX-512 BF16 / AMX), "
+                            "else none (float32); losses and metrics stay float32")
+    channels_last: Literal["auto", "yes", "no"] = Field(
+        "auto", description="auto: yes on CUDA and on CPUs with AVX-512, else no")
     compile: bool = False
     grad_clip: float | None = None
     log_interval: int = Field(50, ge=1, description="steps between log lines / device syncs")

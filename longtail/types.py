@@ -28,6 +28,16 @@ class ModelOutput:
     intermediate: list[torch.Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def float32(self) -> "ModelOutput":
+        """The same output with logits, features and tensor extras in float32 (differentiably), so a
+        loss computed after a bfloat16/float16 autocast forward runs in float32. The intermediate
+        feature maps stay as they are: no loss reads them, and casting them would cost memory."""
+        def up(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        return ModelOutput(logits=up(self.logits), features=up(self.features),
+                           expert_logits=up(self.expert_logits), expert_features=up(self.expert_features),
+                           intermediate=self.intermediate, extras={k: up(v) for k, v in self.extras.items()})
+
 
 @dataclass
 class Batch:

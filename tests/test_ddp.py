@@ -19,7 +19,9 @@ pytestmark = pytest.mark.ddp
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
 COMMON = ["train.epochs=3", "optim.lr=0.05", "schedule.name=cosine", "device=cpu", "data.val_fraction=0.2",
-          "model.name=test_plain_mlp", "train.eval_every=0", "data.num_workers=0"]
+          "model.name=test_plain_mlp", "train.eval_every=0", "data.num_workers=0",
+          # float32: bfloat16 rounding depends on the per-rank batch shape, which is what differs here
+          "train.amp=none"]
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ from longtail.stage2.training import FeatureLoader, Stage2Context, set_bn_shift
 from conftest import balanced_accuracy
 
 STAGE1 = ["device=cpu", "train.epochs=2", "model.params.hidden=[32]", "data.val_fraction=0.2",
-          "train.eval_every=0"]
+          "train.eval_every=0", "train.amp=none"]  # float32: restored_top1 re-scores without autocast
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,7 +216,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         shutdown()
 
 
-DDP_CONFIG = ["device=cpu", "model.params.hidden=[32]", "stage2.method=ladc", "stage2.epochs=2",
+DDP_CONFIG = ["device=cpu", "train.amp=none", "model.params.hidden=[32]", "stage2.method=ladc", "stage2.epochs=2",
               "stage2.params.coverage=0.5", "stage2.sampler=ladc", "stage2.sampler_params.tau=1.2"]
 DDP_SAMPLERS = {"class_balanced": {"num_samples": 20000}, "ladc": {"tau": 1.2, "num_samples": 20000}}
 

@@ -36,7 +36,8 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
              f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | images "
              f"{bundle.channels}x{bundle.image_size}x{bundle.image_size} | model {config.model.name} | "
              f"loss {config.loss.name} | device {dist_info.device}"
-             f"{f' x{dist_info.world_size}' if dist_info.distributed else ''}")
+             f"{f' x{dist_info.world_size}' if dist_info.distributed else ''} | "
+             f"{builders.precision(config, dist_info.device).label}")
     fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from).fit()
     if fit.stopped_at_epoch is None and dist_info.is_main:
         write_results(run_dir, fit.results, fit.test_outputs, bundle.train_counts, fit.results["last"]["test"])

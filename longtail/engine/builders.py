@@ -9,6 +9,7 @@ import torch
 from longtail.config import Config
 from longtail.engine.distributed import DistInfo
 from longtail.engine.optim import build_optimizer, build_scheduler
+from longtail.engine.precision import Precision, resolve_precision
 from longtail.models.heads import restore_heads
 from longtail.registry import LOSSES, MODELS, SAMPLERS, ConfigError, load_all
 
@@ -41,16 +42,17 @@ def load_trained_model(config: Config, bundle: Any, state: dict[str, Any], devic
     return model
 
 
+def precision(config: Config, device: torch.device) -> Precision:
+    """``train.amp`` and ``train.channels_last`` resolved for ``device`` (``engine/precision.py``)."""
+    return resolve_precision(config.train.amp, config.train.channels_last, device)
+
+
 def use_channels_last(config: Config, device: torch.device) -> bool:
-    choice = config.train.channels_last
-    return choice == "yes" or (choice == "auto" and device.type == "cuda")
+    return precision(config, device).channels_last
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
-    choice = config.train.amp
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+    return precision(config, device).amp_dtype
 
 
 def build_augment(config: Config, bundle: Any, augment_cfg: Any = None) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from longtail.config import Config, dump_config
+from longtail.engine.precision import resolve_precision
 
 
 class RunDirError(RuntimeError):
@@ -124,5 +125,6 @@ def write_run_record(run_dir: Path, config: Config, device: torch.device, world_
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "world_size": world_size,
+        "precision": resolve_precision(config.train.amp, config.train.channels_last, device).label,
     }
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))

@@ -116,8 +116,8 @@ class Trainer:
         self.config, self.job, self.bundle = config, job, bundle
         self.run_dir, self.dist, self.device = run_dir, dist_info, dist_info.device
         self.counts = bundle.train_counts
-        self.amp_dtype = builders.amp_dtype(config, self.device)
-        self.channels_last = builders.use_channels_last(config, self.device)
+        self.precision = builders.precision(config, self.device)
+        self.amp_dtype, self.channels_last = self.precision.amp_dtype, self.precision.channels_last
         self.normalize = builders.build_augment(config, bundle).normalize
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.net = job.net
@@ -184,7 +184,10 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 output: ModelOutput = self.net(images)
-                loss, terms = batch_loss(job.loss_fn, output, batch)
+            # the loss (and every statistic a hook stores from the output) in float32: under bfloat16
+            # autocast log_softmax and friends would otherwise run on 8-bit mantissas
+            output = output.float32() if self.amp_dtype is not None else output
+            loss, terms = batch_loss(job.loss_fn, output, batch)
             job.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if train_cfg.grad_clip:
