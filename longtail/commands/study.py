@@ -34,9 +34,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
-from longtail.commands.common import FOLDER_NAME, UserError
-from longtail.config import (Config, Section, apply_overrides, config_from_dict, format_validation_error, load_config,
-                             read_recipe)
+from longtail.commands.common import UserError
+from longtail.config import (Config, Section, apply_overrides, check_folder_name, config_from_dict,
+                             format_validation_error, load_config, read_recipe)
 from longtail.engine.rundir import lock_holder, release, try_claim, write_output
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 from longtail.report.compare import STUDY_MARKER as MARKER
@@ -56,9 +56,7 @@ class Stage2Step(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str | None) -> str | None:
-        if value is not None and not FOLDER_NAME.match(value):
-            raise ValueError("a stage2 step name is a folder name: letters, digits and _ . + - only")
-        return value
+        return value if value is None else check_folder_name(value, "a stage2 step name")
 
 
 class CalibrateStep(Section):
@@ -78,9 +76,7 @@ class StudyRecipe(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str) -> str:
-        if not FOLDER_NAME.match(value):
-            raise ValueError("a recipe name is a folder name: letters, digits and _ . + - only")
-        return value
+        return check_folder_name(value, "a recipe name")
 
 
 class Study(Section):
@@ -93,6 +89,11 @@ class Study(Section):
     overrides: list[str] = Field(default_factory=list, description="applied to every recipe, before its own")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="key: [values]; every combination")
     recipes: list[StudyRecipe] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return check_folder_name(value, "the study name (its folder in output_dir)")
 
     @model_validator(mode="after")
     def _distinct(self) -> "Study":

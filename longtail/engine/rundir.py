@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Literal
@@ -216,7 +216,8 @@ def atomic_output(path: str | Path, exist: Exists = "refuse", hint: str = "choos
         yield output
         output.path = _publish(tmp, path, exist, hint)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # on a read-only folder even removing what was never made fails
+            tmp.unlink(missing_ok=True)
         for folder in made:  # innermost first; leave no empty folder a failed write made
             try:
                 folder.rmdir()
