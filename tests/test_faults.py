@@ -441,9 +441,10 @@ def test_export_numbers_its_default_refuses_a_named_file_and_checks_out(trained,
     assert not export.exists()
 
 
-@pytest.mark.parametrize("name", ["../../x", "/abs/path", "", "a b/c", ".hidden", "  "])
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "", "''", "a b/c", ".hidden", "'  '"])  # '' as in YAML
 def test_run_names_are_one_folder_inside_output_dir(tmp_path, capsys, name):
     out = tmp_path / "a" / "b"
+    name = str(tmp_path / "outside" / "x") if name == "ABSOLUTE" else name
     code, text = run_cli(capsys, "train", f"output_dir={out}", f"name={name}", *FAST)
     assert code == 2 and "Traceback" not in text and text.count("error:") == 1
     assert "must be one folder name" in text or "valid string" in text
