@@ -58,8 +58,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "report")
-    if args.out and out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
+    if args.out and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; choose another --out (reports are never "
+                        "overwritten)")
     try:
         report = write_report([Path(r) for r in args.runs], out, papers=args.papers, baselines=args.baseline,
                               split=args.split)
