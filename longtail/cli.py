@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="top-k classes of a trained run on new image files")
     pred.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     pred.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or list files")
-    pred.add_argument("--out", default="predictions.csv", help="a .csv or .jsonl file (default predictions.csv)")
+    pred.add_argument("--out", help="a .csv or .jsonl file, never replaced without --force (default "
+                                     "predictions.csv, numbered predictions-1.csv ... if it exists)")
+    pred.add_argument("--force", action="store_true", help="replace an existing --out file")
     pred.add_argument("--top-k", type=int, default=5)
     pred.add_argument("--calibrated", action="store_true", help="apply the run's last fitted calibrator")
     pred.add_argument("--calibrator", metavar="NAME", help="apply RUN/calibration/NAME (implies --calibrated)")
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a trained run as one TorchScript or ONNX file")
     export.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
     export.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    export.add_argument("--out", help="output file (default RUN/export/model[_CALIBRATOR].pt|.onnx)")
+    export.add_argument("--out", help="output file ending .pt (torchscript) or .onnx, never replaced without "
+                                       "--force (default RUN/export/model[_CALIBRATOR].pt|.onnx, numbered if it exists)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.add_argument("--calibrated", action="store_true",
                         help="fold the last fitted calibrator into the logits (ts, kt_ts, vs; others are refused)")
     export.add_argument("--calibrator", metavar="NAME", help="fold RUN/calibration/NAME (implies --calibrated)")

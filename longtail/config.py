@@ -220,9 +220,27 @@ class ShiftsConfig(Section):
     @field_validator("imbalance_factors")
     @classmethod
     def _factors_at_least_one(cls, value: list[float]) -> list[float]:
-        if not value or min(value) < 1:
-            raise ValueError(f"shifts.imbalance_factors must be a non-empty list of numbers >= 1, got {value}")
-        return value
+        # a factor of 1 is the balanced test set again (three identical columns); inf and nan draw nothing sensible
+        if not value or not all(math.isfinite(f) and f > 1 for f in value):
+            raise ValueError(f"shifts.imbalance_factors must be a non-empty list of finite numbers > 1 (the balanced "
+                             f"test set is always included), got {value}")
+        return sorted(set(value))
+
+
+def check_folder_name(value: str, what: str) -> str:
+    """``value`` if it can name one folder (a run, a study, a study recipe, a stage-2 variant, a
+    calibrator): not empty, no path separator, not starting with '.' (so never '..'), no surrounding
+    whitespace or control characters. Else ValueError saying why, so no name places output outside
+    the folder it belongs in."""
+    problem = ("is empty" if not value.strip() else
+               "contains a path separator" if "/" in value or "\\" in value else
+               "starts with '.'" if value.startswith(".") else
+               "starts or ends with whitespace" if value != value.strip() else
+               "contains a control character" if any(ord(c) < 32 for c in value) else
+               "is longer than 255 bytes" if len(value.encode()) > 255 else None)
+    if problem:
+        raise ValueError(f"{what} {value!r} {problem}; it must be one folder name (e.g. my_run-2)")
+    return value
 
 
 class Config(Section):
@@ -239,6 +257,11 @@ class Config(Section):
     stage2: Stage2Config | None = None
     calibrate: CalibrateConfig | None = None
     shifts: ShiftsConfig = Field(default_factory=ShiftsConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str) -> str:
+        return check_folder_name(value, "name (the run's folder in output_dir)")
 
     @model_validator(mode="after")
     def _selection_needs_validation(self) -> "Config":

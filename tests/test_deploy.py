@@ -142,7 +142,8 @@ def _predict_matches_eval(run_dir, folder, tmp_path):
     probs = predict(loaded.model, loader, loaded.dist_info, len(loaded.bundle.test))["logits"].softmax(1)
     files = sorted(folder.rglob("*.png"))[::25]
     out = tmp_path / "preds.csv"
-    assert main(["predict", str(run_dir), *map(str, files), "--out", str(out), "--top-k", "1", "--workers", "0"]) == 0
+    assert main(["predict", str(run_dir), *map(str, files), "--out", str(out), "--top-k", "1", "--workers", "0",
+                 "--force"]) == 0  # called once per run with one --out
     rows = _read_csv(out)
     index = [int(f.stem) for f in files]
     assert [row["class_1"] for row in rows] == [str(c) for c in probs[index].argmax(1).tolist()]

@@ -346,3 +346,194 @@ def test_missing_cifar_root_offers_the_download_not_a_repository_path():
     with pytest.raises(DataError, match="data.download=true") as error:
         build_data(DataConfig(dataset="cifar10_lt", root="/nowhere/cifar"))
     assert "shared" not in str(error.value)
+
+
+# ------------------------------------------------------------------ issue 27: outputs, names, the newer commands
+def _pngs(folder: Path, count: int, size: int = 8) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = [folder / f"img{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
+    return paths
+
+
+def _stray(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A 1-epoch run with a validation split, best.pt (train.select=val) and a ts calibrator fitted on last.pt."""
+    out = tmp_path_factory.mktemp("calibrated")
+    assert main(["train", f"output_dir={out}", *FAST, "data.val_fraction=0.2", "train.select=val"]) == 0
+    assert main(["calibrate", str(out / "digits_lt_ce"), "--method", "ts"]) == 0
+    return out / "digits_lt_ce"
+
+
+def test_write_output_refuses_numbers_or_replaces_and_leaves_no_tmp(tmp_path, read_only_dir):
+    from longtail.engine.rundir import OutputError, write_output
+    target = tmp_path / "out" / "a.txt"
+    assert write_output(target, "one") == target and target.read_text() == "one"
+    with pytest.raises(OutputError, match="a.txt exists and is never replaced silently; pass --force"):
+        write_output(target, "two", hint="pass --force")
+    assert write_output(target, "two", exist="number") == tmp_path / "out" / "a-1.txt"
+    assert write_output(target, "three", exist="replace") == target and target.read_text() == "three"
+    with pytest.raises(OutputError, match="is a folder"):
+        write_output(tmp_path / "out", "x")
+    with pytest.raises(OutputError, match=f"cannot write {read_only_dir / 'sub' / 'b.txt'}: "):
+        write_output(read_only_dir / "sub" / "b.txt", "x")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-1.txt", "a.txt"] and _stray(tmp_path) == []
+
+
+def test_predict_never_replaces_a_file_and_fails_when_nothing_was_predicted(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    keep = tmp_path / "keep.csv"
+    keep.write_text("path,class_1\n" + "".join(f"x{i}.png,3\n" for i in range(8)))
+    before = keep.read_bytes()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(os.urandom(200))
+    code, text = run_cli(capsys, "predict", trained, bad, "--out", keep, "--force", "--workers", "0")
+    assert code == 2 and "none of the 1 images could be read" in text and keep.read_bytes() == before
+    good = _pngs(tmp_path / "imgs", 2)
+    code, text = run_cli(capsys, "predict", trained, *good, "--out", keep, "--workers", "0")
+    assert code == 2 and "keep.csv exists and is never replaced silently; pass --force" in text
+    assert keep.read_bytes() == before
+    code, _ = run_cli(capsys, "predict", trained, *good, "--out", keep, "--force", "--workers", "0")
+    assert code == 0 and len(keep.read_text().splitlines()) == 3
+    for expected in ("predictions.csv", "predictions-1.csv"):  # the default name is numbered, never replaced
+        code, text = run_cli(capsys, "predict", trained, *good, "--workers", "0")
+        assert code == 0 and f"written to {expected}" in text
+    code, text = run_cli(capsys, "predict", trained, *good, "--workers", "-1")
+    assert code == 2 and "--workers must be >= 0" in text
+    assert _stray(tmp_path) == []
+
+
+def test_export_numbers_its_default_refuses_a_named_file_and_checks_out(trained, tmp_path, capsys, read_only_dir,
+                                                                         monkeypatch):
+    export = trained / "export"
+    for expected in ("model.pt", "model-1.pt"):
+        code, text = run_cli(capsys, "export", trained, "--format", "torchscript")
+        assert code == 0 and f"exported torchscript to {export / expected}" in text
+    named = tmp_path / "m.pt"
+    named.write_bytes(b"mine")
+    code, text = run_cli(capsys, "export", trained, "--format", "torchscript", "--out", named)
+    assert code == 2 and "m.pt exists and is never replaced silently" in text and named.read_bytes() == b"mine"
+    code, text = run_cli(capsys, "export", trained, "--format", "torchscript", "--out", tmp_path / "m.onnx")
+    assert code == 2 and "does not end in .pt or .pth, the suffix of --format torchscript" in text
+    code, text = run_cli(capsys, "export", trained, "--format", "torchscript", "--out", tmp_path)
+    assert code == 2 and f"{tmp_path} is a folder" in text
+    code, text = run_cli(capsys, "export", trained, "--format", "torchscript", "--out", read_only_dir / "m.pt")
+    assert code == 2 and f"cannot write {read_only_dir / 'm.pt'}" in text and "Traceback" not in text
+    assert _stray(tmp_path) == [] and _stray(trained) == []
+    # an ONNX export that fails half-way leaves neither a temporary file nor an empty RUN/export/
+    pytest.importorskip("onnx")
+    for folder in (export,):
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        main(["export", str(trained), "--format", "onnx"])
+    assert not export.exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "", "''", "a b/c", ".hidden", "'  '"])  # '' as in YAML
+def test_run_names_are_one_folder_inside_output_dir(tmp_path, capsys, name):
+    out = tmp_path / "a" / "b"
+    name = str(tmp_path / "outside" / "x") if name == "ABSOLUTE" else name
+    code, text = run_cli(capsys, "train", f"output_dir={out}", f"name={name}", *FAST)
+    assert code == 2 and "Traceback" not in text and text.count("error:") == 1
+    assert "must be one folder name" in text or "valid string" in text
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == []
+
+
+def test_study_and_stage2_names_are_one_folder(trained, tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: ../escaped\noutput_dir: {tmp_path / 'studies'}\n"
+                     f"recipes: [{{name: ce, config: {REPO / 'configs' / 'digits_lt' / 'ce.yaml'}}}]\n")
+    code, text = run_cli(capsys, "study", study)
+    assert code == 2 and "the study name (its folder in output_dir) '../escaped' contains a path separator; it must be one folder name" in text
+    code, text = run_cli(capsys, "stage2", trained, "stage2.method=crt", "--name", "a/../../b")
+    assert code == 2 and "--name 'a/../../b' contains a path separator" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"] and not list(trained.glob("stage2*"))
+
+
+def test_report_counts_a_run_given_twice_once_and_names_a_bad_metrics_file(trained, tmp_path, capsys):
+    code, _ = run_cli(capsys, "report", trained, f"{trained}/", trained.parent / ".." / trained.parent.name / trained.name,
+                      "--out", tmp_path / "r")
+    assert code == 0 and "1 runs in 1 groups" in (tmp_path / "r" / "report.md").read_text()
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "export", "evals"))
+    for content, message in (('{"last": [1, 2]}', "is valid JSON but not a longtail metrics.json"),
+                             ('{"last": {"test": ', "is not valid JSON")):
+        (copy / "metrics.json").write_text(content)
+        code, text = run_cli(capsys, "report", copy, "--out", tmp_path / "bad")
+        assert code == 2 and f"{copy / 'metrics.json'} {message}" in text and "Traceback" not in text
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_calibrator_fitted_on_another_checkpoint_is_refused(calibrated, tmp_path, capsys):
+    image = _pngs(tmp_path / "imgs", 1)[0]
+    code, text = run_cli(capsys, "predict", calibrated, image, "--checkpoint", "best", "--calibrated",
+                         "--out", tmp_path / "p.csv", "--workers", "0")
+    assert code == 2 and "calibrator 'ts' was fitted on" in text and "last.pt, not on" in text
+    code, text = run_cli(capsys, "export", calibrated, "--format", "torchscript", "--checkpoint", "best",
+                         "--calibrated")
+    assert code == 2 and "calibrator 'ts' was fitted on" in text
+    code, text = run_cli(capsys, "predict", calibrated, image, "--calibrator", "../ts", "--out", tmp_path / "p.csv")
+    assert code == 2 and "--calibrator '../ts' contains a path separator; it must be one folder name" in text
+    assert not (tmp_path / "p.csv").exists() and not (calibrated / "export").exists()
+    code, _ = run_cli(capsys, "predict", calibrated, image, "--calibrated", "--out", tmp_path / "p.csv",
+                      "--workers", "0")
+    assert code == 0 and (tmp_path / "p.csv").is_file()
+
+
+@pytest.mark.parametrize("factors, message", [("[1]", "finite numbers > 1"), ("[2,.inf]", "finite numbers > 1"),
+                                              ("[.nan]", "finite numbers > 1")])
+def test_shift_factors_must_be_finite_and_above_one(trained, capsys, factors, message):
+    code, text = run_cli(capsys, "eval", trained, f"shifts.imbalance_factors={factors}", "--shifts")
+    assert code == 2 and message in text and "Traceback" not in text
+
+
+def test_eval_shifts_on_a_split_the_run_does_not_have(trained, capsys):
+    evals = sorted(p.name for p in (trained / "evals").iterdir()) if (trained / "evals").exists() else []
+    code, text = run_cli(capsys, "eval", trained, "--shifts", "--split", "val")
+    assert code == 2 and "the run has no val split" in text and "Traceback" not in text
+    assert (sorted(p.name for p in (trained / "evals").iterdir()) if (trained / "evals").exists() else []) == evals
+
+
+def test_predict_inputs_linked_folders_bombs_and_binary_lists(trained, tmp_path, capsys, monkeypatch):
+    from PIL import Image as PILImage
+    folder = tmp_path / "in"
+    _pngs(folder, 2)
+    _pngs(tmp_path / "elsewhere", 1)
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    big = folder / "zbig.png"
+    PILImage.fromarray(np.zeros((64, 64), dtype=np.uint8), mode="L").save(big)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then over twice the limit: a "bomb"
+    out = tmp_path / "p.csv"
+    code, text = run_cli(capsys, "predict", trained, folder, "--out", out, "--workers", "0")
+    assert code == 0 and "Traceback" not in text
+    assert f"skipped {big}: cannot decode image {big}: Image size (4096 pixels) exceeds limit" in text
+    predicted = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert predicted == [str(folder / "img0.png"), str(folder / "img1.png"), str(folder / "linked" / "img0.png")]
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xff\xfe\x00\x81" + os.urandom(64))
+    code, text = run_cli(capsys, "predict", trained, listing, "--out", tmp_path / "q.csv")
+    assert code == 2 and f"list file {listing} is not text" in text and "Traceback" not in text
+
+
+def test_a_pt_file_that_is_not_a_run_checkpoint_is_named(tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, weights)
+    for command in (["eval", weights], ["predict", weights, weights, "--out", tmp_path / "p.csv"],
+                    ["export", weights, "--format", "torchscript", "--out", tmp_path / "m.pt"]):
+        code, text = run_cli(capsys, *command)
+        assert code == 2 and f"{weights} is a PyTorch file but not a checkpoint of a longtail run" in text
+        assert "'config'" in text and "Traceback" not in text

@@ -236,7 +236,7 @@ def test_runs_done_from_printed_commands_are_recorded_without_training_more(tmp_
             assert "1 study runs still have stage-2 or calibration steps to run" in text
     assert main(["study", str(TINY), "--out", str(out), "--max-runs", "0"]) == 0
     assert [p.parent.relative_to(out).as_posix() for p in out.glob("*/*/study_run.json")] == ["ce/seed0"]
-    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == ["ce/seed0"]  # nothing else trained
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("[!.]*/*")) == ["ce/seed0"]  # nothing else trained
     assert "3 left" in capsys.readouterr().out
 
 
@@ -328,3 +328,149 @@ def test_runs_of_one_recipe_in_two_data_settings_are_not_averaged():
             for factor in (10, 100)]
     with pytest.raises(ValueError, match="differ in their data"):
         group_rows(rows)
+
+
+# ------------------------------------------------------------------ issue 27: processes sharing a study
+def _small_study(tmp_path: Path, **changes) -> Path:
+    """Two recipes x two seeds, one epoch of a small MLP, no stage 2: a few seconds a run."""
+    raw = {"name": "shared", "seeds": [0, 1],
+           "overrides": ["train.epochs=1", "data.batch_size=64", "data.val_fraction=0.2", "model.params.hidden=[32]"],
+           "recipes": [{"name": "ce", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml")},
+                       {"name": "bs", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml"),
+                        "overrides": ["loss.name=balanced_softmax"]}]}
+    raw.update(changes)
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _trainings(run_dir: Path) -> int:
+    """How many times training started in ``run_dir`` (one line per start in its train.log)."""
+    return (run_dir / "train.log").read_text().count("training images in")
+
+
+def test_two_study_processes_share_one_study_and_train_each_run_once(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    study, out = _small_study(tmp_path), tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    children = []
+    for _ in range(2):
+        children.append(subprocess.Popen([sys.executable, "-m", "longtail", "study", str(study), "--out", str(out)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        time.sleep(0.3)
+    results = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0], results
+    ran = [int(re.search(r"(\d+) of them here|ran (\d+) runs", stdout).group(1) or
+               re.search(r"ran (\d+) runs", stdout).group(1)) for stdout, _ in results]
+    assert sum(ran) == 4, results  # every run trained by exactly one of the two
+    for recipe in ("ce", "bs"):
+        assert sorted(p.name for p in (out / recipe).iterdir()) == ["seed0", "seed1"]  # no seed0-1 duplicate
+        for seed in (0, 1):
+            run = out / recipe / f"seed{seed}"
+            assert _trainings(run) == 1 and (run / "study_run.json").is_file()
+            assert {"config.yaml", "env.json", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| ce | 2 |" in text and "| bs | 2 |" in text and "4 runs in 2 groups" in text
+
+
+def test_a_run_held_by_a_live_process_is_skipped_and_a_dead_claim_is_taken(tmp_path, capsys, one_thread):
+    from longtail.commands.study import load_study
+    from longtail.engine.rundir import run_lock, try_claim
+    study, out = _small_study(tmp_path, seeds=[0]), tmp_path / "out"
+    ce, bs = plan_runs(load_study(study), study, out)
+    # ce/seed0 is claimed by another live process (here: another open file of this one), bs/seed0 is
+    # being trained by hand (its RUN/.lock held); neither is touched, the study says so and exits 0
+    claim = try_claim(ce.claim_file)
+    bs.run_dir.mkdir(parents=True)
+    (bs.run_dir / "config.yaml").write_text("name: seed0\n")
+    with run_lock(bs.run_dir):
+        assert main(["study", str(study), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 runs are being worked on by other processes" in text and "ran 0 runs; 2 left" in text
+    assert not ce.run_dir.exists() and sorted(p.name for p in bs.run_dir.iterdir()) == [".lock", "config.yaml"]
+    # the claimer dies (the kernel drops its lock; the file stays, naming a dead pid): the claim is taken
+    claim.close()
+    assert ce.claim_file.is_file()
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    assert "study shared finished (2 runs, 2 of them here)" in capsys.readouterr().out
+    assert _trainings(ce.run_dir) == 1 and _trainings(bs.run_dir) == 1
+
+
+def test_a_stopped_run_whose_recipe_was_edited_is_refused(tmp_path, capsys, one_thread):
+    from longtail.cli import build_parser
+    from longtail.commands.study import load_study
+    study = _small_study(tmp_path, overrides=["train.epochs=2", "data.batch_size=64", "data.val_fraction=0.2",
+                                              "model.params.hidden=[32]"])
+    out = tmp_path / "out"
+    by_study, by_hand = [run for run in plan_runs(load_study(study), study, out) if run.recipe == "ce"]
+    # one run stopped after its first epoch by hand (as from --print-commands), one by Ctrl-C in the study
+    assert main([*by_hand.steps[0].argv, "train.stop_at_epoch=1"]) == 0
+    args = build_parser().parse_args(["study", str(study), "--out", str(out)])
+    args.run_command = lambda argv: main([*argv, "train.stop_at_epoch=1"]) or 130
+    assert args.func(args) == 130
+    for run in (by_hand, by_study):
+        assert (run.run_dir / "checkpoints" / "last.pt").is_file() and not (run.run_dir / "metrics.json").exists()
+    raw = yaml.safe_load(study.read_text())
+    edited = tmp_path / "edited.yaml"
+    raw["recipes"][0]["overrides"] = ["data.imbalance_factor=50"]
+    edited.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(edited), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "2 finished or stopped runs (2 stopped) were made from a different version of their recipe" in err
+    # a step added: the config is the same, the signature the study recorded when it started the run is not
+    raw["recipes"][0]["overrides"] = []
+    raw["recipes"][0]["calibrate"] = [{"method": "ts"}]
+    edited.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(edited), "--out", str(out)]) == 2
+    assert "1 finished or stopped runs (1 stopped)" in capsys.readouterr().err
+    for run in (by_hand, by_study):
+        assert _trainings(run.run_dir) == 1 and not (run.run_dir / "study_run.json").exists()
+    assert main(["study", str(study), "--out", str(out)]) == 0  # the unedited file resumes and finishes them
+    for run in (by_hand, by_study):
+        assert "resumed from epoch 1" in (run.run_dir / "train.log").read_text()
+
+
+def test_every_step_is_validated_before_training_and_max_runs_is_checked(tmp_path, capsys):
+    raw = yaml.safe_load(_small_study(tmp_path).read_text())
+    raw["recipes"][1]["calibrate"] = [{"method": "tss"}]
+    study = tmp_path / "bad.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown calibrator 'tss'" in capsys.readouterr().err
+    raw["recipes"][1]["calibrate"] = [{"method": "hist", "params": {"n_bins": 0}}]
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    assert "n_bins must be >= 1" in capsys.readouterr().err
+    raw["recipes"][1]["calibrate"] = []
+    raw["recipes"][0]["stage2"] = [{"recipe": "nowhere.yaml"}]
+    study.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(study), "--out", str(tmp_path / "out")]) == 2
+    assert "nowhere.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["study", str(_small_study(tmp_path)), "--out", str(tmp_path / "out"), "--max-runs", "-1"]) == 2
+    assert "--max-runs must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_a_study_exits_130_with_the_resume_command(tmp_path, capsys, one_thread):
+    study, out = _small_study(tmp_path, seeds=[0]), tmp_path / "out"
+
+    def interrupted(argv):  # what the in-process `longtail train` returns on Ctrl-C
+        return 130
+
+    from longtail.cli import build_parser
+    args = build_parser().parse_args(["study", str(study), "--out", str(out)])
+    args.run_command = interrupted
+    assert args.func(args) == 130
+    err = capsys.readouterr().err
+    assert f"Continue with:\n  longtail study {study} --out {out}" in err and "fix the cause" not in err
+
+    def keyboard(argv):  # Ctrl-C between two steps, in the study itself
+        raise KeyboardInterrupt
+    args.run_command = keyboard
+    assert args.func(args) == 130
+    assert f"longtail study {study} --out {out}" in capsys.readouterr().err

@@ -11,14 +11,14 @@ import torch
 
 from longtail.calibration.diagrams import reliability_diagrams_by_group
 from longtail.calibration.calibrators import Calibrator, load_calibrator
-from longtail.commands.common import UserError, run_dir_of
+from longtail.commands.common import UserError, folder_name, run_dir_of
 from longtail.commands.evaluate import resolve_checkpoint
 from longtail.config import config_from_dict, parse_value
 from longtail.engine import builders
-from longtail.engine.checkpoint import load_checkpoint
+from longtail.engine.checkpoint import load_run_checkpoint
 from longtail.engine.distributed import DistInfo, init_distributed
 from longtail.engine.predict import predict
-from longtail.engine.rundir import new_run_dir
+from longtail.engine.rundir import new_run_dir, write_output
 from longtail.metrics import calibration_report
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 
@@ -64,7 +64,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     run_dir, file = resolve_checkpoint(Path(run_dir), checkpoint)
     dist_info = dist_info or init_distributed("auto")
     calibrator = CALIBRATORS.build(method, params, where="calibrate.params")
-    state = load_checkpoint(file, map_location=dist_info.device)
+    state = load_run_checkpoint(file, map_location=dist_info.device)
     config = config_from_dict(state["config"], str(file))
     bundle = builders.build_bundle(config)
     if bundle.val is None:
@@ -93,12 +93,12 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
         return run_dir / "calibration"
     out = new_run_dir(run_dir / "calibration", method)
     calibrator.save(out / "calibrator.pt")
-    (out / "metrics.json").write_text(json.dumps({
+    write_output(out / "metrics.json", json.dumps({
         "method": method, "params": params or {}, "checkpoint": str(file),
         "fitted_on": f"validation split ({len(val['targets'])} images)",
         "evaluated_on": f"test split ({len(test['targets'])} images)",
         "rows": rows, "before": before, "after": after}, indent=2))
-    (out / "table.md").write_text(markdown_table(rows) + "\n")
+    write_output(out / "table.md", markdown_table(rows) + "\n")
     reliability_diagrams_by_group(test["logits"], test["targets"], counts, out / "reliability_before.png")
     reliability_diagrams_by_group(calibrated, test["targets"], counts, out / "reliability_after.png")
     print(markdown_table(rows))
@@ -111,8 +111,12 @@ def fitted_calibrators(run_dir: Path) -> dict[str, Path]:
     return {file.parent.name: file for file in files}
 
 
-def find_calibrator(run_dir: Path, name: str | None = None) -> tuple[str, Calibrator]:
-    """(name, calibrator): the one saved in ``RUN/calibration/<name>/``, or the last one fitted."""
+def find_calibrator(run_dir: Path, name: str | None = None, checkpoint: Path | None = None) -> tuple[str, Calibrator]:
+    """(name, calibrator): the one saved in ``RUN/calibration/<name>/``, or the last one fitted. With
+    ``checkpoint``, a calibrator fitted on another checkpoint of the run is refused: it was fitted to
+    that model's logits, and applying it to these would silently miscalibrate them."""
+    if name is not None:
+        folder_name(name, "--calibrator")
     fitted = fitted_calibrators(run_dir)
     if not fitted:
         raise UserError(f"{run_dir} has no fitted calibrator; run `longtail calibrate {run_dir} --method kt_ts` "
@@ -121,6 +125,13 @@ def find_calibrator(run_dir: Path, name: str | None = None) -> tuple[str, Calibr
         name = list(fitted)[-1]
     if name not in fitted:
         raise UserError(f"{run_dir} has no calibrator {name!r}; fitted ones: {', '.join(fitted)}")
+    if checkpoint is not None:
+        record = fitted[name].parent / "metrics.json"
+        fitted_on = json.loads(record.read_text()).get("checkpoint") if record.is_file() else None
+        if fitted_on is not None and Path(fitted_on).name != Path(checkpoint).name:
+            raise UserError(f"calibrator {name!r} was fitted on {fitted_on}, not on {checkpoint}; fit one on this "
+                            f"checkpoint (`longtail calibrate {run_dir} --checkpoint {Path(checkpoint).stem} "
+                            "--method ...`) or use the checkpoint it was fitted on")
     return name, load_calibrator(fitted[name])
 
 

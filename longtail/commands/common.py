@@ -2,15 +2,13 @@
 run directory, which config keys may change once a run is trained, and what a folder name may be."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["UserError", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
-           "RESUMABLE_KEYS", "FOLDER_NAME"]
+from longtail.config import check_folder_name
 
-# a name the user gives that becomes one folder (a study recipe, a stage-2 variant): no separators, no "..", no spaces
-FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+__all__ = ["UserError", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
+           "RESUMABLE_KEYS", "folder_name"]
 
 # what the training images, their labels and the shot groups are: fixed once a run is trained
 DATA_DEFINITION = ("data.dataset", "data.imbalance_factor", "data.profile", "data.max_count", "data.selection",
@@ -25,6 +23,14 @@ RESUMABLE_KEYS = ("device", "data.root", "data.train_list", "data.val_list", "da
 
 class UserError(RuntimeError):
     """Something the user can fix; printed without a traceback."""
+
+
+def folder_name(value: str, what: str) -> str:
+    """:func:`longtail.config.check_folder_name` for a command-line name: a UserError instead of ValueError."""
+    try:
+        return check_folder_name(value, what)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -12,13 +12,13 @@ from longtail.commands.common import DATA_DEFINITION, UserError, changed_keys
 from longtail.commands.results import write_results
 from longtail.config import Config, apply_overrides, config_from_dict
 from longtail.engine import builders
-from longtail.engine.checkpoint import load_checkpoint
+from longtail.engine.checkpoint import load_run_checkpoint
 from longtail.engine.distributed import DistInfo, init_distributed
 from longtail.engine.predict import predict
-from longtail.engine.rundir import new_run_dir
+from longtail.engine.rundir import new_run_dir, write_output
 from longtail.metrics import compute_metrics, summary
 
-__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint", "LoadedRun", "load_run"]
+__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint", "LoadedRun", "load_run", "split_of"]
 
 
 def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
@@ -53,7 +53,7 @@ def load_run(path: Path, checkpoint: str = "last", overrides: list[str] | None =
     """The model of a run directory (or checkpoint file) on the run's device, in eval mode."""
     run_dir, file = resolve_checkpoint(path, checkpoint)
     dist_info = init_distributed("auto")
-    state = load_checkpoint(file, map_location=dist_info.device)
+    state = load_run_checkpoint(file, map_location=dist_info.device)
     trained = config_from_dict(state["config"], str(file))
     config = config_from_dict(apply_overrides(state["config"], list(overrides or [])), f"{file} (+ overrides)")
     redefined = [key for key in changed_keys(trained.model_dump(mode="json"), config.model_dump(mode="json"))
@@ -69,16 +69,22 @@ def load_run(path: Path, checkpoint: str = "last", overrides: list[str] | None =
     return LoadedRun(run_dir, file, state, config, bundle, model, builders.build_augment(config, bundle), dist_info)
 
 
+def split_of(run: LoadedRun, split: str) -> Any:
+    """The run's ``split`` images; a run trained without a validation split has none to evaluate."""
+    imageset = getattr(run.bundle, split)
+    if imageset is None:
+        raise UserError(f"the run has no {split} split: it was trained with data.val_fraction=0, so every training "
+                        "image was seen and a split carved now would score training images. Use --split test, "
+                        "or train again with data.val_fraction=0.2 to keep a validation split")
+    return imageset
+
+
 def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test",
                         overrides: list[str] | None = None) -> Path:
     run = load_run(path, checkpoint, overrides)
     run_dir, file, state, config, bundle, dist_info = (run.run_dir, run.file, run.state, run.config, run.bundle,
                                                        run.dist_info)
-    imageset = getattr(bundle, split)
-    if imageset is None:
-        raise UserError(f"the run has no {split} split: it was trained with data.val_fraction=0, so every training "
-                        "image was seen and a split carved now would score training images. Use --split test, "
-                        "or train again with data.val_fraction=0.2 to keep a validation split")
+    imageset = split_of(run, split)
     loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
     outputs = predict(run.model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
@@ -87,7 +93,7 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     write_results(out_dir, {"selection": "evaluated", "checkpoint": str(file),
                             "last": {"epoch": int(state["epoch"]) + 1, split: metrics}},
                   outputs, bundle.train_counts, metrics)
-    (out_dir / "summary.txt").write_text(summary(metrics) + "\n")
+    write_output(out_dir / "summary.txt", summary(metrics) + "\n")
     print(summary(metrics))
     return out_dir
 

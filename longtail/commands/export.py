@@ -18,6 +18,7 @@ from longtail.commands.calibrate import find_calibrator
 from longtail.commands.common import UserError
 from longtail.commands.evaluate import LoadedRun, load_run
 from longtail.data.sources import EVAL_CROP_FRACTION
+from longtail.engine.rundir import Exists, atomic_output, check_output
 
 __all__ = ["cmd_export", "Deployable", "export_run", "load_export", "run_export", "metadata"]
 
@@ -72,34 +73,40 @@ def metadata(run: LoadedRun, calibrator: str | None, fmt: str) -> dict[str, Any]
     }
 
 
-def export_run(run: LoadedRun, out: Path, fmt: str, calibrator_name: str | None = None) -> Path:
-    """Write ``out`` (atomically) and return it; ``calibrator_name`` folds that fitted calibrator in."""
+SUFFIXES = {"torchscript": (".pt", ".pth"), "onnx": (".onnx",)}
+FORCE_HINT = "pass --force to replace it, or give another --out"
+
+
+def export_run(run: LoadedRun, out: Path, fmt: str, calibrator_name: str | None = None,
+               exist: Exists = "refuse") -> Path:
+    """Write ``out`` (atomically; an existing file is refused, numbered or replaced as ``exist`` says)
+    and return the file written; ``calibrator_name`` folds that fitted calibrator in. A failed export
+    leaves neither a temporary file nor a folder made for it."""
     scale = bias = None
     if calibrator_name is not None:
-        scale, bias = _folded(*reversed(find_calibrator(run.run_dir, calibrator_name)))
+        scale, bias = _folded(*reversed(find_calibrator(run.run_dir, calibrator_name, run.file)))
+    if fmt == "onnx":
+        try:
+            import onnx
+        except ImportError:
+            raise UserError(ONNX_MISSING) from None
     model = copy.deepcopy(run.model).cpu().float().eval()
     module = Deployable(model, run.bundle.mean, run.bundle.std, scale, bias).eval()
     size, channels = run.bundle.image_size, run.bundle.channels
     example = torch.rand(2, channels, size, size) * 255
     info = json.dumps(metadata(run, calibrator_name, fmt))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
+    with atomic_output(out, exist, FORCE_HINT) as output, torch.no_grad():
+        tmp = str(output.tmp)
         if fmt == "torchscript":
             traced = torch.jit.trace(module, example)
-            torch.jit.save(traced, str(tmp), _extra_files={METADATA_KEY: info})
+            torch.jit.save(traced, tmp, _extra_files={METADATA_KEY: info})
         else:
-            try:
-                import onnx
-            except ImportError:
-                raise UserError(ONNX_MISSING) from None
-            torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=["logits"],
+            torch.onnx.export(module, (example,), tmp, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-            graph = onnx.load(str(tmp))
+            graph = onnx.load(tmp)
             onnx.helper.set_model_props(graph, {METADATA_KEY: info})
-            onnx.save(graph, str(tmp))
-    tmp.replace(out)
-    return out
+            onnx.save(graph, tmp)
+    return output.path
 
 
 def load_export(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -125,13 +132,20 @@ def run_export(run: LoadedRun, images: torch.Tensor, calibrator: Any = None) -> 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.out and Path(args.out).suffix.lower() not in SUFFIXES[args.format] and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} does not end in {' or '.join(SUFFIXES[args.format])}, the suffix of "
+                        f"--format {args.format} (the suffix is how the file is read back); rename it or change "
+                        "--format")
+    exist: Exists = "replace" if args.force else ("refuse" if args.out else "number")
+    if args.out:
+        check_output(Path(args.out), exist, FORCE_HINT)
     run = load_run(Path(args.run), args.checkpoint)
     calibrator_name = None
     if args.calibrated or args.calibrator:
-        calibrator_name = find_calibrator(run.run_dir, args.calibrator)[0]
-    suffix = ".pt" if args.format == "torchscript" else ".onnx"
+        calibrator_name = find_calibrator(run.run_dir, args.calibrator, run.file)[0]
+    suffix = SUFFIXES[args.format][0]
     out = Path(args.out) if args.out else run.run_dir / "export" / f"model{'_' + calibrator_name if calibrator_name else ''}{suffix}"
-    export_run(run, out, args.format, calibrator_name)
+    out = export_run(run, out, args.format, calibrator_name, exist)
     forward, _ = load_export(out)
     test = run.bundle.test
     if test.in_memory:  # check on real images: the first test batch

@@ -9,7 +9,7 @@ from pathlib import Path
 from longtail.commands.common import UserError, split_config_and_overrides
 from longtail.config import load_config
 from longtail.engine.builders import build_bundle
-from longtail.engine.rundir import new_run_dir
+from longtail.engine.rundir import new_run_dir, write_output
 from longtail.functional import imbalance_factor, shot_groups
 from longtail.registry import ALL, load_all
 from longtail.report.compare import write_report
@@ -38,7 +38,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     out_dir = new_run_dir(config.output_dir, f"{config.name}_data")
     path = class_histogram(counts, out_dir / "class_histogram.png",
                            title=f"{config.data.dataset}: {sum(counts)} images, IF {imbalance_factor(counts):.0f}")
-    (out_dir / "class_counts.json").write_text(json.dumps(
+    write_output(out_dir / "class_counts.json", json.dumps(
         {"class_names": bundle.class_names, "train_counts": counts, "shot_groups": groups}, indent=2))
     print(f"histogram: {path}")
     return 0
@@ -58,8 +58,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else new_run_dir("runs", "report")
-    if args.out and out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out (reports are never overwritten)")
+    if args.out and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty folder; choose another --out (reports are never "
+                        "overwritten)")
     try:
         report = write_report([Path(r) for r in args.runs], out, papers=args.papers, baselines=args.baseline,
                               split=args.split)

@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from longtail.commands.evaluate import LoadedRun, load_run
 from longtail.data import DataError
 from longtail.data.sources import read_image_file, resize_center_crop
 from longtail.engine import builders
+from longtail.engine.rundir import Exists, check_output, write_output
 
 __all__ = ["cmd_predict", "collect_inputs", "eval_view", "predict_files", "Prediction"]
 
@@ -36,16 +38,45 @@ class Prediction:
     probabilities: list[float]
 
 
+def images_under(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively, following linked folders (each real folder is searched
+    once, so a link back up the tree is not followed round)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            print(f"not searched again: {root} (a link to {real}, already searched)", file=sys.stderr)
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [str(Path(root) / name) for name in sorted(files)
+                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and (Path(root) / name).is_file()]
+    return found
+
+
+def _list_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"list file {path} is not text: give one image path per line (UTF-8), or pass the "
+                        "image files or their folder instead") from None
+    except OSError as error:
+        raise UserError(f"cannot read list file {path}: {error.strerror or error}") from None
+
+
 def collect_inputs(inputs: list[str]) -> list[str]:
-    """Image paths from image files, folders (searched recursively for image suffixes) and list files
-    (one path per line, relative to the list file's folder unless absolute; a trailing label is ignored)."""
+    """Image paths from image files, folders (searched recursively for image suffixes, linked folders
+    included) and list files (one path per line, relative to the list file's folder unless absolute;
+    a trailing label is ignored)."""
     paths: list[str] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            paths += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += images_under(path)
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-            for line in path.read_text().splitlines():
+            for line in _list_lines(path):
                 if line.strip():
                     listed = Path(line.split()[0]).expanduser()
                     paths.append(str(listed if listed.is_absolute() else path.parent / listed))
@@ -120,8 +151,10 @@ def _rows(predictions: list[Prediction], calibrator: str | None) -> Iterator[dic
                "calibrated": calibrator is not None, "calibrator": calibrator}
 
 
-def write_predictions(out: Path, predictions: list[Prediction], k: int, calibrator: str | None) -> None:
-    """``.jsonl``: one JSON object per image; otherwise CSV with class_i / prob_i columns."""
+def write_predictions(out: Path, predictions: list[Prediction], k: int, calibrator: str | None,
+                      exist: Exists = "refuse") -> Path:
+    """``.jsonl``: one JSON object per image; otherwise CSV with class_i / prob_i columns. Returns the
+    file written (numbered under ``exist="number"``)."""
     text = io.StringIO()
     if out.suffix == ".jsonl":
         for row in _rows(predictions, calibrator):
@@ -133,26 +166,35 @@ def write_predictions(out: Path, predictions: list[Prediction], k: int, calibrat
         for p in predictions:
             writer.writerow([p.path, *(x for c, v in zip(p.classes, p.probabilities) for x in (c, f"{v:.6g}")),
                              calibrator is not None, calibrator or ""])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text.getvalue())
-    tmp.replace(out)
+    return write_output(out, text.getvalue(), exist, hint=FORCE_HINT)
+
+
+FORCE_HINT = "pass --force to replace it, or give another --out"
+DEFAULT_OUT = "predictions.csv"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 decodes in this process), got {args.workers}")
+    # a file you name is never replaced without --force; the default name is numbered instead
+    out = Path(args.out or DEFAULT_OUT)
+    exist: Exists = "replace" if args.force else ("refuse" if args.out else "number")
+    check_output(out, exist, FORCE_HINT)
     run = load_run(Path(args.run), args.checkpoint)
     calibrator_name, calibrator = None, None
     if args.calibrated or args.calibrator:
-        calibrator_name, calibrator = find_calibrator(run_dir_of(run.run_dir), args.calibrator)
+        calibrator_name, calibrator = find_calibrator(run_dir_of(run.run_dir), args.calibrator, run.file)
     paths = collect_inputs(args.inputs)
     workers = run.config.data.num_workers if args.workers is None else args.workers
     predictions, skipped = predict_files(run, paths, args.top_k, calibrator, workers)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    out = Path(args.out)
-    write_predictions(out, predictions, min(args.top_k, run.bundle.num_classes), calibrator_name)
+    if not predictions:
+        raise UserError(f"none of the {len(paths)} images could be read (each is named above); nothing was "
+                        f"written to {out}")
+    out = write_predictions(out, predictions, min(args.top_k, run.bundle.num_classes), calibrator_name, exist)
     print(f"{len(predictions)} images predicted"
           + (f" with calibrator {calibrator_name}" if calibrator_name else " (uncalibrated)")
           + (f", {len(skipped)} unreadable skipped" if skipped else "") + f"; written to {out}")

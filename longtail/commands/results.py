@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from longtail.calibration.diagrams import reliability_diagram, reliability_diagrams_by_group
+from longtail.engine.rundir import write_output
 from longtail.report.plots import per_class_accuracy_plot
 
 __all__ = ["write_results"]
@@ -18,7 +19,7 @@ def write_results(out_dir: Path, results: dict[str, Any], outputs: dict[str, tor
     """metrics.json plus per-class accuracy against class size and reliability diagrams (overall and
     per shot group) of the test predictions ``outputs``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+    write_output(out_dir / "metrics.json", json.dumps(results, indent=2), exist="replace")
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
     per_class_accuracy_plot(metrics["per_class_top1"], train_counts, plots / "per_class_accuracy.png",

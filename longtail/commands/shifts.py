@@ -12,11 +12,11 @@ import torch
 
 from longtail.calibration.calibrators import load_calibrator
 from longtail.commands.calibrate import fitted_calibrators
-from longtail.commands.evaluate import LoadedRun
+from longtail.commands.evaluate import LoadedRun, split_of
 from longtail.data.shifts import shifted_test_indices
 from longtail.engine import builders
 from longtail.engine.predict import predict
-from longtail.engine.rundir import new_run_dir
+from longtail.engine.rundir import new_run_dir, write_output
 from longtail.functional import ece, em_label_shift, prior_corrected_logits, shot_groups
 from longtail.report.shifts import label_shift_plot, shift_position
 
@@ -84,7 +84,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def evaluate_shifts(run: LoadedRun, split: str = "test") -> Path:
     """Write ``RUN/evals/shifts_<checkpoint>/``: shifts.json, table.md and shifts.png."""
     config, bundle, dist_info = run.config, run.bundle, run.dist_info
-    imageset = getattr(bundle, split)
+    imageset = split_of(run, split)
     loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
     outputs = predict(run.model, loader, dist_info, len(imageset), builders.amp_dtype(config, dist_info.device))
     variants: dict[str, Any] = {"raw": None}
@@ -94,9 +94,9 @@ def evaluate_shifts(run: LoadedRun, split: str = "test") -> Path:
                       shifts.imbalance_factors, shifts.seed, shifts.model_prior, shifts.oracle)
     out = new_run_dir(run.run_dir / "evals", f"shifts_{run.file.stem}")
     table = markdown_table(rows)
-    (out / "shifts.json").write_text(json.dumps({"checkpoint": str(run.file), "shifts": shifts.model_dump(),
-                                                 "rows": rows}, indent=2))
-    (out / "table.md").write_text(table + "\n")
+    write_output(out / "shifts.json", json.dumps({"checkpoint": str(run.file), "shifts": shifts.model_dump(),
+                                                  "rows": rows}, indent=2))
+    write_output(out / "table.md", table + "\n")
     label_shift_plot(rows, out / "shifts.png", f"{config.name}: label shift")
     print(table)
     return out

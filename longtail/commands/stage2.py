@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from longtail.commands.common import FOLDER_NAME, UserError, run_dir_of, split_config_and_overrides
+from longtail.commands.common import UserError, folder_name, run_dir_of, split_config_and_overrides
 from longtail.commands.train import train_stage2
 from longtail.config import apply_overrides, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
@@ -41,10 +41,10 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     config = config_from_dict(apply_overrides(raw, overrides), f"{recorded} (+ stage 2 of {recipe or 'the run'})")
     if config.stage2 is None:
         raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
+    folder = f"stage2_{folder_name(args.name, '--name') if args.name else config.stage2.method}"
     dist_info = distributed.init_distributed(config.device)
     out_dir = None
     try:
-        folder = f"stage2_{_checked_name(args.name) if args.name else config.stage2.method}"
         out_dir = new_run_dir(run_dir, folder) if dist_info.is_main else None
         out_dir = distributed.broadcast_object(out_dir)
         setup_text_log(out_dir, dist_info.is_main)
@@ -62,12 +62,6 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
-
-
-def _checked_name(name: str) -> str:
-    if not FOLDER_NAME.match(name):
-        raise UserError(f"--name {name!r} is not a folder name: use letters, digits and _ . + - (e.g. crt-cached)")
-    return name
 
 
 def _resume(out_dir: Path, overrides: list[str]) -> int:

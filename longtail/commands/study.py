@@ -7,6 +7,12 @@ in ``STUDY_DIR/<cell>/seed<k>/`` (``<cell>`` = recipe plus grid values) and is d
 ``study_run.json`` marker exists; a rerun skips finished runs, ``--resume``s a stopped one and
 continues a stopped stage 2. ``--print-commands`` prints the ``torchrun`` lines of the runs left, to
 spread them over machines (rerunning the study afterwards only writes the markers).
+
+Several processes may work on one study at once: a process claims a run (the ``flock`` of
+``STUDY/.claims/<cell>/seed<k>.claim``, released by the kernel when the process ends however it ends)
+before it looks into, clears or trains the run, and skips runs another live process holds, so each
+run is trained exactly once. The signature of what a run was started as is kept beside the claim
+(``seed<k>.started``), so a stopped run whose recipe was edited since is refused like a finished one.
 """
 from __future__ import annotations
 
@@ -28,10 +34,11 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
-from longtail.commands.common import FOLDER_NAME, UserError
-from longtail.config import (Config, Section, apply_overrides, config_from_dict, format_validation_error, load_config,
-                             read_recipe)
-from longtail.registry import ConfigError
+from longtail.commands.common import UserError
+from longtail.config import (Config, Section, apply_overrides, check_folder_name, config_from_dict,
+                             format_validation_error, load_config, read_recipe)
+from longtail.engine.rundir import lock_holder, release, try_claim, write_output
+from longtail.registry import CALIBRATORS, ConfigError, load_all
 from longtail.report.compare import STUDY_MARKER as MARKER
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
@@ -49,9 +56,7 @@ class Stage2Step(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str | None) -> str | None:
-        if value is not None and not FOLDER_NAME.match(value):
-            raise ValueError("a stage2 step name is a folder name: letters, digits and _ . + - only")
-        return value
+        return value if value is None else check_folder_name(value, "a stage2 step name")
 
 
 class CalibrateStep(Section):
@@ -71,9 +76,7 @@ class StudyRecipe(Section):
     @field_validator("name")
     @classmethod
     def _folder_name(cls, value: str) -> str:
-        if not FOLDER_NAME.match(value):
-            raise ValueError("a recipe name is a folder name: letters, digits and _ . + - only")
-        return value
+        return check_folder_name(value, "a recipe name")
 
 
 class Study(Section):
@@ -86,6 +89,11 @@ class Study(Section):
     overrides: list[str] = Field(default_factory=list, description="applied to every recipe, before its own")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="key: [values]; every combination")
     recipes: list[StudyRecipe] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        return check_folder_name(value, "the study name (its folder in output_dir)")
 
     @model_validator(mode="after")
     def _distinct(self) -> "Study":
@@ -113,6 +121,7 @@ class Step:
     output: Path
     resume_argv: list[str] | None = None
     can_resume: Callable[[], bool] = lambda: False
+    config: Config | None = None  # the training step's resolved config
 
     def done(self) -> bool:
         return (self.output / "metrics.json").is_file()
@@ -133,8 +142,48 @@ class StudyRun:
     def finished(self) -> bool:
         return (self.run_dir / MARKER).is_file()
 
+    @property
+    def claim_file(self) -> Path:
+        """Held (``flock``) by the process working on the run: ``STUDY/.claims/<cell>/<folder>.claim``,
+        outside the run folder, so clearing the folder keeps the claim."""
+        return self.run_dir.parent.parent / ".claims" / self.cell / f"{self.run_dir.name}.claim"
+
+    @property
+    def started_file(self) -> Path:
+        """The signature the run was started with (written before its first step runs)."""
+        return self.claim_file.with_suffix(".started")
+
+    def has_progress(self) -> bool:
+        """Whether any step of the run left something a rerun would keep (results or a checkpoint)."""
+        return any(step.done() or step.can_resume() for step in self.steps)
+
     def recorded_signature(self) -> str | None:
-        return json.loads((self.run_dir / MARKER).read_text()).get("signature") if self.finished else None
+        """What the run was made as: its marker's signature when finished, else (when it has progress
+        to resume) the one it was started with; None for a run with nothing to keep."""
+        if self.finished:
+            return json.loads((self.run_dir / MARKER).read_text()).get("signature")
+        if not self.has_progress():
+            return None
+        if self.started_file.is_file():
+            return self.started_file.read_text().strip() or None
+        return self._config_signature()
+
+    def _config_signature(self) -> str | None:
+        """A run started outside the study (e.g. from --print-commands): compare its recorded config.
+        Stop points are left out: the study resumes past them."""
+        recorded = self.run_dir / "config.yaml"
+        if not recorded.is_file() or self.steps[0].config is None:
+            return None
+        planned = self.steps[0].config.model_copy(deep=True)
+        try:
+            found = load_config(recorded, [f"output_dir={planned.output_dir}", f"name={planned.name}"])
+        except ConfigError:
+            return "unreadable"
+        for config in (planned, found):
+            config.train.stop_at_epoch = None
+            if config.stage2 is not None:
+                config.stage2.stop_at_epoch = None
+        return self.signature if found == planned else "different config"
 
 
 def load_study(path: str | Path) -> Study:
@@ -209,7 +258,7 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
     final = run_dir / "stage2" if config.stage2 is not None else run_dir
     train = Step(["train", str(config_path), *overrides], final,
                  resume_argv=["train", "--resume", str(run_dir)],
-                 can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file())
+                 can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file(), config=config)
     steps = [train]
     names = [step.name or _stage2_method(step, base, config) for step in recipe.stage2]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -222,7 +271,10 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
                 *(["--name", step.name] if step.name else [])]
         steps.append(Step(argv, out, resume_argv=["stage2", "--resume", str(out)],
                           can_resume=lambda out=out: (out / "checkpoints" / "last.pt").is_file()))
-    for calibration in recipe.calibrate:
+    load_all()
+    for calibration in recipe.calibrate:  # a bad method or parameter fails here, before anything trains
+        CALIBRATORS.build(calibration.method, calibration.params,
+                          where=f"study recipe {recipe.name}: calibrate {calibration.method} params")
         params = [item for key, value in calibration.params.items()
                   for item in ("--param", f"{key}={json.dumps(value)}")]
         steps.append(Step(["calibrate", str(final), "--method", calibration.method, *params],
@@ -240,11 +292,14 @@ def _signature(config: Config, recipe: StudyRecipe) -> str:
 
 
 def check_unchanged(runs: list[StudyRun]) -> None:
-    """Finished runs must still be what the study file describes; else name them and the way out."""
-    changed = [run.run_dir for run in runs if run.recorded_signature() not in (None, run.signature)]
+    """Finished and stopped runs must still be what the study file describes (a stopped run would
+    resume with its old settings); else name them and the way out."""
+    changed = [run for run in runs if run.recorded_signature() not in (None, run.signature)]
     if changed:
-        raise UserError(f"{len(changed)} finished runs were made from a different version of their recipe (first: "
-                        f"{changed[0]}); give the study a new name (or --out) to rerun them, or restore the file")
+        stopped = sum(not run.finished for run in changed)
+        raise UserError(f"{len(changed)} finished or stopped runs ({stopped} stopped) were made from a different "
+                        f"version of their recipe (first: {changed[0].run_dir}); give the study a new name (or "
+                        "--out) to rerun them, or restore the file")
 
 
 def _next_command(step: Step) -> list[str] | None:
@@ -268,43 +323,80 @@ def _mark_finished(run: StudyRun, study: Study) -> None:
     record = {"study": study.name, "cell": run.cell, "recipe": run.recipe, "grid": run.grid, "seed": run.seed,
               "selection_seed": run.selection_seed, "signature": run.signature, "steps": [step.argv for step in run.steps],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = run.run_dir / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(run.run_dir / MARKER)
+    write_output(run.run_dir / MARKER, json.dumps(record, indent=2), exist="replace")
+
+
+class StudyInterrupted(Exception):
+    """Ctrl-C while a step ran: the study stops with exit 130 and says how to continue."""
+
+
+def _busy(run: StudyRun) -> str | None:
+    """Who holds the run or one of its step folders (e.g. a `longtail train` started by hand or from
+    --print-commands), or None."""
+    folders = [run.run_dir, *(step.output for step in run.steps[1:])]
+    return next((holder for holder in (lock_holder(folder / ".lock") for folder in folders) if holder), None)
 
 
 def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]], int],
-              max_runs: int | None = None) -> int:
-    """Run what is left of ``runs`` one after another with ``execute(argv)``; returns how many ran.
-    Progress over the whole study (runs done / total, ETA) on stderr."""
+              max_runs: int | None = None, resume_hint: str = "rerun the study") -> tuple[int, list[str]]:
+    """Run what is left of ``runs`` one after another with ``execute(argv)``: (how many this process ran,
+    the runs it skipped because another live process holds them). Each run is claimed before it is
+    looked at, so processes sharing the study never train one run twice. Progress over the whole
+    study (runs done / total, ETA) on stderr."""
     done = sum(run.finished for run in runs)
     ran = 0
+    held: list[str] = []
     with tqdm(total=len(runs), initial=done, desc=f"study {study.name}", unit="run", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for run in runs:
-            if run.finished:
+            if run.finished or (max_runs is not None and ran >= max_runs and not run.has_progress()):
                 continue
-            if all(step.done() for step in run.steps):  # ran elsewhere (--print-commands): only record it
-                _mark_finished(run, study)
-                bar.update(1)
+            claim = try_claim(run.claim_file)
+            if claim is None:
+                held.append(f"{run.run_dir} (claimed by {lock_holder(run.claim_file) or 'another process'})")
                 continue
-            if max_runs is not None and ran >= max_runs:
-                continue
-            bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
-            for step in run.steps:
-                command = _next_command(step)
-                if command is None:
+            try:
+                if run.finished:  # another process finished it between our look and our claim
                     continue
-                if command is step.argv:
-                    _clear_unresumable(step, run.run_dir)
-                code = execute(command)
-                if code != 0:
-                    raise UserError(f"`longtail {shlex.join(command)}` failed (exit {code}) in {run.run_dir}; fix "
-                                    "the cause and rerun the study: finished runs are skipped, this one resumes")
-            _mark_finished(run, study)
-            ran += 1
-            bar.update(1)
-    return ran
+                holder = _busy(run)
+                if holder is not None:
+                    held.append(f"{run.run_dir} (in use by {holder})")
+                    continue
+                if all(step.done() for step in run.steps):  # ran elsewhere (--print-commands): only record it
+                    _mark_finished(run, study)
+                    bar.update(1)
+                    continue
+                if max_runs is not None and ran >= max_runs:
+                    continue
+                if run.recorded_signature() not in (None, run.signature):  # edited since check_unchanged
+                    raise UserError(f"{run.run_dir} was started from a different version of its recipe; give the "
+                                    "study a new name (or --out) to rerun it, or restore the file")
+                if not run.has_progress():
+                    write_output(run.started_file, run.signature + "\n", exist="replace")
+                bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
+                _run_steps(run, execute, resume_hint)
+                _mark_finished(run, study)
+                ran += 1
+                bar.update(1)
+            finally:
+                release(claim)
+    return ran, held
+
+
+def _run_steps(run: StudyRun, execute: Callable[[list[str]], int], resume_hint: str) -> None:
+    for step in run.steps:
+        command = _next_command(step)
+        if command is None:
+            continue
+        if command is step.argv:
+            _clear_unresumable(step, run.run_dir)
+        code = execute(command)
+        if code == 130:
+            raise StudyInterrupted(f"interrupted in {run.run_dir}; every checkpoint written is complete. "
+                                   f"Continue with:\n  {resume_hint}")
+        if code != 0:
+            raise UserError(f"`longtail {shlex.join(command)}` failed (exit {code}) in {run.run_dir}; fix the cause "
+                            f"and rerun the study (`{resume_hint}`): finished runs are skipped, this one resumes")
 
 
 def print_commands(runs: list[StudyRun]) -> None:
@@ -325,6 +417,8 @@ def print_commands(runs: list[StudyRun]) -> None:
 def cmd_study(args: argparse.Namespace) -> int:
     """``args.run_command(argv)`` runs one ``longtail`` command (the cli passes its own ``main``, so the
     steps run in this process, one after another)."""
+    if args.max_runs is not None and args.max_runs < 0:
+        raise UserError(f"--max-runs must be >= 0, got {args.max_runs} (0 only records runs finished elsewhere)")
     study_file = Path(args.study)
     study = load_study(study_file)
     study_dir = Path(args.out) if args.out else Path(study.output_dir) / study.name
@@ -335,12 +429,22 @@ def cmd_study(args: argparse.Namespace) -> int:
               "each (NPROC: processes per node, default 1):")
         print_commands(runs)
         return 0
+    resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "study.yaml").write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
-    ran = run_study(study, runs, args.run_command, args.max_runs)
+    write_output(study_dir / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
+                 exist="replace")
+    try:
+        ran, held = run_study(study, runs, args.run_command, args.max_runs, resume)
+    except (StudyInterrupted, KeyboardInterrupt) as error:
+        print(str(error) if isinstance(error, StudyInterrupted) else
+              f"interrupted; every checkpoint written is complete. Continue with:\n  {resume}", file=sys.stderr)
+        return 130
     left = sum(not r.finished for r in runs)
+    if held:
+        print(f"{len(held)} runs are being worked on by other processes and were left to them (first: {held[0]})")
     if left:
-        print(f"ran {ran} runs; {left} left: rerun `longtail study {study_file}` to continue")
+        print(f"ran {ran} runs; {left} left: rerun `{resume}` to continue")
     else:
-        print(f"study {study.name} finished ({len(runs)} runs); compare with `longtail report {study_dir}`")
+        print(f"study {study.name} finished ({len(runs)} runs, {ran} of them here); compare with "
+              f"`longtail report {study_dir}`")
     return 0

@@ -78,6 +78,9 @@ def decode_bytes(data: bytes, name: str, channels: int = 3) -> torch.Tensor:
             if image.mode in WIDE_GREY_MODES:  # PIL's convert() clips these at 255 instead of scaling
                 image = Image.fromarray(_to_uint8(np.asarray(image), image.mode))
             array = np.asarray(image if image.mode == mode else image.convert(mode))
+    except Image.DecompressionBombError as error:  # not an OSError: PIL's guard against huge images
+        raise DataError(f"cannot decode image {name}: {error} It is far larger than any training image; "
+                        "shrink it or leave it out") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot decode image {name}: {error}. The file is corrupt or not an image; "
                         "replace it (re-extract or re-download the dataset) or delete it") from None

@@ -52,3 +52,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "corrupt or not a checkpoint written by longtail. Use another checkpoint of the run "
                               "(best.pt, or an earlier copy) or train again")
     return state
+
+
+RUN_CHECKPOINT_KEYS = ("model", "config", "epoch")
+
+
+def load_run_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint of a longtail run (the model, the config it was trained with, its epoch): a file
+    that loads but lacks them (another program's weights, a saved calibrator) is refused by name."""
+    state = load_checkpoint(path, map_location)
+    missing = [key for key in RUN_CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of a longtail run (it has no "
+                              f"{', '.join(repr(k) for k in missing)}; its keys: {', '.join(map(str, list(state)[:8]))}). "
+                              "Give a run directory or one of its RUN/checkpoints/*.pt files")
+    return state

@@ -1,20 +1,24 @@
 """Run directories: never overwrite a previous run; record what produced the results (and every
 later change of the config, in ``config_history.jsonl``); one process works in a run at a time
-(``RUN/.lock``)."""
+(``RUN/.lock``); claims that let several processes share a study; and the one way every command
+writes an output file (atomically, never replacing a file silently)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator, Literal
 
 import torch
 
@@ -24,6 +28,10 @@ from longtail.engine.precision import resolve_precision
 
 class RunDirError(RuntimeError):
     """A run directory cannot be used (another process holds it); the message says what to do."""
+
+
+class OutputError(RunDirError):
+    """An output file cannot be written (it exists, it is a folder, the folder is not writable)."""
 
 
 def new_run_dir(output_dir: str | Path, name: str) -> Path:
@@ -54,23 +62,59 @@ def discard_if_unstarted(run_dir: Path) -> bool:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` (an advisory ``flock``, released by the kernel even on ``kill -9``) while
     a command works in the run, so two processes never train or resume one run at once."""
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
+    handle = try_claim(run_dir / ".lock")
+    if handle is None:
+        holder = lock_holder(run_dir / ".lock") or "another process"
         raise RunDirError(f"{run_dir} is in use by {holder}; wait for it to finish (or stop it) before "
-                          "resuming or training in this run") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
+                          "resuming or training in this run")
     try:
         yield
     finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        release(handle)
+
+
+def _holder_text() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def try_claim(path: Path) -> IO[str] | None:
+    """Take the advisory ``flock`` on ``path`` (created if missing) without waiting: the open handle
+    that holds it, or None when another live process holds it. The kernel releases it when the
+    holder exits, however it exits, so a claim left by a dead process is simply taken again.
+    ``release(handle)`` gives it back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         handle.close()
+        return None
+    handle.truncate(0)
+    handle.write(_holder_text() + "\n")
+    handle.flush()
+    return handle
+
+
+def release(handle: IO[str]) -> None:
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the ``flock`` on ``path`` (its recorded "pid N on HOST"), or None when nobody does
+    or the file does not exist. Only looks: it creates nothing and keeps no lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with os.fdopen(os.dup(fd)) as handle:
+            return handle.read().strip() or "another process"
+    finally:
+        os.close(fd)  # closing the only descriptor also drops a lock taken above
+    return None
 
 
 def record_config_change(run_dir: Path, config: Config, changes: dict[str, tuple[Any, Any]]) -> None:
@@ -128,3 +172,101 @@ def write_run_record(run_dir: Path, config: Config, device: torch.device, world_
         "precision": resolve_precision(config.train.amp, config.train.channels_last, device).label,
     }
     (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
+# ----------------------------------------------------------------------------- output files
+Exists = Literal["refuse", "number", "replace"]
+
+
+@dataclass
+class Output:
+    """Where to write (``tmp``, a fresh file beside the target) and, once published, the file it became."""
+
+    tmp: Path
+    path: Path
+
+
+def numbered(path: Path, number: int) -> Path:
+    return path if number == 0 else path.with_name(f"{path.stem}-{number}{path.suffix}")
+
+
+def check_output(path: Path, exist: Exists = "refuse", hint: str = "choose another name") -> Path:
+    """Fail early (before any work) on an output path that cannot be written as asked: a folder, or
+    an existing file under ``exist="refuse"``."""
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name inside it (e.g. {path / ('output' + path.suffix)})")
+    if exist == "refuse" and (path.exists() or path.is_symlink()):
+        raise OutputError(f"{path} exists and is never replaced silently; {hint}")
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | Path, exist: Exists = "refuse", hint: str = "choose another name") -> Iterator[Output]:
+    """Write an output file atomically: the body writes ``output.tmp`` (in the target's folder), which
+    then becomes ``path`` in one step, so a reader never sees half a file. An existing ``path`` is
+    refused (``hint`` says what to do), or the output is numbered ``NAME-1.EXT``, ``NAME-2.EXT``...
+    (``exist="number"``), or replaced (``exist="replace"``, e.g. under ``--force``). On any failure the
+    temporary file and any folder made for it are removed, and a file-system error becomes
+    ``OutputError("cannot write PATH: reason")``."""
+    path = check_output(Path(path), exist, hint)
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+    output = Output(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # fails now on an unwritable folder
+        yield output
+        output.path = _publish(tmp, path, exist, hint)
+    except BaseException as error:
+        with suppress(OSError):  # on a read-only folder even removing what was never made fails
+            tmp.unlink(missing_ok=True)
+        for folder in made:  # innermost first; leave no empty folder a failed write made
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise OutputError(f"cannot write {path}: {error.strerror or error}. Check that its folder exists, is "
+                              "writable and has free space") from None
+        raise
+
+
+def _publish(tmp: Path, path: Path, exist: Exists, hint: str) -> Path:
+    """``tmp`` becomes ``path`` (or the first free numbered name). A hard link never replaces an existing
+    file, so two writers cannot both take one name; where links are not supported a rename is used."""
+    if exist == "replace":
+        os.replace(tmp, path)
+        return path
+    number = 0
+    while True:
+        target = numbered(path, number)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            if exist == "refuse":
+                raise OutputError(f"{target} exists and is never replaced silently; {hint}") from None
+            number += 1
+            continue
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if target.exists():
+                if exist == "refuse":
+                    raise OutputError(f"{target} exists and is never replaced silently; {hint}") from None
+                number += 1
+                continue
+            os.rename(tmp, target)
+            return target
+        tmp.unlink()
+        return target
+
+
+def write_output(path: str | Path, content: str | bytes, exist: Exists = "refuse",
+                 hint: str = "choose another name") -> Path:
+    """``content`` written to ``path`` with :func:`atomic_output`; returns the file written."""
+    with atomic_output(path, exist, hint) as output:
+        if isinstance(content, bytes):
+            output.tmp.write_bytes(content)
+        else:
+            output.tmp.write_text(content, encoding="utf-8")
+    return output.path

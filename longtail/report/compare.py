@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import yaml
 
+from longtail.engine.rundir import write_output
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
 from longtail.report.papers import load_paper_numbers, paper_entry_for
@@ -30,7 +31,7 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Pat
     runs: list[Path] = []
     partial: list[Path] = []
     untrained: list[Path] = []
-    for path in map(Path, paths):
+    for path in _distinct(map(Path, paths)):
         if (path / "metrics.json").is_file():
             runs.append(path)
             continue
@@ -45,18 +46,54 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Pat
                 partial.append(cell)
             else:
                 untrained.append(cell)
-    return runs, partial, untrained
+    return _distinct(runs), partial, untrained
+
+
+def _distinct(paths: Iterable[Path]) -> list[Path]:
+    """``paths`` in order, each folder once however it was spelled (``DIR DIR``, ``DIR/``, a link, a
+    study and one of its runs): a run given twice is one run, not two seeds."""
+    seen: set[Path] = set()
+    out = []
+    for path in paths:
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run; a damaged one is named (ValueError) instead of a bare parser message."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the step that wrote it, or move the run "
+                         "out of the report") from None
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json; is it a finished `longtail train` run?")
-    results = json.loads(path.read_text())
+    results = _checked(read_json(path), path)
     # stage 2 of the recipe (RUN/stage2) and those of `longtail stage2` (RUN/stage2_<method>[-N])
     folders = [run_dir / "stage2", *sorted(run_dir.glob("stage2_*"))]
-    results["stage2"] = {folder.name: json.loads((folder / "metrics.json").read_text())
+    results["stage2"] = {folder.name: _checked(read_json(folder / "metrics.json"), folder / "metrics.json")
                          for folder in folders if (folder / "metrics.json").is_file()}
+    return results
+
+
+def _checked(results: Any, path: Path) -> dict[str, Any]:
+    """A metrics.json as `longtail train` writes it: {"last": {"test": {"top1": ...}, ...}, ...}."""
+    def stage_ok(stage: Any) -> bool:
+        splits = [stage[key] for key in SPLITS if key in stage] if isinstance(stage, dict) else []
+        return bool(splits) and all(isinstance(m, dict) and isinstance(m.get("top1"), (int, float)) for m in splits)
+
+    if not (isinstance(results, dict) and stage_ok(results.get("last"))
+            and ("best" not in results or stage_ok(results["best"]))):
+        raise ValueError(f"{path} is valid JSON but not a longtail metrics.json (expected "
+                         '{"last": {"test": {"top1": ...}}}); rerun the step that wrote it, or move the run out of '
+                         "the report")
     return results
 
 
@@ -64,13 +101,25 @@ def _calibration(folder: Path) -> dict[str, float]:
     """Test ECE after each calibrator fitted on this model (RUN[/stage2...]/calibration/<method>)."""
     out = {}
     for path in sorted(folder.glob("calibration/*/metrics.json")):
-        out[path.parent.name] = json.loads(path.read_text())["after"]["ece"]
+        record = read_json(path)
+        try:
+            out[path.parent.name] = float(record["after"]["ece"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} is valid JSON but not a calibration metrics.json (no after.ece)") from None
     return out
 
 
 def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a config (a mapping of sections)")
+    return config
 
 
 def _metrics(results: dict[str, Any], split: str, where: Path) -> dict[str, Any]:
@@ -92,7 +141,7 @@ def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
     config = _config(run_dir)
     marker = run_dir / STUDY_MARKER
     if marker.is_file():
-        recipe = json.loads(marker.read_text())["cell"]
+        recipe = read_json(marker).get("cell") or run_dir.parent.name
     elif (run_dir.parent.parent / "study.yaml").is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
         recipe = run_dir.parent.name
     else:
@@ -226,7 +275,7 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
             "*within noise*: the 95% interval of the mean paired difference contains 0 (paired t-test, p ≥ 0.05).",
             "", "## Runs", "", markdown(*runs_table), "",
             *(f"![{title}]({path.name})" for title, path in plots.items()), ""]
-    (out / "report.md").write_text("\n".join(text))
+    write_output(out / "report.md", "\n".join(text))
     write_html(out / "report.html", summary, paired, runs_table, plots, reliability, note)
     return out / "report.md"
 

@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from longtail.engine.rundir import write_output
+
 __all__ = ["write_html"]
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -52,5 +54,4 @@ def write_html(path: Path, summary: Table, differences: Table, runs: Table, plot
     parts += [f"<figure style=\"width:32%\">{_image(file, f'reliability: {label}')}"
               f"<figcaption>{html.escape(label)}</figcaption></figure>" for label, file in reliability.items()]
     parts += ["</div>", "<h2>Runs</h2>", _table(runs, "runs"), "</body></html>"]
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return write_output(path, "\n".join(parts))
