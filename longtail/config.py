@@ -79,6 +79,10 @@ class DataConfig(Section):
         "auto", description="keep decoded uint8 images in one tensor on the training device")
     cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
     batch_size: int = Field(32, ge=1, description="per process; the default suits Digits-LT, CIFAR recipes use 128")
+    drop_last: bool = Field(
+        False, description="drop each epoch's last incomplete training batch (BBN's and BALMS's code) or keep it "
+                           "(torch's default: Cao et al., SHIKE, RIDE); a kept last batch of one sample joins the "
+                           "batch before it, so batch norm never sees a single sample")
     eval_batch_size: int = Field(1024, ge=1)
     num_workers: int = Field(4, ge=0)
     decode_on_device: Literal["auto", "yes", "no"] = Field(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from longtail.functional import (balanced_softmax_loss, class_balanced_weights, focal_loss, ikl_alpha,
                                  ikl_class_medians, ikl_correlation_labels, ikl_uncertainty_loss,
                                  label_smoothing_loss, ldam_loss, ldam_margins, logit_adjusted_loss,
+                                 normalize_weighted_losses,
                                  ride_class_temperatures, ride_diversity_loss, shike_dkt_loss, shike_grand_teacher,
                                  shike_mutual_loss,
                                  soft_target_cross_entropy)
@@ -86,6 +87,27 @@ def test_focal_down_weights_easy_samples_by_hand():
     expected = -(1 - p) ** 2 * np.log(p)
     got = focal_loss(t(LOGITS), t(TARGETS, torch.long), gamma=2.0, reduction="none")
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_weight_normalisations_by_hand():
+    # per-sample losses l = (1, 2, 3) of samples whose class weights are w = (2, 1, 1): w l = (2, 2, 3)
+    weighted, weights = torch.tensor([2.0, 2.0, 3.0]), torch.tensor([2.0, 1.0, 1.0])
+    # weight_sum: (2 + 2 + 3) / (2 + 1 + 1) = 7 / 4; each value times B / sum(w) = 3 / 4
+    by_weight_sum = normalize_weighted_losses(weighted, weights, "weight_sum")
+    assert by_weight_sum.tolist() == pytest.approx([1.5, 1.5, 2.25])
+    assert by_weight_sum.mean().item() == pytest.approx(7 / 4)
+    # batch: (2 + 2 + 3) / 3 = 7 / 3, the values unchanged
+    assert normalize_weighted_losses(weighted, weights, "batch").tolist() == [2.0, 2.0, 3.0]
+    assert normalize_weighted_losses(weighted, weights, "batch").mean().item() == pytest.approx(7 / 3)
+    # weight_sum is torch's CrossEntropyLoss(weight=w) (Cao et al.'s CB and DRW); batch its per-sample mean (Cui et al.)
+    logits, y, w = t(LOGITS), torch.tensor(TARGETS), torch.tensor([0.5, 2.0, 4.0])
+    per_sample = F.cross_entropy(logits, y, weight=w, reduction="none")
+    assert normalize_weighted_losses(per_sample, w[y], "weight_sum").mean().item() == pytest.approx(
+        torch.nn.CrossEntropyLoss(weight=w)(logits, y).item(), rel=1e-6)
+    assert normalize_weighted_losses(per_sample, w[y], "batch").mean().item() == pytest.approx(
+        float(np.mean(np.array([0.5, 2.0, 4.0])[TARGETS] * np_ce(LOGITS, TARGETS))), rel=1e-6)
+    with pytest.raises(ValueError, match="weight_sum"):
+        normalize_weighted_losses(weighted, weights, "mean")
 
 
 def test_class_balanced_weights_by_hand():

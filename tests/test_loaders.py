@@ -11,7 +11,8 @@ import longtail.data  # noqa: F401  (registers the samplers)
 from longtail.config import AugmentConfig, DataConfig
 from longtail.data import build_data
 from longtail.data.augment import BatchAugment
-from longtail.data.loaders import EvalLoader, TrainLoader, eval_shard
+from longtail.data.loaders import EvalLoader, TrainLoader, batch_bounds, eval_shard
+from longtail.models.small import mlp
 from longtail.registry import SAMPLERS
 
 
@@ -49,6 +50,47 @@ def test_in_memory_batches_follow_the_sampler(digits):
         assert torch.equal(batch.images, train.images[indices].float())
         assert torch.equal(batch.targets, train.targets[indices])
         assert torch.equal(batch.mix_targets, train.targets[indices].flip(0))
+
+
+def test_the_last_partial_batch_is_kept_or_dropped(digits):
+    train = digits.train  # 503 images: 15 batches of 32 and 23 left
+    sampler = sampler_for(train)
+    kept = TrainLoader(train, sampler, 32, stand_in_augment, "cpu", seed=0, drop_last=False)
+    dropped = TrainLoader(train, sampler, 32, stand_in_augment, "cpu", seed=0, drop_last=True)
+    assert (len(kept), kept.samples_per_epoch) == (16, 503) and (len(dropped), dropped.samples_per_epoch) == (15, 480)
+    batches = collect(kept, 1)
+    assert [len(b.targets) for b in batches] == [32] * 15 + [23]
+    assert torch.equal(torch.cat([b.indices for b in batches]), sampler.epoch_indices(1, 3))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(batches, collect(dropped, 1)))
+
+
+def test_a_last_batch_of_one_joins_the_batch_before_it(digits):
+    # 503 = 2 x 251 + 1: the single sample would meet BatchNorm1d alone in train mode, which cannot
+    # normalise it; it is merged into the second batch (251 + 1), so it is still trained on
+    assert batch_bounds(503, 251, drop_last=False) == [(0, 251), (251, 503)]
+    assert batch_bounds(503, 251, drop_last=True) == [(0, 251), (251, 502)]
+    assert batch_bounds(503, 251, drop_last=False, merge_single=False) == [(0, 251), (251, 502), (502, 503)]
+    assert batch_bounds(10, 4, drop_last=False) == [(0, 4), (4, 8), (8, 10)]
+    loader = TrainLoader(digits.train, sampler_for(digits.train), 251, stand_in_augment, "cpu", seed=0,
+                         drop_last=False)
+    batches = collect(loader, 0)
+    assert len(loader) == 2 and [len(b.targets) for b in batches] == [251, 252]
+    model = mlp(num_classes=10, in_channels=1, image_size=8).train()  # Digits-LT's: BatchNorm1d per layer
+    for batch in batches:
+        model(batch.images.float()).logits.sum().backward()  # no error: no batch of one
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(batches[0].images[:1].float())  # what a kept batch of one would have met
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_get_equal_batches_with_or_without_the_last_partial_one(digits, drop_last):
+    # 503 images over 2 ranks: 252 each (the shard wraps around by one), batches of 16 per rank:
+    # 15 full + 12 left, kept (16 steps) or dropped (15) alike on both ranks, so DDP never waits
+    ranks = [TrainLoader(digits.train, sampler_for(digits.train, rank=r, world_size=2), 16, stand_in_augment,
+                         "cpu", seed=0, drop_last=drop_last) for r in range(2)]
+    sizes = [[len(b.targets) for b in collect(loader, 2)] for loader in ranks]
+    assert sizes[0] == sizes[1] == [16] * 15 + ([] if drop_last else [12])
+    assert len(ranks[0]) == len(ranks[1]) == len(sizes[0])
 
 
 def test_an_epoch_replays_exactly_after_a_restart(digits):

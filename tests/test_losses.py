@@ -65,9 +65,15 @@ def test_class_balanced_is_a_plain_mean_of_weighted_losses():
     weights = raw / raw.sum() * C
     ce = F.cross_entropy(output.logits, y, reduction="none").detach().numpy()
     got = build("class_balanced", beta=beta)(output, y).detach().numpy()
-    np.testing.assert_allclose(got, weights[y.numpy()] * ce, rtol=1e-5)
+    np.testing.assert_allclose(got, weights[y.numpy()] * ce, rtol=1e-5)  # Cui et al.'s: sum(w l) / B
+    # Cao et al.'s nn.CrossEntropyLoss(weight=w): sum(w l) / sum(w)
+    by_weight_sum = build("class_balanced", beta=beta, normalize="weight_sum")(output, y)
+    expected = F.cross_entropy(output.logits, y, weight=torch.tensor(weights, dtype=torch.float32))
+    assert by_weight_sum.mean().item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="'ce' or 'focal'"):
         build("class_balanced", base="sigmoid")
+    with pytest.raises(ConfigError, match="normalize"):
+        build("class_balanced", normalize="sum")
 
 
 def test_ldam_drw_switches_to_class_balanced_weights_at_drw_epoch():
@@ -84,6 +90,10 @@ def test_ldam_drw_switches_to_class_balanced_weights_at_drw_epoch():
     # the batch mean is torch's weighted mean, as Cao et al.'s F.cross_entropy(weight=...)
     expected = F.cross_entropy(30 * shifted, y, weight=weight)
     assert loss(output, y).mean().item() == pytest.approx(expected.item(), rel=1e-5)
+    cui = build("ldam_drw", normalize="batch")  # the other normalisation: sum(w l) / B
+    cui.on_epoch_start(160, 200)
+    expected_batch = (F.cross_entropy(30 * shifted, y, reduction="none") * weight[y]).mean()
+    assert cui(output, y).mean().item() == pytest.approx(expected_batch.item(), rel=1e-5)
     explicit = build("ldam_drw", drw_epoch=3)
     explicit.on_epoch_start(2, 200)
     assert explicit.weight.tolist() == [1.0] * C

@@ -92,10 +92,17 @@ def ride_lr(epoch: int) -> float:
     return 0.1 * factor * ((1 + epoch) / 5 if epoch < 5 else 1.0)
 
 
+def bbn_warmup_multistep(last_epoch: int) -> float:
+    """megvii-research/BBN lib/utils/lr_scheduler.py WarmupMultiStepLR.get_lr (milestones 120/160,
+    gamma 0.01, warmup_factor 1/3, warmup_epochs 5, linear) on lr 0.1, at the scheduler's last_epoch."""
+    warm = 1 / 3 * (1 - last_epoch / 5) + last_epoch / 5 if last_epoch < 5 else 1.0
+    return 0.1 * warm * 0.01 ** sum(last_epoch >= m for m in (120, 160))  # bisect_right
+
+
 def bbn_lr(epoch: int) -> float:
-    """BBN's WarmupMultiStepLR (milestones 120/160, gamma 0.01, warm-up from 1/3 over 5 epochs) on lr 0.1."""
-    warm = 1 / 3 * (1 - epoch / 5) + epoch / 5 if epoch < 5 else 1.0
-    return 0.1 * warm * 0.01 ** sum(epoch >= m for m in (120, 160))
+    """BBN's main/train.py steps the scheduler before each 1-based epoch (the constructor already took
+    last_epoch to 0), so 0-based epoch e trains at last_epoch e + 1: x7/15 first, x0.01 from epoch 119."""
+    return bbn_warmup_multistep(epoch + 1)
 
 
 @pytest.mark.parametrize("recipe,stage,authors", [

@@ -11,11 +11,12 @@ from longtail.registry import SAMPLERS, ConfigError
 COUNTS = [400, 100, 25, 0, 4]  # class 3 has no images
 TARGETS = torch.cat([torch.full((n,), c) for c, n in enumerate(COUNTS)])[
     torch.randperm(sum(COUNTS), generator=torch.Generator().manual_seed(0))]
-NAMES = ["instance", "class_balanced", "sqrt", "reversed", "progressive"]
+NAMES = ["instance", "class_balanced", "sqrt", "reversed", "progressive", "class_aware"]
+PARAMS = ("num_samples", "num_samples_cls", "extra_batches")
 
 
 def build(name: str, **context):
-    return SAMPLERS.build(name, {k: context.pop(k) for k in ("num_samples",) if k in context},
+    return SAMPLERS.build(name, {k: context.pop(k) for k in PARAMS if k in context},
                           targets=TARGETS, num_classes=5, seed=3, **context)
 
 
@@ -108,3 +109,62 @@ def test_bad_arguments_fail_clearly():
         build("instance", rank=2, world_size=2)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
         SAMPLERS.build("instance", {}, targets=TARGETS, num_classes=4, seed=0)
+
+
+# ------------------------------------------------------------------ class_aware (MiSLAS's ClassAwareSampler)
+def runs_of(classes: torch.Tensor, per_class: int) -> torch.Tensor:
+    """(blocks, per_class) class labels of consecutive blocks."""
+    return classes[:len(classes) // per_class * per_class].view(-1, per_class)
+
+
+@pytest.mark.parametrize("per_class", [4, 1, 3])
+def test_class_aware_takes_blocks_of_one_class_in_shuffled_class_cycles(per_class):
+    drawn = build("class_aware", num_samples=4_000, num_samples_cls=per_class).epoch_indices(0, 1)
+    assert len(drawn) == 4_000
+    blocks = runs_of(TARGETS[drawn], per_class)
+    assert bool((blocks == blocks[:, :1]).all())  # each block is one class
+    # the classes with images (class 3 has none) in a reshuffled cycle: every window of 4 blocks
+    # holds each class once, so 4 * per_class consecutive draws hold each class per_class times
+    cycles = blocks[:len(blocks) // 4 * 4, 0].view(-1, 4)
+    assert bool((cycles.sort(dim=1).values == torch.tensor([0, 1, 2, 4])).all())
+    assert len({tuple(row.tolist()) for row in cycles}) > 10  # the class order is reshuffled every cycle
+
+
+def test_class_aware_cycles_through_each_class_without_repeats():
+    drawn = build("class_aware", num_samples=4_000).epoch_indices(1, 3)
+    for c in (0, 1, 2, 4):
+        members = torch.nonzero(TARGETS == c).flatten().sort().values
+        sequence = drawn[TARGETS[drawn] == c]
+        full = len(sequence) // len(members) * len(members)
+        assert full > 0 or c == 0
+        for chunk in sequence[:full].view(-1, len(members)):  # each pass is a permutation of the class
+            assert torch.equal(chunk.sort().values, members)
+        assert len(set(sequence[full:].tolist())) == len(sequence) - full  # a partial pass repeats nothing
+
+
+def test_class_aware_replays_its_epoch_and_differs_across_epochs_and_seeds():
+    sampler = build("class_aware")
+    assert torch.equal(sampler.epoch_indices(2, 5), build("class_aware").epoch_indices(2, 5))
+    assert not torch.equal(sampler.epoch_indices(2, 5), sampler.epoch_indices(3, 5))
+    other = SAMPLERS.build("class_aware", {}, targets=TARGETS, num_classes=5, seed=4)
+    assert not torch.equal(sampler.epoch_indices(2, 5), other.epoch_indices(2, 5))
+
+
+def test_class_aware_epochs_are_whole_batches_and_shard_into_balanced_global_batches():
+    # MiSLAS's stage-2 loop: ceil(N / B) + 1 full batches (529 images, B = 32: 17 + 1 = 18 batches)
+    single = build("class_aware", extra_batches=1, batch_size=32)
+    assert len(single) == 18 * 32
+    assert len(build("class_aware", batch_size=32)) == 17 * 32
+    assert len(build("class_aware")) == 529  # built without a batch size: N draws
+    # two ranks of 16 each: ceil(529 / 32) + 1 = 18 steps per rank; together the one-rank sequence
+    ranks = [build("class_aware", extra_batches=1, batch_size=16, rank=r, world_size=2) for r in range(2)]
+    parts = [sampler.epoch_indices(0, 1) for sampler in ranks]
+    assert len(parts[0]) == len(parts[1]) == 18 * 16
+    together = torch.stack(parts, 1).flatten()
+    assert torch.equal(together, single.epoch_indices(0, 1))
+    step = torch.cat([parts[0][:16], parts[1][:16]])  # the global batch of the first step
+    assert torch.bincount(TARGETS[step], minlength=5).tolist() == [8, 8, 8, 0, 8]
+    with pytest.raises(ValueError, match="batch size"):
+        build("class_aware", extra_batches=1)
+    with pytest.raises(ConfigError, match="num_samples_cls"):
+        build("class_aware", num_samples_cls=0)

@@ -269,7 +269,8 @@ def test_stage2_recipes_build_their_methods():
         STAGE2.build(config.stage2.method, config.stage2.params, where="stage2.params", class_counts=counts,
                      num_classes=10)
         SAMPLERS.build(config.stage2.sampler or "instance", config.stage2.sampler_params,
-                       targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0)
+                       targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0,
+                       batch_size=config.stage2.batch_size or config.data.batch_size)  # as engine.builders
 
 
 def test_stage2_command_compares_methods_on_one_run_and_its_checkpoints_evaluate_and_calibrate(stage1, tmp_path):

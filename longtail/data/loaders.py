@@ -27,7 +27,7 @@ from longtail.functional import bbn_alpha
 from longtail.registry import ConfigError
 from longtail.types import Batch
 
-__all__ = ["TrainLoader", "PairedLoader", "EvalLoader", "FileImages", "eval_shard"]
+__all__ = ["TrainLoader", "PairedLoader", "EvalLoader", "FileImages", "eval_shard", "batch_bounds"]
 
 AUGMENT_STREAM = 101  # random streams of the loader, apart from the samplers'
 CROP_STREAM = 102
@@ -56,22 +56,42 @@ class FileImages(Dataset):
         return file_image_view(image, self.size, crop_seed), self.targets[index], index
 
 
-class _KeyBatches:
-    """Batch sampler for the DataLoader: ``keys`` in batches (training drops the last incomplete one).
-    The train loader replaces ``keys`` in ``set_epoch``; persistent workers see them at the next epoch."""
+def batch_bounds(total: int, batch_size: int, drop_last: bool, merge_single: bool = True) -> list[tuple[int, int]]:
+    """``(start, end)`` of each batch when ``total`` samples are cut into batches of ``batch_size``.
 
-    def __init__(self, keys: list[Any], batch_size: int, drop_last: bool) -> None:
+    The last incomplete batch is dropped with ``drop_last`` (``data.drop_last``: BBN's and BALMS's
+    code) and kept otherwise (torch's DataLoader default, which Cao et al., SHIKE and RIDE use). A kept
+    last batch of a single sample is merged into the batch before it when ``merge_single`` (training):
+    batch norm in train mode cannot normalise one sample (``BatchNorm1d`` raises, and a 1 x 1 map has
+    no statistics), so that step trains on ``batch_size + 1`` samples and every drawn sample is used.
+    Evaluation keeps it (``merge_single=False``): there batch norm uses its running statistics.
+    """
+    full, rest = divmod(total, batch_size)
+    bounds = [(start, start + batch_size) for start in range(0, full * batch_size, batch_size)]
+    if rest and not drop_last:
+        if rest == 1 and merge_single and bounds:
+            bounds[-1] = (bounds[-1][0], total)
+        else:
+            bounds.append((full * batch_size, total))
+    return bounds
+
+
+class _KeyBatches:
+    """Batch sampler for the DataLoader: ``keys`` in batches cut by ``batch_bounds``. The train loader
+    replaces ``keys`` in ``set_epoch``; persistent workers see them at the next epoch."""
+
+    def __init__(self, keys: list[Any], batch_size: int, drop_last: bool, merge_single: bool = True) -> None:
         self.keys = keys
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.merge_single = merge_single
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.keys), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return len(batch_bounds(len(self.keys), self.batch_size, self.drop_last, self.merge_single))
 
     def __iter__(self) -> Iterator[list[Any]]:
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.keys[start:start + self.batch_size]
+        for start, end in batch_bounds(len(self.keys), self.batch_size, self.drop_last, self.merge_single):
+            yield self.keys[start:end]
 
 
 class _FileBatches:
@@ -104,9 +124,12 @@ class _FileBatches:
 
 
 class TrainLoader:
-    """Training batches: this rank's sampler indices for the epoch in batches of ``batch_size`` (the
-    last incomplete batch dropped), augmented on ``device`` by ``augment(images_uint8, targets,
-    generator, epoch)``. Call ``set_epoch`` before iterating each epoch.
+    """Training batches: this rank's sampler indices for the epoch in batches of ``batch_size``, the
+    last incomplete batch dropped with ``drop_last`` (the default here; the trainer passes
+    ``data.drop_last``, false unless a recipe says otherwise) and kept otherwise (a last batch of one
+    sample joins the one before it; ``batch_bounds``), augmented on ``device`` by ``augment(images_uint8,
+    targets, generator, epoch)``. Call ``set_epoch`` before iterating each epoch. Every rank's sampler
+    draws the same number of samples, so every rank has the same batches, the last one included.
 
     For file sets ``random_resized_crop`` chooses the decoding view (None: ``augment.cfg``'s setting) and
     ``decode_on_device`` where JPEGs are decoded (``data.decode_on_device``; auto: on CUDA).
@@ -114,7 +137,8 @@ class TrainLoader:
 
     def __init__(self, imageset: ImageSet, sampler: Sampler, batch_size: int, augment: Augment,
                  device: torch.device | str, seed: int, num_workers: int = 0,
-                 random_resized_crop: bool | None = None, decode_on_device: DecodeSetting = "auto") -> None:
+                 random_resized_crop: bool | None = None, decode_on_device: DecodeSetting = "auto",
+                 drop_last: bool = True) -> None:
         if len(sampler) < batch_size:
             raise ConfigError(f"batch size {batch_size} is larger than the {len(sampler)} training samples this "
                               "rank draws per epoch; lower data.batch_size (or data.val_fraction, which takes its "
@@ -122,6 +146,7 @@ class TrainLoader:
         self.imageset = imageset
         self.sampler = sampler
         self.batch_size = batch_size
+        self.drop_last = drop_last
         self.augment = augment
         self.device = torch.device(device)
         self.seed = seed
@@ -134,7 +159,7 @@ class TrainLoader:
             self.images = imageset.images.to(self.device)
             self.targets = imageset.targets.to(self.device)
         else:
-            self.batches = _KeyBatches([], batch_size, drop_last=True)
+            self.batches = _KeyBatches([], batch_size, drop_last=drop_last)
             self.files = _FileBatches(imageset, self.batches, num_workers, self.device, persistent=True,
                                       decode_on_device=decode_on_device)
 
@@ -152,12 +177,18 @@ class TrainLoader:
             self.batches.keys = self.indices.tolist()
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
+        return len(batch_bounds(len(self.sampler), self.batch_size, self.drop_last))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank trains on per epoch (``len(sampler)``, less a dropped last batch)."""
+        bounds = batch_bounds(len(self.sampler), self.batch_size, self.drop_last)
+        return bounds[-1][1] if bounds else 0
 
     def _uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.imageset.in_memory:
-            for start in range(0, len(self) * self.batch_size, self.batch_size):
-                index = self.indices[start:start + self.batch_size]
+            for start, end in batch_bounds(len(self.indices), self.batch_size, self.drop_last):
+                index = self.indices[start:end]
                 yield self.images[index], self.targets[index], index
             return
         yield from self.files
@@ -192,6 +223,11 @@ class PairedLoader:
     def __len__(self) -> int:
         return min(len(self.first), len(self.second))
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Uniform-branch samples per epoch (each step also trains on as many reversed-sampler ones)."""
+        return min(self.first.samples_per_epoch, self.second.samples_per_epoch)
+
     def __iter__(self) -> Iterator[Batch]:
         for a, b in zip(self.first, self.second):
             weight = torch.full_like(a.targets, self.alpha, dtype=torch.float32)
@@ -223,7 +259,7 @@ class EvalLoader:
             self.images = imageset.images[self.shard].to(self.device)
             self.targets = imageset.targets[self.shard].to(self.device)
         else:
-            batches = _KeyBatches(self.shard.tolist(), batch_size, drop_last=False)
+            batches = _KeyBatches(self.shard.tolist(), batch_size, drop_last=False, merge_single=False)
             self.files = _FileBatches(imageset, batches, num_workers, self.device, persistent=False,
                                       decode_on_device=decode_on_device)
 

@@ -70,9 +70,12 @@ def eval_loader(config: Config, imageset: Any, normalize: Callable[[torch.Tensor
 
 
 def build_sampler(config: Config, bundle: Any, dist_info: DistInfo, name: str, params: dict[str, Any],
-                  where: str, seed: int) -> Any:
+                  where: str, seed: int, batch_size: int | None = None) -> Any:
+    """A registered sampler for this rank; ``batch_size`` (per process; default ``data.batch_size``) is
+    context for samplers whose epoch is counted in batches (``class_aware``)."""
     return SAMPLERS.build(name, params, where=where, targets=bundle.train.targets, num_classes=bundle.num_classes,
-                          seed=seed, rank=dist_info.rank, world_size=dist_info.world_size)
+                          seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                          batch_size=batch_size or config.data.batch_size)
 
 
 def train_loader(config: Config, bundle: Any, sampler: Any, augment: Any, device: torch.device, seed: int,
@@ -80,7 +83,8 @@ def train_loader(config: Config, bundle: Any, sampler: Any, augment: Any, device
     from longtail.data.loaders import TrainLoader
     data = config.data
     return TrainLoader(bundle.train, sampler, batch_size or data.batch_size, augment, device, seed=seed,
-                       num_workers=data.num_workers, decode_on_device=data.decode_on_device)
+                       num_workers=data.num_workers, decode_on_device=data.decode_on_device,
+                       drop_last=data.drop_last)
 
 
 def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:

@@ -170,11 +170,14 @@ class Trainer:
         call_hook(job.hooked, "on_epoch_start", epoch, job.epochs)
         job.loader.set_epoch(epoch, job.epochs)
         steps = len(job.loader)
-        images_per_step = self._images_per_step()
+        world = self.dist.world_size
+        # images of the epoch over all ranks (the last batch may be partial: data.drop_last=false)
+        epoch_images = getattr(job.loader, "samples_per_epoch", steps * self._images_per_step() // world) * world
+        images_seen = 0
         # running sums stay on the device: the step loop syncs with the host once per log interval
         loss_sum = torch.zeros((), device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=steps * images_per_step, unit="img", unit_scale=True, leave=False,
+        bar = tqdm(total=epoch_images, unit="img", unit_scale=True, leave=False,
                    desc=f"{job.label} epoch {epoch + 1}/{job.epochs}", disable=not self.dist.is_main,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
         start = time.perf_counter()
@@ -201,7 +204,9 @@ class Trainer:
                 term_sums[name] = term_sums.get(name, 0) + value.detach().float()
             if job.hooked:
                 call_hook(job.hooked, "on_step_end", _detached(output), batch)
-            bar.update(images_per_step)
+            step_images = len(batch.targets) * world
+            images_seen += step_images
+            bar.update(step_images)
             if (step + 1) % train_cfg.log_interval == 0 or step + 1 == steps:
                 mean_loss = float(loss_sum) / (step + 1)
                 if not math.isfinite(mean_loss):
@@ -211,12 +216,12 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - start
         call_hook(job.hooked, "on_epoch_end", epoch)
-        world, denominator = self.dist.world_size, max(steps, 1)
+        denominator = max(steps, 1)
         row = {"train_loss": float(all_reduce_sum(loss_sum.clone())) / world / denominator}
         for name, value in term_sums.items():
             row[f"train_{name}"] = float(all_reduce_sum(value.clone())) / world / denominator
         return {**row, "lr": job.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
-                "images_per_second": steps * images_per_step / max(elapsed, 1e-9)}
+                "images_per_second": images_seen / max(elapsed, 1e-9)}
 
     def _images_per_step(self) -> int:
         batch_size = getattr(self.job.loader, "batch_size", self.config.data.batch_size)

@@ -33,7 +33,7 @@ def shike_mutual_loss(expert_logits: torch.Tensor, temperature: float = 1.0,
     ``p = softmax(z / temperature)``; the KL is multiplied by ``temperature^2`` (Hinton et al.) so the
     gradient scale does not depend on it — the paper uses T = 1, where this is the plain KL.
     Per sample: the KL is summed over classes (the authors' ``F.kl_div(reduction="mean")`` also
-    divides by C; see DESIGN.md "Recipes").
+    divides by C; see docs/FIDELITY.md, SHIKE loss weights).
     """
     _check_experts(expert_logits, 2)
     log_probs = F.log_softmax(_upcast(expert_logits) / temperature, dim=-1)

@@ -22,6 +22,8 @@ __all__ = [
     "ldam_loss",
     "focal_loss",
     "class_balanced_weights",
+    "WEIGHT_NORMALIZATIONS",
+    "normalize_weighted_losses",
     "label_smoothing_loss",
     "soft_target_cross_entropy",
     "ikl_uncertainty_loss",
@@ -166,6 +168,36 @@ def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.
     counts = _counts(class_counts, dtype=torch.float64)
     weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
     return (weights / weights.sum() * len(counts)).float()
+
+
+WEIGHT_NORMALIZATIONS = ("weight_sum", "batch")
+
+
+def normalize_weighted_losses(weighted_losses: torch.Tensor, sample_weights: torch.Tensor,
+                              normalize: str = "weight_sum") -> torch.Tensor:
+    """Per-sample class-weighted losses ``w_y l`` (B,), rescaled so that their plain batch mean is the
+    batch loss of the chosen normalisation (the trainer only ever takes a plain mean of a loss's values):
+
+    - ``"weight_sum"``: ``sum(w_y l) / sum(w_y)``, what ``F.cross_entropy(weight=w)`` /
+      ``nn.CrossEntropyLoss(weight=w)`` gives (Cao et al.'s kaidic/LDAM-DRW ``cifar_train.py`` for CB and
+      the DRW phase, RIDE's ``RIDELoss``): each sample is divided by the batch's summed weights;
+    - ``"batch"``: ``sum(w_y l) / B``, the plain batch mean (Cui et al.'s richardaecn/class-balanced-loss
+      ``cifar_main.py``: ``tf.losses.softmax_cross_entropy(weights=...)`` and its focal loss divided by
+      the number of labels): the values are returned as they are.
+
+    With CB weights normalised to sum C (``class_balanced_weights``) the two differ by the batch's mean
+    weight, ``sum(w_y) / B``, which at CIFAR-10-LT IF 100 is about 0.2 for an instance-sampled batch
+    (head classes weigh little): ``weight_sum`` is then ~5x ``batch``, a different effective learning rate.
+    """
+    if normalize not in WEIGHT_NORMALIZATIONS:
+        raise ValueError(f"unknown weight normalisation {normalize!r}; allowed: weight_sum (divide by the "
+                         "batch's summed weights, torch's CrossEntropyLoss(weight=...)) or batch (divide by B)")
+    if weighted_losses.shape != sample_weights.shape:
+        raise ValueError(f"weighted_losses {tuple(weighted_losses.shape)} and sample_weights "
+                         f"{tuple(sample_weights.shape)} must both be (B,)")
+    if normalize == "batch":
+        return weighted_losses
+    return weighted_losses * (weighted_losses.numel() / sample_weights.to(weighted_losses).sum())
 
 
 def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: float = 0.1,

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (balanced_softmax_logits, balanced_softmax_loss, class_balanced_weights, focal_loss,
-                                 label_smoothing_loss, logit_adjusted_logits, logit_adjusted_loss)
+from longtail.functional import (WEIGHT_NORMALIZATIONS, balanced_softmax_logits, balanced_softmax_loss,
+                                 class_balanced_weights, focal_loss, label_smoothing_loss, logit_adjusted_logits,
+                                 logit_adjusted_loss, normalize_weighted_losses)
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
 
@@ -74,21 +75,30 @@ class Focal(nn.Module):
 class ClassBalanced(nn.Module):
     """Class-balanced re-weighting (Cui et al. 2019) of cross-entropy (``base="ce"``) or focal loss.
 
-    Weights ``class_balanced_weights(counts, beta)``. The batch mean of the per-sample weighted losses
-    is a plain mean over samples, as Cui et al.'s code (which divides by the batch size).
+    Weights ``class_balanced_weights(counts, beta)`` (normalised to sum C, as Cui et al.'s and Cao et
+    al.'s code). ``normalize`` says how the weighted batch is averaged
+    (``longtail.functional.normalize_weighted_losses``): ``batch`` (default) divides the weighted sum by
+    the batch size, as Cui et al.'s own code (richardaecn/class-balanced-loss), which produced the
+    seeds' CB-focal numbers; ``weight_sum`` divides by the batch's summed weights, as
+    ``nn.CrossEntropyLoss(weight=w)`` in Cao et al.'s ``cifar_train.py`` (docs/FIDELITY.md, CB row).
     """
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, base: Literal["ce", "focal"] = "ce",
-                 beta: float = 0.9999, gamma: float = 2.0) -> None:
+                 beta: float = 0.9999, gamma: float = 2.0,
+                 normalize: Literal["batch", "weight_sum"] = "batch") -> None:
         super().__init__()
         if base not in ("ce", "focal"):
             raise ValueError(f"class_balanced base must be 'ce' or 'focal', got {base!r}")
+        if normalize not in WEIGHT_NORMALIZATIONS:
+            raise ValueError(f"class_balanced normalize must be one of {WEIGHT_NORMALIZATIONS}, got {normalize!r}")
         self.gamma = gamma if base == "focal" else 0.0
+        self.normalize = normalize
         self.register_buffer("weight", class_balanced_weights(checked_counts(class_counts, num_classes), beta),
                              persistent=False)
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        return focal_loss(output.logits, targets, self.gamma, weight=self.weight, reduction="none")
+        losses = focal_loss(output.logits, targets, self.gamma, weight=self.weight, reduction="none")
+        return normalize_weighted_losses(losses, self.weight[targets], self.normalize)
 
 
 @LOSSES.register("balanced_softmax")

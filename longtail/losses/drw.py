@@ -1,12 +1,13 @@
 """LDAM with deferred re-weighting (Cao et al. 2019), the LDAM-DRW baseline of seeds 003 and 004."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from longtail.functional import class_balanced_weights, ldam_logits, ldam_loss
+from longtail.functional import (WEIGHT_NORMALIZATIONS, class_balanced_weights, ldam_logits, ldam_loss,
+                                 normalize_weighted_losses)
 from longtail.losses.basic import checked_counts
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
@@ -15,12 +16,13 @@ __all__ = ["LDAMDRW", "as_weighted_mean"]
 
 
 def as_weighted_mean(weighted_losses: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
-    """Rescale per-sample weighted losses so their plain batch mean is ``sum(w l) / sum(w)``.
+    """Rescale per-sample weighted losses so their plain batch mean is ``sum(w l) / sum(w)``
+    (``normalize_weighted_losses(..., "weight_sum")``).
 
     That is ``F.cross_entropy(weight=w)``'s mean, which Cao et al.'s and RIDE's code train with;
     the trainer only ever takes a plain mean of what a loss returns.
     """
-    return weighted_losses * (weighted_losses.numel() / sample_weights.sum())
+    return normalize_weighted_losses(weighted_losses, sample_weights, "weight_sum")
 
 
 @LOSSES.register("ldam_drw")
@@ -29,16 +31,21 @@ class LDAMDRW(nn.Module):
 
     Until ``drw_epoch`` (0-based; default: 80 % of the run, i.e. 160 of 200 as Cao et al.) every
     class weighs 1; from then on ``class_balanced_weights(counts, beta)``. The weighted batch mean
-    divides by the summed weights, as Cao et al.'s ``F.cross_entropy(weight=...)``. ``scale`` multiplies
+    divides by the summed weights, as Cao et al.'s ``F.cross_entropy(weight=...)`` and RIDE's ``RIDELoss``
+    (``normalize="weight_sum"``, the default; ``normalize="batch"`` divides by the batch size, Cui et
+    al.'s normalisation; ``longtail.functional.normalize_weighted_losses``). ``scale`` multiplies
     the margin-shifted logits; for a head that already scales its cosine logits by s, set ``scale=1``
     and ``max_margin=0.5 * s``.
     """
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, max_margin: float = 0.5, scale: float = 30.0,
-                 drw_epoch: int | None = None, beta: float = 0.9999) -> None:
+                 drw_epoch: int | None = None, beta: float = 0.9999,
+                 normalize: Literal["weight_sum", "batch"] = "weight_sum") -> None:
         super().__init__()
         counts = checked_counts(class_counts, num_classes)
-        self.max_margin, self.scale, self.drw_epoch = max_margin, scale, drw_epoch
+        if normalize not in WEIGHT_NORMALIZATIONS:
+            raise ValueError(f"ldam_drw normalize must be one of {WEIGHT_NORMALIZATIONS}, got {normalize!r}")
+        self.max_margin, self.scale, self.drw_epoch, self.normalize = max_margin, scale, drw_epoch, normalize
         self.register_buffer("class_counts", counts, persistent=False)
         self.register_buffer("balanced_weight", class_balanced_weights(counts, beta), persistent=False)
         self.register_buffer("weight", torch.ones(num_classes), persistent=False)
@@ -53,7 +60,7 @@ class LDAMDRW(nn.Module):
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         losses = ldam_loss(output.logits, targets, self.class_counts, self.max_margin, self.scale,
                            weight=self.weight, reduction="none")
-        return as_weighted_mean(losses, self.weight[targets])
+        return normalize_weighted_losses(losses, self.weight[targets], self.normalize)
 
     def adjust_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The logits this loss's softmax sees: margin at the target, then ``scale`` (for IKL's ICL)."""

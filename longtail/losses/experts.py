@@ -35,7 +35,7 @@ class SHIKELoss(nn.Module):
     mixed labels come from the trainer); ``L_nt`` is ``shike_dkt_loss`` (eq. 5-9) and ``L_mu``
     ``shike_mutual_loss`` (eq. 4), both with batch-mean KL. The authors' code weighs them 10 and 1
     with ``F.kl_div(reduction="mean")``, which also averages over the C classes, so the defaults
-    here are ``alpha = 10 / C`` and ``beta = 1 / C`` (DESIGN.md "Recipes"). The terms are logged as
+    here are ``alpha = 10 / C`` and ``beta = 1 / C`` (docs/FIDELITY.md, SHIKE loss weights). The terms are logged as
     ``ce``, ``dkt`` (alpha L_nt) and ``mutual`` (beta L_mu). ``dkt_form`` picks the authors' code
     (``code``, default: the target column kept in the softmaxes) or the paper's eq. 8 (``paper``).
     """

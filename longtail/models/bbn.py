@@ -9,8 +9,8 @@ so the two "heads" W_c, W_r are the halves of its weight, as in BBN's code.
 How the trainer feeds it (``data.pair_sampler: reversed``; ``data.loaders.PairedLoader``):
 
 - training: ``forward`` takes the uniform batch and the reversed batch concatenated along the batch
-  axis, ``[x_uniform; x_reversed]`` (2B images). The shared stages run on all 2B images; the
-  conventional branch sees the first B, the re-balancing branch the last B. It returns B rows:
+  axis, ``[x_uniform; x_reversed]`` (2B images). The shared stages run on both halves ("Batch
+  norm" below); the conventional branch sees the first B, the re-balancing branch the last B. It returns B rows:
   ``logits = W [2 alpha f_c ; 2 (1 - alpha) f_r] + b = 2 (alpha W_c f_c + (1 - alpha) W_r f_r) + b``
   (BBN's ``mixed_feature = 2 * cat(l * feature_a, (1 - l) * feature_b)``). The paired loader sets
   the batch's ``targets`` to the uniform labels, ``mix_targets`` to the reversed ones and
@@ -22,8 +22,12 @@ How the trainer feeds it (``data.pair_sampler: reversed``; ``data.loaders.Paired
 - ``on_epoch_start(epoch, total_epochs)`` sets alpha = ``bbn_alpha(epoch, total_epochs)``
   (longtail.functional), 1 - (epoch / total_epochs)^2.
 
-BBN's code runs the two halves through the shared stages in separate calls (batch-norm statistics
-per half); here they share one call (statistics over both halves).
+Batch norm: BBN's code (megvii-research/BBN ``lib/core/combiner.py`` ``bbn_mix``) calls the network
+twice per step, ``model(image_a, feature_cb=True)`` and ``model(image_b, feature_rb=True)``, so the
+shared stages normalise the uniform and the reversed batch each with its own statistics and update
+their running statistics twice per step (uniform first). ``shared_pass="separate"`` (the default)
+does the same; ``shared_pass="joint"`` runs both halves through the shared stages in one call
+(statistics over the 2B images, one running-statistics update per step; faster).
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ from longtail.models.heads import make_head
 from longtail.registry import MODELS
 from longtail.types import ModelOutput
 
-__all__ = ["BBN", "bbn_resnet32"]
+__all__ = ["BBN", "bbn_resnet32", "SHARED_PASSES"]
+
+SHARED_PASSES = ("separate", "joint")
 
 
 class BBN(nn.Module):
@@ -45,8 +51,12 @@ class BBN(nn.Module):
     features. See the module docstring for the paired training batch."""
 
     def __init__(self, stem: nn.Module, shared: list[nn.Module], conventional: nn.Module, rebalancing: nn.Module,
-                 head: nn.Module) -> None:
+                 head: nn.Module, shared_pass: str = "separate") -> None:
         super().__init__()
+        if shared_pass not in SHARED_PASSES:
+            raise ValueError(f"unknown shared_pass {shared_pass!r}; allowed: separate (two calls, batch-norm "
+                             "statistics per half, as BBN's code) or joint (one call over both halves)")
+        self.shared_pass = shared_pass
         self.stem = stem
         self.shared = nn.ModuleList(shared)
         self.conventional = conventional
@@ -58,19 +68,29 @@ class BBN(nn.Module):
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         self.alpha.fill_(bbn_alpha(epoch, total_epochs))
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def _shared(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = self.stem(x)
         maps = []
         for stage in self.shared:
             h = stage(h)
             maps.append(h)
+        return h, maps
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
         if self.training:
-            if h.shape[0] % 2:
+            if x.shape[0] % 2:
                 raise ValueError(f"BBN trains on a uniform and a reversed batch concatenated, got an odd batch of "
-                                 f"{h.shape[0]}; set data.pair_sampler: reversed")
-            uniform, reversed_ = h.chunk(2)
+                                 f"{x.shape[0]}; set data.pair_sampler: reversed")
+            if self.shared_pass == "separate":  # two calls, as BBN's code: batch norm per half
+                halves = [self._shared(half) for half in x.chunk(2)]
+                uniform, reversed_ = halves[0][0], halves[1][0]
+                maps = halves[0][1] + halves[1][1]  # the uniform pass's shared maps, then the reversed pass's
+            else:
+                h, maps = self._shared(x)
+                uniform, reversed_ = h.chunk(2)
             weight: torch.Tensor | float = self.alpha
         else:
+            h, maps = self._shared(x)
             uniform = reversed_ = h
             weight = 0.5
         conventional_map, rebalancing_map = self.conventional(uniform), self.rebalancing(reversed_)
@@ -99,10 +119,10 @@ class BBN(nn.Module):
 
 @MODELS.register("bbn_resnet32")
 def bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 30.0,
-                 shortcut: str = "A", pretrained_path: str | None = None) -> BBN:
+                 shortcut: str = "A", pretrained_path: str | None = None, shared_pass: str = "separate") -> BBN:
     """BBN's CIFAR ResNet-32: stages 1-2 and four blocks of stage 3 shared, one 64-channel block per
     branch, a head on the 128-d pair of features. With ``pretrained_path`` (a plain ResNet-32 state
-    dict) both branches start from its last block."""
+    dict) both branches start from its last block. ``shared_pass``: see the module docstring."""
     trunk = cifar_trunk(32, in_channels, shortcut, pretrained_path)
     last_stage = trunk.stages[-1]
     conventional = last_stage[-1]
@@ -113,4 +133,5 @@ def bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", h
         rebalancing.load_state_dict(conventional.state_dict())
     head_module = make_head(head, 2 * width, num_classes, head_scale)
     head_module.apply(init_weights)
-    return BBN(trunk.stem, [*trunk.stages[:-1], last_stage[:-1]], conventional, rebalancing, head_module)
+    return BBN(trunk.stem, [*trunk.stages[:-1], last_stage[:-1]], conventional, rebalancing, head_module,
+               shared_pass)

@@ -103,7 +103,7 @@ def parameters_outside(model: nn.Module, part: nn.Module) -> list[nn.Parameter]:
 class Classifier(nn.Module):
     """Backbone + one head per expert; ``forward(x) -> ModelOutput``.
 
-    For M > 1 experts, ``logits`` is the sum (SHIKE) or mean (RIDE) of the expert logits,
+    For M > 1 experts, ``logits`` is the mean (SHIKE's and RIDE's code) or the sum of the expert logits,
     ``features`` the experts' features concatenated (B, M*D), and ``expert_logits`` /
     ``expert_features`` are set. For one expert they are None and ``features`` is (B, D).
     """

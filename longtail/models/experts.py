@@ -123,10 +123,12 @@ def multi_expert(trunk: Trunk, num_classes: int, num_experts: int, shared_stages
 @MODELS.register("shike_resnet32")
 def shike_resnet32(num_classes: int, in_channels: int = 3, num_experts: int = 3, dkf: bool = True,
                    dkf_sources: list[int] | None = None, head: str = "cosine", head_scale: float = 30.0,
-                   aggregate: str = "sum", shortcut: str = "B", pretrained_path: str | None = None) -> Classifier:
+                   aggregate: str = "mean", shortcut: str = "B", pretrained_path: str | None = None) -> Classifier:
     """SHIKE's CIFAR model: ResNet-32 stages 1-2 shared, one stage 3 per expert, DKF from stage 1
     (experts 0 and 2, two alignment convs) and stage 2 (expert 1, one conv). The authors' code uses
-    option-B shortcuts, hence the default. ``dkf: false`` is the paper's plain-MoE ablation."""
+    option-B shortcuts, hence the default. ``dkf: false`` is the paper's plain-MoE ablation. The
+    output is the mean of the expert logits, as the authors' code (jinyan-06/SHIKE ``cifarTrain.py``:
+    ``sum(outputs) / len(outputs)``); ``aggregate: sum`` is the paper's "summed" (M times the scale)."""
     trunk = cifar_trunk(32, in_channels, shortcut, pretrained_path)
     model = multi_expert(trunk, num_classes, num_experts, shared_stages=2,
                          dkf_sources=shike_sources(dkf, dkf_sources, num_experts, 2), head=head,
@@ -152,7 +154,7 @@ def ride_resnet32(num_classes: int, in_channels: int = 3, num_experts: int = 3, 
 @MODELS.register("shike_resnet50")
 def shike_resnet50(num_classes: int, in_channels: int = 3, num_experts: int = 3, dkf: bool = True,
                    dkf_sources: list[int] | None = None, head: str = "cosine", head_scale: float = 30.0,
-                   aggregate: str = "sum", pretrained_path: str | None = None) -> Classifier:
+                   aggregate: str = "mean", pretrained_path: str | None = None) -> Classifier:
     """SHIKE on torchvision ResNet-50: layers 1-3 shared, one layer 4 per expert, experts fusing
     layer 1, 2 and 3 outputs (the paper's "shallow to deep" assignment on ImageNet-LT). With
     ``pretrained_path`` every expert starts from the pretrained layer 4."""

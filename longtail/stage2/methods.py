@@ -162,7 +162,7 @@ MISLAS_HEADS = ("enhanced", "lws", "crt")
 
 @STAGE2.register("mislas")
 class MiSLAS(Stage2Method):
-    """MiSLAS's stage 2 (seed 001; DESIGN.md "Recipes" for its public code).
+    """MiSLAS's stage 2 (seed 001; its public code in docs/FIDELITY.md, MiSLAS rows).
 
     - loss: label-aware smoothing (``eps_head``, ``eps_tail``, ``shape``, ``spread``), unless
       ``stage2.loss`` names another;

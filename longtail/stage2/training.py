@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from longtail.config import Config
+from longtail.data.loaders import batch_bounds
 from longtail.data.samplers import epoch_seed
 from longtail.engine import builders
 from longtail.engine.distributed import DistInfo, all_reduce_sum
@@ -112,16 +113,18 @@ class ImageView(nn.Module):
 
 class FeatureLoader:
     """Training batches of cached features: this rank's sampler indices for the epoch in batches of
-    ``batch_size`` (the last incomplete one dropped, as ``TrainLoader``), optionally transformed with a
-    generator seeded from (seed, epoch) (LADC replaces tail features by draws from their calibrated
-    Gaussians). ``Batch.images`` holds the features (M, B, D)."""
+    ``batch_size`` (the last incomplete one dropped with ``drop_last``, else kept, cut as ``TrainLoader``
+    does: ``data.loaders.batch_bounds``; stage 2 passes ``data.drop_last``), optionally transformed with a generator seeded from (seed,
+    epoch) (LADC replaces tail features by draws from their calibrated Gaussians). ``Batch.images``
+    holds the features (M, B, D)."""
 
     def __init__(self, cached: FeatureSet, sampler: Any, batch_size: int, seed: int,
-                 transform: FeatureTransform | None = None) -> None:
+                 transform: FeatureTransform | None = None, drop_last: bool = True) -> None:
         if len(sampler) < batch_size:
             raise ConfigError(f"stage-2 batch size {batch_size} is larger than the {len(sampler)} samples this rank "
                               "draws per epoch; lower stage2.batch_size")
         self.cached, self.sampler, self.batch_size, self.seed = cached, sampler, batch_size, seed
+        self.drop_last = drop_last
         self.transform = transform
         self.order = torch.empty(0, dtype=torch.int64)
         self.generator = torch.Generator(device=cached.features.device)
@@ -132,12 +135,17 @@ class FeatureLoader:
         self.order = self.sampler.epoch_indices(epoch, total_epochs).to(self.cached.targets.device)
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
+        return len(batch_bounds(len(self.sampler), self.batch_size, self.drop_last))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        bounds = batch_bounds(len(self.sampler), self.batch_size, self.drop_last)
+        return bounds[-1][1] if bounds else 0
 
     def __iter__(self) -> Iterator[Batch]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, FEATURE_DRAW_STREAM))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = self.order[start:start + self.batch_size]
+        for start, end in batch_bounds(len(self.order), self.batch_size, self.drop_last):
+            index = self.order[start:end]
             features, targets = self.cached.features[:, index], self.cached.targets[index]
             if self.transform is not None:
                 features = self.transform(features, index, self.generator)
@@ -199,7 +207,8 @@ class Stage2Context:
     def sampler(self) -> Any:
         cfg = self.config.stage2
         return builders.build_sampler(self.config, self.bundle, self.dist, cfg.sampler or "instance",
-                                      cfg.sampler_params, "stage2.sampler_params", self.seed)
+                                      cfg.sampler_params, "stage2.sampler_params", self.seed,
+                                      batch_size=self.batch_size)
 
     def loss(self, default: nn.Module) -> nn.Module:
         """``stage2.loss`` when the config names one, else the method's ``default``."""
@@ -238,7 +247,8 @@ class Stage2Context:
         else:
             # every rank draws its own feature noise
             draw_seed = self.seed * 1009 + self.dist.rank
-            loader = FeatureLoader(self.features("train"), sampler, self.batch_size, draw_seed, transform)
+            loader = FeatureLoader(self.features("train"), sampler, self.batch_size, draw_seed, transform,
+                                   drop_last=self.config.data.drop_last)
             net = FeatureView(self.model)
         optimizer = self._optimizer(groups)
         scheduler = build_scheduler(optimizer, cfg.schedule, len(loader), cfg.epochs)
