@@ -86,7 +86,7 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
                                                        run.dist_info)
     imageset = split_of(run, split)
     loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
-    outputs = predict(run.model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
+    outputs = predict(builders.evaluation_model(config, run.model), loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
                                               outputs.get("expert_logits"))
     out_dir = new_run_dir(run_dir / "evals", f"{file.stem}_{split}")
