@@ -32,7 +32,8 @@ def build_bundle(config: Config) -> Any:
     if pretrained and data.image_size is None and data.dataset in RESIZING_DATASETS:
         data = data.model_copy(update={"image_size": pretrained["input_size"]})
     bundle = build_data(data)
-    if pretrained and config.model.normalization == "model":
+    # a grey dataset on a network built with in_chans=1 has no use for RGB statistics
+    if pretrained and config.model.normalization == "model" and len(pretrained["mean"]) == bundle.channels:
         bundle = dataclasses.replace(bundle, mean=pretrained["mean"], std=pretrained["std"])
     return bundle
 

@@ -104,12 +104,15 @@ class ZeroShotHead(Head, nn.Module):
 
 # ------------------------------------------------------------------ weights
 def _load_file(net: nn.Module, path: str, drop_prefixes: tuple[str, ...], what: str) -> None:
-    state = read_state_file(path, unwrap=("state_dict", "model", "module"))
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP/DataParallel wrapper
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    load_state_strictly(net, state, f"model.weights={path}", drop_prefixes,
-                        hint=f"the {what} state dict (e.g. torch.save(model.state_dict(), path) of the same "
-                             "architecture)")
+    try:
+        state = read_state_file(path, unwrap=("state_dict", "model", "module"))
+        if state and all(k.startswith("module.") for k in state):  # saved from a DDP/DataParallel wrapper
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+        load_state_strictly(net, state, f"model.weights={path}", drop_prefixes,
+                            hint=f"the {what} state dict (e.g. torch.save(model.state_dict(), path) of the same "
+                                 "architecture)")
+    except (OSError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
 def _pretrained_error(what: str, error: Exception) -> ConfigError:
