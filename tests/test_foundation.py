@@ -316,3 +316,33 @@ def test_a_lora_run_counts_exports_and_evaluates_with_tta(tmp_path):
     assert not any("lora" in name for name, _ in module.named_parameters())
     assert main(["eval", str(run), "eval.tta=flip"]) == 0
     assert 0 <= json.loads(next((run / "evals").glob("*/metrics.json")).read_text())["last"]["test"]["top1"] <= 1
+
+
+def test_deep_vpt_gives_every_block_its_own_prompts(clip_json):
+    for model in (timm_vit(finetune="vpt"), clip_vit(clip_json, finetune="vpt")):
+        blocks = model.backbone.blocks[0]
+        lengths = []
+        for block in blocks:
+            block.block.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+        with torch.no_grad():
+            model.eval()(images(2))
+        assert lengths == [1 + 16 + 10] * 2  # class token, 4 x 4 patches, 10 prompts: the previous ones replaced
+    shallow = timm_vit(finetune="vpt", finetune_params={"deep": False})
+    assert sum(p.numel() for n, p in shallow.named_parameters() if n.endswith(".prompt")) == 10 * 64
+
+
+def test_zero_shot_evaluation_of_a_recipe(clip_json, cifar10_small, tmp_path, capsys):
+    torch.manual_seed(0)
+    open_clip.add_model_config(clip_json)
+    torch.save(open_clip.create_model("tiny-clip-test").state_dict(), tmp_path / "clip.pt")
+    recipe = tmp_path / "zs.yaml"
+    recipe.write_text(f"name: zs\noutput_dir: {tmp_path}\ndevice: cpu\n"
+                      f"data: {{dataset: image_folder, root: {cifar10_small['tree']}, num_workers: 0}}\n"
+                      f"model: {{name: open_clip, params: {{arch: {clip_json}}}, weights: {tmp_path / 'clip.pt'}}}\n")
+    assert main(["eval", str(recipe), "eval.tta=flip", "--zero-shot"]) == 0
+    results = json.loads((tmp_path / "zs_zero_shot" / "metrics.json").read_text())
+    assert results["selection"].startswith("zero-shot") and 0 <= results["last"]["test"]["top1"] <= 1
+    assert "tta: flip" in (tmp_path / "zs_zero_shot" / "config.yaml").read_text()
+    (tmp_path / "timm.yaml").write_text("model: {name: timm, params: {arch: resnet18}}\n")
+    assert main(["eval", str(tmp_path / "timm.yaml"), "--zero-shot"]) == 2
+    assert "error: --zero-shot needs a recipe with model.name=open_clip" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def export_run(run: LoadedRun, out: Path, fmt: str, calibrator_name: str | None 
         except ImportError:
             raise UserError(ONNX_MISSING) from None
     # LoRA merged into the weights: the exported graph is the plain network
-    model = (copy.deepcopy(run.model).cpu().float().eval())
+    model = merged_for_export(copy.deepcopy(run.model).cpu().float().eval())
     module = Deployable(model, run.bundle.mean, run.bundle.std, scale, bias).eval()
     size, channels = run.bundle.image_size, run.bundle.channels
     example = torch.rand(2, channels, size, size) * 255
