@@ -346,3 +346,19 @@ def test_zero_shot_evaluation_of_a_recipe(clip_json, cifar10_small, tmp_path, ca
     (tmp_path / "timm.yaml").write_text("model: {name: timm, params: {arch: resnet18}}\n")
     assert main(["eval", str(tmp_path / "timm.yaml"), "--zero-shot"]) == 2
     assert "error: --zero-shot needs a recipe with model.name=open_clip" in capsys.readouterr().err
+
+
+def test_layerwise_lr_decay_for_full_fine_tuning():
+    from longtail.models.finetune import layerwise_groups
+    model = timm_vit(finetune="full", finetune_params={"layer_decay": 0.5})
+    groups = layerwise_groups(model, 1.0)
+    lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
+    net = model.backbone.net
+    assert lr_of[id(net.patch_embed.proj.weight)] == lr_of[id(net.cls_token)] == 0.125  # 0.5^(2 + 1)
+    assert lr_of[id(net.blocks[0].attn.qkv.weight)] == 0.25 and lr_of[id(net.blocks[1].mlp.fc2.bias)] == 0.5
+    assert lr_of[id(net.norm.weight)] == lr_of[id(model.heads[0].weight)] == 1.0
+    assert len(lr_of) == len(list(model.parameters()))
+    optimizer = build_optimizer(groups, load_config(None, ["optim.lr=1.0"]).optim, torch.device("cpu"))
+    assert sorted(group["lr"] for group in optimizer.param_groups) == [0.125, 0.25, 0.5, 1.0]
+    with pytest.raises(ConfigError, match="layer_decay must be in"):
+        timm_vit(finetune_params={"layer_decay": 1.5})

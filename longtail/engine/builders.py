@@ -159,7 +159,11 @@ def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:
                                       config.seed))
         second = train_loader(config, bundle, samplers[1], augment, device, config.seed + 7919)
         loader = PairedLoader(loader, second)
-    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    parameters: Any = model.parameters()
+    if getattr(model, "layer_decay", None) is not None:
+        from longtail.models.finetune import layerwise_groups
+        parameters = layerwise_groups(model, config.optim.lr)
+    optimizer = build_optimizer(parameters, config.optim, device)
     scheduler = build_scheduler(optimizer, config.schedule, len(loader), config.train.epochs)
     train = config.train
     return TrainingJob(label="stage 1", model=model, net=model, loss_fn=loss_fn, loader=loader, optimizer=optimizer,

@@ -1,6 +1,7 @@
 """What of a pretrained backbone trains: ``model.finetune`` and its ``model.finetune_params``.
 
-- ``full``: everything;  ``linear``: only the head;  ``partial``: the last ``blocks`` transformer
+- ``full``: everything (``layer_decay``: block i of L trains at lr x decay^(L - i), the embeddings at
+  decay^(L + 1), the final norm and head at lr);  ``linear``: only the head;  ``partial``: the last ``blocks`` transformer
   blocks and the norm after them;  ``bitfit``: the backbone's biases;
 - ``lora``: low-rank updates of ``target_modules`` through ``peft`` (merged into the weights for export);
 - ``adaptformer``: a bottleneck adapter beside every block's MLP (Chen et al. 2022; LIFT's choice);
@@ -29,12 +30,12 @@ from torch import nn
 
 from longtail.registry import ConfigError
 
-__all__ = ["FINETUNE_MODES", "apply_finetune", "parameter_counts", "merged_for_export", "lift_bottleneck",
+__all__ = ["FINETUNE_MODES", "apply_finetune", "layerwise_groups", "parameter_counts", "merged_for_export", "lift_bottleneck",
            "AdaptFormer", "ParallelAdapterMLP", "PromptedBlock", "SSF"]
 
 # every mode with its parameters and their defaults (None: worked out from the model)
 FINETUNE_MODES: dict[str, dict[str, Any]] = {
-    "full": {},
+    "full": {"layer_decay": None},
     "linear": {},
     "partial": {"blocks": 1},
     "bitfit": {},
@@ -159,6 +160,12 @@ def apply_finetune(model: nn.Module, mode: str, params: dict[str, Any], num_clas
     mode's modules; the heads stay trainable."""
     settings = _settings(mode, params)
     if mode == "full":
+        decay = settings["layer_decay"]
+        if decay is not None and not 0 < decay <= 1:
+            raise ConfigError(f"model.finetune_params.layer_decay must be in (0, 1], got {decay}")
+        if decay is not None:
+            _blocks(model, "full with layer_decay")
+        model.layer_decay = decay
         return
     backbone = model.backbone
     backbone.requires_grad_(False)
@@ -235,6 +242,22 @@ def _add_lora(backbone: nn.Module, settings: dict[str, Any]) -> None:
         raise ConfigError(f"model.finetune=lora: {error}") from None
     for name, param in backbone.named_parameters():
         param.requires_grad_("lora_" in name)
+
+
+def layerwise_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """Optimiser parameter groups of a model fine-tuned with ``layer_decay`` (BEiT/MAE's layer-wise lr
+    decay): embeddings and everything before the first block at lr x d^(L+1), block i (0-based) at
+    lr x d^(L-i), the final norm and the head at lr. Frozen parameters are left out."""
+    decay, blocks = model.layer_decay, model.backbone.blocks[0]
+    depth = {id(p): index + 1 for index, block in enumerate(blocks) for p in block.parameters()}
+    top = len(blocks) + 1
+    for module in [*model.backbone.final_norm, model.heads]:
+        depth.update({id(p): top for p in module.parameters()})
+    groups: dict[int, list[nn.Parameter]] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(depth.get(id(param), 0), []).append(param)
+    return [{"params": params, "lr": lr * decay ** (top - level)} for level, params in sorted(groups.items())]
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
