@@ -36,12 +36,7 @@ DIGITS_VIT = ["device=cpu", "model.name=timm", "model.params.arch=vit_tiny_patch
               "train.epochs=2", "train.eval_every=0", "optim.lr=0.05"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only spin
 
 
 @pytest.fixture(scope="module")
