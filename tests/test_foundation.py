@@ -357,3 +357,22 @@ def test_layerwise_lr_decay_for_full_fine_tuning():
     assert sorted(group["lr"] for group in optimizer.param_groups) == [0.125, 0.25, 0.5, 1.0]
     with pytest.raises(ConfigError, match="layer_decay must be in"):
         timm_vit(finetune_params={"layer_decay": 1.5})
+
+
+@pytest.mark.parametrize("recipe, epochs, top1", [("cifar100_lt/if100", 10, 81.7), ("imagenet_lt", 10, 78.3),
+                                                  ("places_lt", 10, 52.2), ("inaturalist2018", 20, None)])
+def test_lift_recipes_hold_the_authors_settings(recipe, epochs, top1):
+    from longtail.report.papers import load_paper_numbers, paper_entry_for
+    config = load_config(Path(__file__).parents[1] / "configs" / recipe / "lift_clip_vitb16.yaml")
+    model, optim = config.model, config.optim
+    assert (model.name, model.params["arch"], model.params["tag"], model.pretrained) == ("open_clip", "ViT-B-16",
+                                                                                          "openai", True)
+    assert (model.finetune, model.params["head"], model.params["head_scale"], model.params["head_init"]) == (
+        "adaptformer", "cosine", 25.0, "text")
+    assert (optim.name, optim.lr, optim.momentum, optim.weight_decay, config.data.batch_size) == (
+        "sgd", 0.01, 0.9, 5e-4, 128)
+    assert (config.schedule.name, config.schedule.per_step, config.schedule.warmup_epochs) == ("cosine", False, 0)
+    assert (config.loss.name, config.loss.params, config.train.epochs) == ("logit_adjustment", {"tau": 1.0}, epochs)
+    assert config.eval.tta == "five_crop" and config.eval.tta_resize * 224 == pytest.approx(248)
+    entry = paper_entry_for({"config": config.model_dump(mode="json"), "stage": "stage 1"}, load_paper_numbers())
+    assert (entry["metrics"]["top1"] if entry else None) == top1

@@ -160,6 +160,9 @@ def timm_model(num_classes: int, arch: str = "", in_channels: int = 3, head: str
         if "Unknown model" in str(error):
             raise ConfigError(f"model.params.arch={arch!r} is not a timm architecture; "
                               "timm.list_models('*vit*') lists them") from None
+        if not pretrained:
+            raise ConfigError(f"timm cannot build {arch} with model.params.create_kwargs={create_kwargs}: "
+                              f"{str(error).splitlines()[0][:300]}") from None
         raise _pretrained_error(arch, error) from error
     except (OSError, ValueError) as error:
         raise _pretrained_error(arch, error) from error
