@@ -300,6 +300,9 @@ def test_bbn_training_mixes_the_two_halves_with_alpha():
 
 
 def test_bbn_evaluates_one_batch_with_an_equal_mix():
+    # seeded: with some initial weights the logits reach ~60 and two summation orders differ by 1.5e-4,
+    # past the default float32 tolerance (it failed after test_foundation.py had drawn from the generator)
+    torch.manual_seed(0)
     model = build("bbn_resnet32").eval()
     model.on_epoch_start(9, 10)
     x = images((3, 3, 32, 32))
