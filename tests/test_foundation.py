@@ -285,6 +285,10 @@ def test_tta_views_and_averaged_logits():
         expected = (model(x).logits + model(x.flip(-1)).logits) / 2
         assert not torch.allclose(model(x).logits, expected)
     torch.testing.assert_close(ensembled, expected)
+    config = load_config(None, ["eval.tta=ten_crop"])
+    wrapped = builders.evaluation_model(config, model)
+    assert wrapped.mode == "ten_crop" and not wrapped.training  # predict() puts the model back as it was
+    assert builders.evaluation_model(load_config(None), model) is model
 
 
 # ------------------------------------------------------------------------ a real run, eval, export

@@ -67,7 +67,8 @@ def evaluation_model(config: Config, model: torch.nn.Module) -> torch.nn.Module:
     if config.eval.tta == "none":
         return model
     from longtail.models.tta import TestTimeEnsemble
-    return TestTimeEnsemble(model, config.eval.tta, config.eval.tta_resize)
+    # the wrapper starts in the model's mode, so predict() restores the model to the mode it found it in
+    return TestTimeEnsemble(model, config.eval.tta, config.eval.tta_resize).train(model.training)
 
 
 def init_head(config: Config, model: torch.nn.Module, bundle: Any, dist_info: DistInfo) -> None:
