@@ -380,3 +380,14 @@ def test_lift_recipes_hold_the_authors_settings(recipe, epochs, top1):
     assert config.eval.tta == "five_crop" and config.eval.tta_resize * 224 == pytest.approx(248)
     entry = paper_entry_for({"config": config.model_dump(mode="json"), "stage": "stage 1"}, load_paper_numbers())
     assert (entry["metrics"]["top1"] if entry else None) == top1
+
+
+def test_resume_does_not_read_the_weights_file_again(tmp_path):
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1,
+                               **{**TINY_VIT, "img_size": 8, "patch_size": 4, "embed_dim": 32})
+    torch.save(source.state_dict(), tmp_path / "vit.pt")
+    assert main(["train", *DIGITS_VIT, f"output_dir={tmp_path}", f"model.weights={tmp_path / 'vit.pt'}",
+                 "model.params.head_init=class_mean", "train.stop_at_epoch=1"]) == 0
+    (tmp_path / "vit.pt").unlink()  # an offline machine that resumes elsewhere
+    assert main(["train", "--resume", str(tmp_path / "digits_lt_ce")]) == 0
+    assert json.loads((tmp_path / "digits_lt_ce" / "metrics.json").read_text())["last"]["epoch"] == 2

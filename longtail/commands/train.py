@@ -32,7 +32,7 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
     results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it)."""
     seed_everything(config.seed, config.train.deterministic)
     bundle = builders.build_bundle(config)
-    job = builders.stage1_job(config, bundle, dist_info)
+    job = builders.stage1_job(config, bundle, dist_info, resuming=resume_from is not None)
     counts = parameter_counts(job.model)
     LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
              f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | images "

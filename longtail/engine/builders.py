@@ -136,15 +136,17 @@ def train_loader(config: Config, bundle: Any, sampler: Any, augment: Any, device
                        num_workers=data.num_workers, decode_on_device=data.decode_on_device)
 
 
-def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:
+def stage1_job(config: Config, bundle: Any, dist_info: DistInfo, resuming: bool = False) -> Any:
     """Stage 1 (representation learning): the recipe's model, loss, sampler(s), augmentation,
     optimiser and schedule as a ``TrainingJob``. Call ``trainer.seed_everything`` first: the model's
-    initial weights come from the global generator."""
+    initial weights come from the global generator. ``resuming``: a checkpoint will replace every
+    weight, so pretrained weights are not read (the file may be gone) and no head is initialised."""
     from longtail.data.loaders import PairedLoader
     from longtail.engine.trainer import TrainingJob
     data, device = config.data, dist_info.device
-    model = build_model(config, bundle, device)
-    init_head(config, model, bundle, dist_info)
+    model = build_model(config, bundle, device, load_weights=not resuming)
+    if not resuming:
+        init_head(config, model, bundle, dist_info)
     loss_fn = LOSSES.build(config.loss.name, config.loss.params, where="loss.params",
                            class_counts=bundle.train_counts, num_classes=bundle.num_classes,
                            num_samples=len(bundle.train.targets)).to(device)
