@@ -48,12 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage2.set_defaults(func=_command("stage2", "cmd_stage2"))
 
     evaluate = sub.add_parser("eval", help="evaluate a run directory or checkpoint")
-    evaluate.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT")
+    evaluate.add_argument("run", metavar="RUN_DIR_OR_CHECKPOINT", help="(with --zero-shot: a recipe)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/new/place")
     evaluate.add_argument("--checkpoint", default="last", help="last, best, or a checkpoint file name")
     evaluate.add_argument("--split", default="test", choices=["test", "val"])
     evaluate.add_argument("--shifts", action="store_true",
                           help="also on forward/backward-LT test sets, with prior correction (recipe section shifts:)")
+    evaluate.add_argument("--zero-shot", action="store_true",
+                          help="RUN is a recipe with model.name=open_clip: score CLIP's zero-shot classifier on its data")
     evaluate.set_defaults(func=_command("evaluate", "cmd_eval"))
 
     calibrate = sub.add_parser("calibrate", help="fit a post-hoc calibrator on validation data")

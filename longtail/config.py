@@ -115,10 +115,40 @@ class DataConfig(Section):
         return value
 
 
+FINETUNE = Literal["full", "linear", "partial", "lora", "adaptformer", "vpt", "bitfit", "ssf"]
+
+
 class ModelConfig(Section):
     name: str = "mlp"
     params: dict[str, Any] = Field(default_factory=dict)
-    pretrained_path: str | None = Field(None, description="local weights file; nothing is downloaded")
+    pretrained_path: str | None = Field(None, description="local weights file; nothing is downloaded "
+                                        "(model.weights is the same for every model)")
+    weights: str | None = Field(None, description="local weights file (a state dict or a library checkpoint), "
+                                "loaded strictly when the run starts; nothing is downloaded")
+    pretrained: bool = Field(False, description="timm/open_clip: load the library's pretrained weights (its hub "
+                             "cache, or a download where the machine may)")
+    finetune: FINETUNE = Field("full", description="what of a timm/open_clip backbone trains (models/finetune.py)")
+    finetune_params: dict[str, Any] = Field(default_factory=dict, description="the finetune mode's settings")
+    normalization: Literal["model", "dataset"] = Field(
+        "model", description="timm/open_clip: normalise with the pretrained model's mean/std (model) or the "
+                             "dataset's; file images are decoded at the model's input size unless data.image_size "
+                             "is set")
+
+    @model_validator(mode="after")
+    def _one_weights_file(self) -> "ModelConfig":
+        if self.weights and self.pretrained_path:
+            raise ValueError("model.weights and model.pretrained_path name the same thing; give one")
+        return self
+
+
+class EvalConfig(Section):
+    """How test and validation images are scored."""
+    tta: Literal["none", "flip", "five_crop", "ten_crop"] = Field(
+        "none", description="test-time ensembling, logits averaged over views: flip (image + mirror), five_crop "
+                            "(LIFT's: enlarge by tta_resize, four corner crops and the centre), ten_crop (those "
+                            "and their mirrors)")
+    tta_resize: float = Field(248 / 224, ge=1.0, description="five/ten_crop: the image is enlarged by this factor "
+                              "before cropping (LIFT: 224 + 24 pixels)")
 
 
 class LossConfig(Section):
@@ -261,6 +291,7 @@ class Config(Section):
     stage2: Stage2Config | None = None
     calibrate: CalibrateConfig | None = None
     shifts: ShiftsConfig = Field(default_factory=ShiftsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("name")
     @classmethod

@@ -57,10 +57,17 @@ def assert_same_weights(run_a: Path, run_b: Path, atol: float) -> None:
 # (as torch's DistributedSampler), so two processes would train on one sample more: that case is
 # compared with the last batch dropped.
 EVEN = ["data.val_fraction=0.25"]
+# a 2-block timm ViT (LayerNorm only) with AdaptFormer: frozen backbone parameters are no part of DDP's reducer
+TIMM_ADAPTFORMER = ["model.name=timm", "model.params.arch=vit_tiny_patch16_224", "model.finetune=adaptformer",
+                    "model.params.create_kwargs={img_size: 8, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2}",
+                    "model.finetune_params={bottleneck: 4}"]
 
 
-@pytest.mark.parametrize("extra", [EVEN, [*EVEN, "data.sampler=class_balanced"], ["data.drop_last=true"]],
-                         ids=["instance", "class_balanced", "instance_drop_last"])
+@pytest.mark.parametrize("extra", [EVEN, [*EVEN, "data.sampler=class_balanced"], ["data.drop_last=true"],
+                                   pytest.param([*EVEN, *TIMM_ADAPTFORMER], marks=[pytest.mark.slow, pytest.mark.skipif(
+                                       __import__("importlib").util.find_spec("timm") is None,
+                                       reason="the foundation extra (timm) is not installed")])],
+                         ids=["instance", "class_balanced", "instance_drop_last", "timm_adaptformer"])
 def test_two_process_ddp_trains_the_weights_of_one_process(tmp_path, extra):
     # Measured (instance sampler): the largest weight difference is 4.5e-8 (float rounding of the two
     # half-batch means); a sampler that feeds every rank rank 0's shard makes it 0.046.

@@ -59,7 +59,7 @@ CASES = {
 def test_every_registered_model_has_a_case():
     # models that other test modules register for themselves (e.g. test_stage2's two-expert CNN) are not the package's
     packaged = {name for name in MODELS.names() if not MODELS.get(name).__module__.startswith(("test", "conftest"))}
-    assert packaged == set(CASES) | {"bbn_resnet32"}
+    assert packaged == set(CASES) | {"bbn_resnet32", "timm", "open_clip"}  # the last two: test_foundation.py
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet152" else n for n in CASES])
@@ -309,6 +309,9 @@ def test_bbn_training_mixes_the_two_halves_with_alpha(shared_pass):
 
 
 def test_bbn_evaluates_one_batch_with_an_equal_mix():
+    # seeded: with some initial weights the logits reach ~60 and two summation orders differ by 1.5e-4,
+    # past the default float32 tolerance (it failed after test_foundation.py had drawn from the generator)
+    torch.manual_seed(0)
     model = build("bbn_resnet32").eval()
     model.on_epoch_start(9, 10)
     x = images((3, 3, 32, 32))

@@ -10,7 +10,7 @@ import torch
 
 from longtail.commands.common import DATA_DEFINITION, UserError, changed_keys
 from longtail.commands.results import write_results
-from longtail.config import Config, apply_overrides, config_from_dict
+from longtail.config import Config, apply_overrides, config_from_dict, dump_config, load_config
 from longtail.engine import builders
 from longtail.engine.checkpoint import load_run_checkpoint
 from longtail.engine.distributed import DistInfo, init_distributed
@@ -18,7 +18,7 @@ from longtail.engine.predict import predict
 from longtail.engine.rundir import new_run_dir, write_output
 from longtail.metrics import compute_metrics, summary
 
-__all__ = ["cmd_eval", "evaluate_checkpoint", "resolve_checkpoint", "LoadedRun", "load_run", "split_of"]
+__all__ = ["cmd_eval", "evaluate_checkpoint", "evaluate_zero_shot", "resolve_checkpoint", "LoadedRun", "load_run", "split_of"]
 
 
 def resolve_checkpoint(path: Path, checkpoint: str) -> tuple[Path, Path]:
@@ -86,7 +86,7 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
                                                        run.dist_info)
     imageset = split_of(run, split)
     loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
-    outputs = predict(run.model, loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
+    outputs = predict(builders.evaluation_model(config, run.model), loader, dist_info, len(imageset.targets), builders.amp_dtype(config, dist_info.device))
     metrics: dict[str, Any] = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
                                               outputs.get("expert_logits"))
     out_dir = new_run_dir(run_dir / "evals", f"{file.stem}_{split}")
@@ -98,7 +98,39 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     return out_dir
 
 
+def evaluate_zero_shot(recipe: Path, overrides: list[str], split: str = "test") -> Path:
+    """CLIP's zero-shot classifier on a recipe's data, the baseline a fine-tuned foundation model is
+    compared with: the recipe's open_clip model with ``head=zero_shot`` (its class-name prompts), nothing
+    trained. Results land in ``output_dir/<name>_zero_shot[-N]``."""
+    config = load_config(recipe, overrides)
+    if config.model.name != "open_clip":
+        raise UserError(f"--zero-shot needs a recipe with model.name=open_clip (CLIP's text tower gives the "
+                        f"classifier); {recipe} has model.name={config.model.name}")
+    config.model.params = {**config.model.params, "head": "zero_shot"}
+    config.model.finetune, config.model.finetune_params = "linear", {}
+    dist_info = init_distributed(config.device)
+    bundle = builders.build_bundle(config)
+    model = builders.build_model(config, bundle, dist_info.device).eval()
+    imageset = getattr(bundle, split)
+    if imageset is None:
+        raise UserError(f"the recipe has no {split} split; use --split test")
+    normalize = builders.build_augment(config, bundle).normalize
+    loader = builders.eval_loader(config, imageset, normalize, dist_info)
+    outputs = predict(builders.evaluation_model(config, model), loader, dist_info, len(imageset.targets),
+                      builders.amp_dtype(config, dist_info.device))
+    metrics = compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts)
+    out_dir = new_run_dir(Path(config.output_dir), f"{config.name}_zero_shot")
+    write_output(out_dir / "config.yaml", dump_config(config))
+    write_results(out_dir, {"selection": "zero-shot (nothing trained)", "last": {"epoch": 0, split: metrics}},
+                  outputs, bundle.train_counts, metrics)
+    print(summary(metrics))
+    return out_dir
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.zero_shot:
+        print(f"results in {evaluate_zero_shot(Path(args.run), args.overrides, args.split)}")
+        return 0
     if args.shifts:
         from longtail.commands.shifts import evaluate_shifts  # it builds on load_run
         out = evaluate_shifts(load_run(Path(args.run), args.checkpoint, args.overrides), args.split)

@@ -19,6 +19,7 @@ from longtail.commands.common import UserError
 from longtail.commands.evaluate import LoadedRun, load_run
 from longtail.data.sources import EVAL_CROP_FRACTION
 from longtail.engine.rundir import Exists, atomic_output, check_output
+from longtail.models.finetune import merged_for_export
 
 __all__ = ["cmd_export", "Deployable", "export_run", "load_export", "run_export", "metadata"]
 
@@ -90,7 +91,8 @@ def export_run(run: LoadedRun, out: Path, fmt: str, calibrator_name: str | None 
             import onnx
         except ImportError:
             raise UserError(ONNX_MISSING) from None
-    model = copy.deepcopy(run.model).cpu().float().eval()
+    # LoRA merged into the weights: the exported graph is the plain network
+    model = merged_for_export(copy.deepcopy(run.model).cpu().float().eval())
     module = Deployable(model, run.bundle.mean, run.bundle.std, scale, bias).eval()
     size, channels = run.bundle.image_size, run.bundle.channels
     example = torch.rand(2, channels, size, size) * 255

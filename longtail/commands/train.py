@@ -21,6 +21,7 @@ from longtail.engine.logging import LOG, setup_text_log
 from longtail.engine.rundir import (discard_if_unstarted, new_run_dir, record_config_change, run_lock,
                                     write_run_record)
 from longtail.engine.trainer import Trainer, seed_everything
+from longtail.models.finetune import parameter_counts
 from longtail.stage2 import run_stage2
 
 __all__ = ["cmd_train", "train_stage1", "train_stage2"]
@@ -31,15 +32,18 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
     results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it)."""
     seed_everything(config.seed, config.train.deterministic)
     bundle = builders.build_bundle(config)
-    job = builders.stage1_job(config, bundle, dist_info)
+    job = builders.stage1_job(config, bundle, dist_info, resuming=resume_from is not None)
+    counts = parameter_counts(job.model)
     LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
              f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | images "
              f"{bundle.channels}x{bundle.image_size}x{bundle.image_size} | model {config.model.name} | "
              f"loss {config.loss.name} | device {dist_info.device}"
              f"{f' x{dist_info.world_size}' if dist_info.distributed else ''} | "
-             f"{builders.precision(config, dist_info.device).label}")
+             f"{builders.precision(config, dist_info.device).label} | parameters: {counts['trainable']:,} trainable "
+             f"of {counts['total']:,}{f' (model.finetune={config.model.finetune})' if config.model.finetune != 'full' else ''}")
     fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from).fit()
     if fit.stopped_at_epoch is None and dist_info.is_main:
+        fit.results["parameters"] = counts
         write_results(run_dir, fit.results, fit.test_outputs, bundle.train_counts, fit.results["last"]["test"])
         LOG.info(f"results in {run_dir}")
     return fit.results

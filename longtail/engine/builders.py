@@ -2,6 +2,7 @@
 train, eval, stage 2 and calibrate so that all of them see the same data the same way."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -14,27 +15,79 @@ from longtail.models.heads import restore_heads
 from longtail.registry import LOSSES, MODELS, SAMPLERS, ConfigError, load_all
 
 
+# file datasets decode their images at data.image_size; in-memory ones keep their native size and a
+# pretrained model resizes them itself (models/foundation.py)
+RESIZING_DATASETS = ("image_folder", "list_files")
+
+
 def build_bundle(config: Config) -> Any:
+    """The run's data. A timm/open_clip model's pretrained data config decides what the recipe leaves
+    open: file images are decoded at its input size unless data.image_size is set, and images are
+    normalised with its mean/std unless model.normalization=dataset."""
     load_all()
     from longtail.data import build_data
-    return build_data(config.data)
+    from longtail.models.foundation import model_data_config
+    pretrained = model_data_config(config.model.name, config.model.params)
+    data = config.data
+    if pretrained and data.image_size is None and data.dataset in RESIZING_DATASETS:
+        data = data.model_copy(update={"image_size": pretrained["input_size"]})
+    bundle = build_data(data)
+    # a grey dataset on a network built with in_chans=1 has no use for RGB statistics
+    if pretrained and config.model.normalization == "model" and len(pretrained["mean"]) == bundle.channels:
+        bundle = dataclasses.replace(bundle, mean=pretrained["mean"], std=pretrained["std"])
+    return bundle
 
 
-def build_model(config: Config, bundle: Any, device: torch.device) -> torch.nn.Module:
+def build_model(config: Config, bundle: Any, device: torch.device, load_weights: bool = True) -> torch.nn.Module:
+    """The recipe's model on ``device``. ``load_weights=False`` skips pretrained weights and head
+    initialisation (a checkpoint is about to replace every weight)."""
     load_all()
-    model = MODELS.build(config.model.name, config.model.params, where="model.params",
+    cfg = config.model
+    accepted = MODELS.parameters(cfg.name)
+    unsupported = [key for key, value, default in (("pretrained", cfg.pretrained, False),
+                                                   ("finetune", cfg.finetune, "full"),
+                                                   ("finetune_params", cfg.finetune_params, {}))
+                   if value != default and key not in accepted]
+    if unsupported:
+        raise ConfigError(f"model.{', model.'.join(unsupported)} apply to pretrained timm/open_clip models; "
+                          f"model {cfg.name!r} takes model.weights=PATH for its own weights")
+    model = MODELS.build(cfg.name, cfg.params, where="model.params",
                          num_classes=bundle.num_classes, in_channels=bundle.channels,
-                         image_size=bundle.image_size, pretrained_path=config.model.pretrained_path)
+                         image_size=bundle.image_size, pretrained_path=(cfg.weights or cfg.pretrained_path) if load_weights else None,
+                         pretrained=cfg.pretrained, finetune=cfg.finetune, finetune_params=cfg.finetune_params,
+                         class_names=list(bundle.class_names), load_weights=load_weights)
     model = model.to(device)
     if use_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
+def evaluation_model(config: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as evaluation scores it: wrapped in test-time ensembling when ``eval.tta`` asks."""
+    if config.eval.tta == "none":
+        return model
+    from longtail.models.tta import TestTimeEnsemble
+    # the wrapper starts in the model's mode, so predict() restores the model to the mode it found it in
+    return TestTimeEnsemble(model, config.eval.tta, config.eval.tta_resize).train(model.training)
+
+
+def init_head(config: Config, model: torch.nn.Module, bundle: Any, dist_info: DistInfo) -> None:
+    """LIFT's class-mean head initialisation (``model.params.head_init=class_mean``): the normalised
+    mean feature of each class's un-augmented training images, from one pass of the initial model."""
+    if getattr(model, "head_init", "none") != "class_mean":
+        return
+    from longtail.engine.predict import predict
+    from longtail.models.foundation import init_head_from_class_means
+    loader = eval_loader(config, bundle.train, build_augment(config, bundle).normalize, dist_info)
+    outputs = predict(model, loader, dist_info, len(bundle.train.targets), amp_dtype(config, dist_info.device),
+                      keep_features=True)
+    init_head_from_class_means(model, outputs["features"], outputs["targets"].long())
+
+
 def load_trained_model(config: Config, bundle: Any, state: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The model of a saved checkpoint; a stage-2 checkpoint's re-built heads (cRT, LWS, NCM...) are
     restored from their specs first so its weights fit."""
-    model = build_model(config, bundle, device)
+    model = build_model(config, bundle, device, load_weights=False)
     if state.get("heads"):
         load_all()  # registers every head kind, also those of stage 2
         restore_heads(model, state["heads"])
@@ -87,14 +140,17 @@ def train_loader(config: Config, bundle: Any, sampler: Any, augment: Any, device
                        drop_last=data.drop_last)
 
 
-def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:
+def stage1_job(config: Config, bundle: Any, dist_info: DistInfo, resuming: bool = False) -> Any:
     """Stage 1 (representation learning): the recipe's model, loss, sampler(s), augmentation,
     optimiser and schedule as a ``TrainingJob``. Call ``trainer.seed_everything`` first: the model's
-    initial weights come from the global generator."""
+    initial weights come from the global generator. ``resuming``: a checkpoint will replace every
+    weight, so pretrained weights are not read (the file may be gone) and no head is initialised."""
     from longtail.data.loaders import PairedLoader
     from longtail.engine.trainer import TrainingJob
     data, device = config.data, dist_info.device
-    model = build_model(config, bundle, device)
+    model = build_model(config, bundle, device, load_weights=not resuming)
+    if not resuming:
+        init_head(config, model, bundle, dist_info)
     loss_fn = LOSSES.build(config.loss.name, config.loss.params, where="loss.params",
                            class_counts=bundle.train_counts, num_classes=bundle.num_classes,
                            num_samples=len(bundle.train.targets)).to(device)
@@ -110,7 +166,11 @@ def stage1_job(config: Config, bundle: Any, dist_info: DistInfo) -> Any:
                                       config.seed))
         second = train_loader(config, bundle, samplers[1], augment, device, config.seed + 7919)
         loader = PairedLoader(loader, second)
-    optimizer = build_optimizer(model.parameters(), config.optim, device)
+    parameters: Any = model.parameters()
+    if getattr(model, "layer_decay", None) is not None:
+        from longtail.models.finetune import layerwise_groups
+        parameters = layerwise_groups(model, config.optim.lr)
+    optimizer = build_optimizer(parameters, config.optim, device)
     scheduler = build_scheduler(optimizer, config.schedule, len(loader), config.train.epochs)
     train = config.train
     return TrainingJob(label="stage 1", model=model, net=model, loss_fn=loss_fn, loader=loader, optimizer=optimizer,

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from longtail.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+def build_optimizer(parameters: Iterable[torch.nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig,
                     device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in parameters if p.requires_grad]
+    """The optimiser of the trainable ``parameters``, or of parameter groups (dicts with ``params`` and
+    their own ``lr``: layer-wise lr decay)."""
+    params: list[Any] = list(parameters)
+    if params and isinstance(params[0], dict):
+        params = [group for group in params if group["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to optimise: every parameter is frozen")
     fused = device.type == "cuda"  # the fused CUDA kernels; CPU keeps the default (foreach) path

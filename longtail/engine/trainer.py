@@ -237,7 +237,7 @@ class Trainer:
     def evaluate(self, split: str, keep_features: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         imageset = getattr(self.bundle, split)
         loader = builders.eval_loader(self.config, imageset, self.normalize, self.dist)
-        outputs = predict(self.job.model, loader, self.dist, len(imageset.targets), self.amp_dtype, keep_features)
+        outputs = predict(builders.evaluation_model(self.config, self.job.model), loader, self.dist, len(imageset.targets), self.amp_dtype, keep_features)
         metrics = compute_metrics(outputs["logits"], outputs["targets"], self.counts, outputs.get("expert_logits"))
         return metrics, outputs
 

@@ -18,7 +18,8 @@ from longtail.models.heads import make_head
 from longtail.types import ModelOutput
 
 __all__ = ["AGGREGATES", "Trunk", "StagedBackbone", "Classifier", "single_model", "global_pool",
-           "expert_head_logits", "parameters_outside", "load_pretrained"]
+           "expert_head_logits", "parameters_outside", "load_pretrained",
+           "read_state_file", "load_state_strictly"]
 
 AGGREGATES = ("sum", "mean")
 
@@ -140,25 +141,39 @@ def single_model(trunk: Trunk, num_classes: int, head: str, head_scale: float) -
     return Classifier(backbone, [make_head(head, trunk.channels[-1], num_classes, head_scale)])
 
 
-def load_pretrained(module: nn.Module, path: str | Path, drop_prefixes: tuple[str, ...] = ()) -> None:
-    """Load a local state-dict file into ``module`` (strictly: every key and shape must match).
-
-    Keys starting with ``drop_prefixes`` (the source network's classifier) are ignored. Nothing is
-    downloaded; the file is read with ``torch.load(weights_only=True)``.
-    """
-    path = Path(path)
+def read_state_file(path: str | Path, unwrap: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A state dict (a dict of tensors) from a local file, read with ``torch.load(weights_only=True)``
+    (``.safetensors`` files with safetensors). A checkpoint that wraps it under one of the ``unwrap``
+    keys (a library's ``{"state_dict": ...}``) is unwrapped. Nothing is downloaded."""
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path} do not exist; model.pretrained_path must name a "
-                                "local file (longtail never downloads weights)")
+        raise FileNotFoundError(f"weights file {path} does not exist; model.weights must name a local file "
+                                "(this never downloads weights; model.pretrained=true asks timm/open_clip for theirs)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read {path} as weights with torch.load(weights_only=True): {err}. "
                          "Save weights with torch.save(model.state_dict(), path)") from err
+    for key in unwrap:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = f"a dict with keys {sorted(state)[:5]}" if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} holds {found}, not a state dict (a dict of tensors); save "
                          "model.state_dict() itself, not a checkpoint that wraps it")
+    return state
+
+
+def load_state_strictly(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                        drop_prefixes: tuple[str, ...] = (), hint: str = "the plain network's state dict") -> None:
+    """Load ``state`` into ``module``: every key and shape must match (keys starting with
+    ``drop_prefixes``, the source network's classifier, are ignored); otherwise ValueError listing the
+    first missing, unexpected and reshaped keys. Never a partial load."""
     state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
     own = module.state_dict()
     missing = sorted(own.keys() - state.keys())
@@ -169,6 +184,15 @@ def load_pretrained(module: nn.Module, path: str | Path, drop_prefixes: tuple[st
         problems = [f"{name} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", reshaped))
                     if keys]
-        raise ValueError(f"{path} does not fit this architecture; " + "; ".join(problems)
-                         + f". Expected keys like {', '.join(list(own)[:3])} (the plain network's state dict)")
+        raise ValueError(f"{source} does not fit this architecture; " + "; ".join(problems)
+                         + f". Expected keys like {', '.join(list(own)[:3])} ({hint})")
     module.load_state_dict(state)
+
+
+def load_pretrained(module: nn.Module, path: str | Path, drop_prefixes: tuple[str, ...] = ()) -> None:
+    """Load a local state-dict file into ``module`` (strictly: every key and shape must match).
+
+    Keys starting with ``drop_prefixes`` (the source network's classifier) are ignored. Nothing is
+    downloaded; the file is read with ``torch.load(weights_only=True)``.
+    """
+    load_state_strictly(module, read_state_file(path), str(path), drop_prefixes)
