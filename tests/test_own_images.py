@@ -17,7 +17,8 @@ from conftest import pack
 from longtail.cli import main
 from longtail.commands.predict import eval_view
 from longtail.config import DataConfig
-from longtail.data import build_data
+from longtail.data import build_data, sources
+from longtail.data.sources import decode_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -69,14 +70,22 @@ def test_an_archive_that_does_not_fit_the_memory_left_is_refused_and_leaves_noth
     assert not list(cache.glob("*.pt")) and not list(cache.glob(".*tmp"))  # no decoded cache, no half file
 
 
-def test_an_in_memory_decode_reads_only_the_long_tailed_selection_and_keeps_it(tmp_path):
+def test_an_in_memory_decode_reads_only_the_long_tailed_selection_and_keeps_it(tmp_path, monkeypatch):
     """The archive decode keeps exactly the images the selection kept when it decoded everything first."""
     pixels = write_images(tmp_path / "tree", {"a": [16] * 9, "b": [16] * 7, "c": [16] * 6}, np.random.default_rng(1))
     archive = pack(tmp_path / "tree", tmp_path / "lt.tar.gz")
     cfg = dict(dataset="image_folder", imbalance_factor=5, selection_seed=3, cache_dir=str(tmp_path / "cache"))
     files = build_data(DataConfig(root=str(tmp_path / "tree"), **cfg))  # per-batch files: selection on paths
+    decoded = []
+
+    def counting(data, name, channels=3):
+        decoded.append(name)
+        return decode_bytes(data, name, channels)
+
+    monkeypatch.setattr(sources, "decode_bytes", counting)
     packed = build_data(DataConfig(root=str(archive), **cfg))
     assert packed.train_counts == files.train_counts == [6, 2, 1] and len(packed.train) == 9
+    assert len(decoded) == 9 + len(packed.test)  # the 13 training images left out were never decoded
     expected = torch.stack([torch.from_numpy(pixels[path]).permute(2, 0, 1) for path in files.train.paths])
     assert torch.equal(packed.train.images, expected)
 
