@@ -18,6 +18,7 @@ from longtail.cli import main
 from longtail.commands.predict import eval_view
 from longtail.config import DataConfig
 from longtail.data import build_data, sources
+from longtail.data.loaders import EvalLoader
 from longtail.data.sources import decode_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,9 @@ def test_a_folder_of_32x32_pngs_decodes_to_exactly_the_files_pixels(tmp_path):
         bundle = build_data(DataConfig(dataset="image_folder", **cfg))
         assert bundle.image_size == 32
         assert torch.equal(torch.cat([bundle.train.images, bundle.test.images]), expected)
+    test = listed.test  # decoded per batch by the loader's evaluation view
+    views = torch.cat([images for images, _ in EvalLoader(test, 4, lambda images: images, "cpu")])
+    assert torch.equal(views, expected[len(listed.train):])
     assert torch.equal(eval_view(expected[0], 32), expected[0])  # predict/export's view of a 32x32 file
 
 
