@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import pack
 from longtail.cli import main
 from longtail.commands.predict import eval_view
-from longtail.config import DataConfig
+from longtail.commands.common import as_trained
+from longtail.config import Config, DataConfig
 from longtail.data import build_data, sources
 from longtail.data.loaders import EvalLoader
 from longtail.data.sources import decode_bytes
@@ -147,3 +148,12 @@ def test_a_shortened_recipe_is_refused_unless_scaled_and_then_trains_on_the_scal
     lrs = [float(row["lr"]) for row in csv.DictReader((run / "metrics.csv").open())]
     # the lr logged after each epoch is the next step's: x0.01 from the start of (0-based) epoch 8, x0.0001 from 9
     assert lrs == pytest.approx([0.1] * 7 + [1e-3, 1e-5, 1e-5])
+
+
+def test_a_run_trained_before_the_size_was_recorded_is_read_at_224_as_it_was_trained():
+    # since issue 24 a file dataset's run records the size its data chose; a run without it predates that
+    # and was trained at 224, whatever its images' own size
+    old = as_trained(Config(data=DataConfig(dataset="image_folder", root="photos")))
+    assert old.data.image_size == 224
+    assert as_trained(Config(data=DataConfig(dataset="image_folder", root="p", image_size=28))).data.image_size == 28
+    assert as_trained(Config()).data.image_size is None  # Digits-LT is never resized

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from longtail.commands.common import UserError, folder_name, run_dir_of, split_config_and_overrides
+from longtail.commands.common import UserError, as_trained, folder_name, run_dir_of, split_config_and_overrides
 from longtail.commands.train import train_stage2
 from longtail.config import apply_overrides, check_epochs, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
@@ -38,7 +38,8 @@ def cmd_stage2(args: argparse.Namespace) -> int:
         if not stage2:
             raise UserError(f"{recipe} has no stage2 section; name a stage-2 recipe (e.g. configs/cifar10_lt/if100/crt.yaml)")
         raw["stage2"] = stage2
-    config = config_from_dict(apply_overrides(raw, overrides), f"{recorded} (+ stage 2 of {recipe or 'the run'})")
+    config = as_trained(config_from_dict(apply_overrides(raw, overrides),
+                                         f"{recorded} (+ stage 2 of {recipe or 'the run'})"))
     if config.stage2 is None:
         raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
     check_epochs(config, ("stage2",), can_scale=False)
@@ -72,7 +73,7 @@ def _resume(out_dir: Path, overrides: list[str]) -> int:
     if (out_dir / "metrics.json").is_file():
         raise UserError(f"stage 2 in {out_dir} is already finished (metrics.json); start a new one with "
                         f"`longtail stage2 {out_dir.parent} ...`")
-    config = load_config(out_dir / "config.yaml", overrides, check_epochs=False)
+    config = as_trained(load_config(out_dir / "config.yaml", overrides, check_epochs=False))
     if not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
         config.stage2.stop_at_epoch = None
     dist_info = distributed.init_distributed(config.device)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from longtail.commands.calibrate import calibrate_run
-from longtail.commands.common import RESUMABLE_KEYS, UserError, changed_keys, run_dir_of, split_config_and_overrides
+from longtail.commands.common import (RESUMABLE_KEYS, UserError, as_trained, changed_keys, run_dir_of,
+                                      split_config_and_overrides)
 from longtail.commands.results import write_results
 from longtail.config import Config, check_epochs, config_notes, dump_config, load_config
 from longtail.engine import builders, distributed
@@ -82,8 +83,8 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict[st
     recorded = run_dir / "config.yaml"
     if not recorded.is_file():
         raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
-    before = load_config(recorded, check_epochs=False)  # a run is continued as it was trained
-    config = load_config(recorded, overrides, check_epochs=False)
+    before = as_trained(load_config(recorded, check_epochs=False))  # a run is continued as it was trained
+    config = as_trained(load_config(recorded, overrides, check_epochs=False))
     changes = changed_keys(before.model_dump(mode="json"), config.model_dump(mode="json"))
     if "train.epochs" in changes or "stage2.epochs" in changes:
         check_epochs(config)
