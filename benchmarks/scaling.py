@@ -57,7 +57,8 @@ def epoch_time(overrides: list[str], run_root: Path, device: str) -> dict[str, f
     from longtail.engine.rundir import new_run_dir
     from longtail.engine.trainer import Trainer
     config = load_config(REPO / "configs/cifar10_lt/if100/ce.yaml",
-                         ["train.epochs=1", "train.eval_every=0", f"output_dir={run_root}", f"device={device}",
+                         ["train.epochs=1", "train.scale_schedule=true", "train.eval_every=0", f"output_dir={run_root}",
+                          f"device={device}",
                           "name=scaling", *overrides])
     dist_info = init_distributed(device)
     bundle = builders.build_bundle(config)

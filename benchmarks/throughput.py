@@ -50,7 +50,8 @@ from plain_step import all_variants  # noqa: E402  (the benchmark's own independ
 def make_config(args: argparse.Namespace, run_root: Path):
     from longtail.config import load_config
     overrides = [f"model.name={args.model}", f"loss.name={args.loss}", f"data.root={args.data}",
-                 "train.epochs=1", "train.eval_every=0", f"output_dir={run_root}", f"device={args.device}",
+                 "train.epochs=1", "train.scale_schedule=true", "train.eval_every=0", f"output_dir={run_root}",
+                 f"device={args.device}",
                  f"data.num_workers={args.workers}", "name=throughput", *args.overrides]
     return load_config(REPO / "configs/cifar10_lt/if100/ce.yaml", overrides)
 

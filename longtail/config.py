@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from longtail.registry import ConfigError
 
@@ -74,7 +74,8 @@ class DataConfig(Section):
     val_source: Literal["train", "test"] = Field(
         "train", description="where the validation split comes from: the LT training set, or a balanced split of the test set")
     image_size: int | None = Field(None, ge=1, description="side file images are resized and centre-cropped to "
-                                   "(image_folder and list_files: default 224, folders and archives alike)")
+                                   "(image_folder and list_files; an image of this size is kept as it is). Unset: "
+                                   "the images' own size when all have one square size, else 224 (run header)")
     in_memory: Literal["auto", "yes", "no"] = Field(
         "auto", description="keep decoded uint8 images in one tensor on the training device")
     cache_dir: str | None = Field(None, description="where decoded datasets are cached (default ~/.cache/longtail)")
@@ -209,6 +210,10 @@ class TrainConfig(Section):
         None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
                                 "`longtail train --resume RUN` continues exactly")
     deterministic: bool = False
+    scale_schedule: bool = Field(
+        False, exclude=True, description="scale every setting counted in epochs (schedule milestones and warm-up, "
+        "DRW and re-weighting epochs, mix_until_epoch; stage 2's likewise by stage2.epochs) from the recipe's own "
+        "epochs to train.epochs; config.yaml holds the scaled values (so this switch is not written there)")
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -292,6 +297,7 @@ class Config(Section):
     calibrate: CalibrateConfig | None = None
     shifts: ShiftsConfig = Field(default_factory=ShiftsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what loading resolved (scaled epochs), for the run header
 
     @field_validator("name")
     @classmethod
@@ -412,11 +418,138 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return merge(merged, raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe (or the built-in Digits-LT default when ``path`` is None) and apply overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_epochs: bool = True) -> Config:
+    """Read a YAML recipe (or the built-in Digits-LT default when ``path`` is None) and apply overrides.
+    Settings counted in epochs are scaled (``train.scale_schedule``) and then, with ``check_epochs``,
+    checked against the epochs they belong to (``resolve_epochs``)."""
     raw = read_recipe(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return config_from_dict(raw, str(path) if path is not None else "<default Digits-LT>")
+    recipe_epochs = {"train": (raw.get("train") or {}).get("epochs", TrainConfig.model_fields["epochs"].default),
+                     "stage2": (raw.get("stage2") or {}).get("epochs", Stage2Config.model_fields["epochs"].default)}
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
+    config = config_from_dict(raw, str(path) if path is not None else "<default Digits-LT>")
+    given = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    return resolve_epochs(config, recipe_epochs, given, check_epochs)
+
+
+# ------------------------------------------------------------------ settings counted in epochs
+def _epoch_keys(params: dict[str, Any], prefix: str) -> list[str]:
+    """Dotted keys of every ``*_epoch`` integer in a loss's params, nested ones (RIDE's and IKL's
+    ``base_params``) included."""
+    keys = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            keys += _epoch_keys(value, f"{prefix}.{key}")
+        elif key.endswith("_epoch") and isinstance(value, int) and not isinstance(value, bool):
+            keys.append(f"{prefix}.{key}")
+    return keys
+
+
+def epoch_settings(config: Config, stage: Literal["train", "stage2"]) -> list[str]:
+    """Dotted keys of the settings counted in epochs that are in effect in ``stage``: warm-up,
+    milestones of a step schedule, mix_until_epoch when mixing, and the loss's ``*_epoch`` params."""
+    if stage == "train":
+        schedule, augment, loss, root = config.schedule, config.data.augment, config.loss, ""
+    else:
+        if config.stage2 is None:
+            return []
+        schedule, augment, loss, root = config.stage2.schedule, config.stage2.augment, config.stage2.loss, "stage2."
+    keys = []
+    if schedule.warmup_epochs > 0:
+        keys.append(f"{root}schedule.warmup_epochs")
+    if schedule.name == "step" and schedule.milestones:
+        keys.append(f"{root}schedule.milestones")
+    if augment is not None and augment.mixup_alpha > 0 and augment.mix_until_epoch is not None:
+        keys.append(f"{root + 'augment' if root else 'data.augment'}.mix_until_epoch")
+    if loss is not None:
+        keys += _epoch_keys(loss.params, f"{root}loss.params")
+    return keys
+
+
+def _get(config: Config, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node: Any = config
+    for part in parents:
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    if isinstance(node, dict):
+        node[last] = value
+    else:
+        setattr(node, last, value)
+
+
+def _scaled(value: Any, key: str, new: int, old: int) -> Any:
+    """A setting moved from a run of ``old`` epochs to one of ``new``: epoch indices (switch points) round
+    down, so one inside the old run stays inside the new one; warm-up, a length, scales exactly."""
+    if key.endswith("warmup_epochs"):
+        return value * new / old
+    if isinstance(value, list):
+        return [item * new // old for item in value]
+    return value * new // old
+
+
+def _beyond(key: str, value: Any, epochs: int) -> bool:
+    """Whether a setting falls at or after the end of a run of ``epochs`` epochs (never takes effect);
+    warm-up may last the whole run."""
+    if key.endswith("warmup_epochs"):
+        return value > epochs
+    return any(item >= epochs for item in (value if isinstance(value, list) else [value]))
+
+
+def check_epochs(config: Config, stages: tuple[str, ...] = ("train", "stage2"), can_scale: bool = True) -> None:
+    """ConfigError naming every setting counted in epochs that falls at or after its stage's end
+    (``can_scale``: the command reads a recipe, so train.scale_schedule is a way out)."""
+    problems = []
+    for stage in stages:
+        epochs_key = "train.epochs" if stage == "train" else "stage2.epochs"
+        keys = epoch_settings(config, stage)  # type: ignore[arg-type]
+        epochs = _get(config, epochs_key) if keys else 0
+        problems += [f"{key}={_get(config, key)} (at or after the end of {epochs_key}={epochs})"
+                     for key in keys if _beyond(key, _get(config, key), epochs)]
+    if problems:
+        scale = (", or add train.scale_schedule=true to scale every epoch setting from the recipe's own epochs"
+                 if can_scale else "")
+        raise ConfigError(f"{', '.join(problems)} would never take effect; set {'them' if len(problems) > 1 else 'it'} "
+                          f"inside the run{scale}")
+
+
+def resolve_epochs(config: Config, recipe_epochs: dict[str, int], given: set[str], check: bool = True) -> Config:
+    """With ``train.scale_schedule``, every setting counted in epochs that the overrides did not set
+    (``given``: those are already in the run's epochs) is scaled from the recipe's epochs of its stage
+    (``recipe_epochs["train"]``, ``["stage2"]``) to ``train.epochs`` / ``stage2.epochs``; what changed is
+    kept in ``config._notes`` for the run header. Then ``check_epochs``."""
+    for stage in ("train", "stage2") if config.train.scale_schedule else ():
+        epochs_key = "train.epochs" if stage == "train" else "stage2.epochs"
+        keys = epoch_settings(config, stage)  # type: ignore[arg-type]
+        epochs, old_epochs = (_get(config, epochs_key) if keys else 0), recipe_epochs[stage]
+        if not keys or epochs == old_epochs or old_epochs < 1:
+            continue
+        changed = []
+        for key in keys:
+            if any(key == item or key.startswith(item + ".") for item in given):
+                continue
+            old = _get(config, key)
+            new = _scaled(old, key, epochs, old_epochs)
+            _set(config, key, new)
+            changed.append(f"{key} {old} -> {new}")
+        config._notes.append(f"train.scale_schedule: {'stage 2' if stage == 'stage2' else 'stage 1'} epoch settings "
+                             f"scaled from the recipe's {old_epochs} epochs to {epochs}: "
+                             + (", ".join(changed) or "all were set by the overrides"))
+    if check:
+        check_epochs(config)
+    return config
+
+
+def config_notes(config: Config) -> list[str]:
+    """What loading resolved for this config (scaled epoch settings), one line each, for the run header."""
+    return list(config._notes)
 
 
 def dump_config(config: Config) -> str:

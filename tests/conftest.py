@@ -60,6 +60,14 @@ def cifar10_small(shared_data, tmp_path_factory) -> dict[str, Path]:
     return {"tree": tree, "archive": packed}
 
 
+def pack(root: Path, archive: Path) -> Path:
+    """A .tar.gz of the image tree ``root/train``, ``root/test`` (members train/..., test/...)."""
+    with tarfile.open(archive, "w:gz") as handle:
+        for split in ("train", "test"):
+            handle.add(root / split, arcname=split)
+    return archive
+
+
 # Digits-LT at imbalance factor 100 (124 ... 1 training images a class, 288 in all; balanced test set of 50
 # a class; six of the ten classes are few-shot), the MLP for 10 epochs: the long tail of the behavioural tests.
 LONG_TAIL = ["device=cpu", "data.imbalance_factor=100", "train.epochs=10", "model.params.hidden=[64]",

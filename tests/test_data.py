@@ -20,6 +20,7 @@ from longtail.data import datasets as datasets_module
 from longtail.data.datasets import (CIFAR10_STATS, CIFAR100_STATS, balanced_split, channel_stats,
                                     select_per_class, stratified_split)
 from longtail.registry import ConfigError
+from conftest import pack
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -182,7 +183,8 @@ def test_validation_from_the_test_set_is_balanced():
 def test_image_folder_as_files_natural_or_long_tailed(cifar10_small):
     natural = build_data(DataConfig(dataset="image_folder", root=str(cifar10_small["tree"]), imbalance_factor=1))
     assert natural.train.images is None and natural.train_counts == [30] * 10
-    assert natural.train.image_size == natural.image_size == 224 and natural.channels == 3
+    assert natural.train.image_size == natural.image_size == 32 and natural.channels == 3  # every image is 32x32
+    assert "own size 32x32" in natural.image_size_note
     first = natural.train.paths[0]
     assert first == str(cifar10_small["tree"] / "train" / "airplane" / "0000.jpg")
     lt = build_data(DataConfig(dataset="image_folder", root=str(cifar10_small["tree"]), imbalance_factor=10,
@@ -262,13 +264,6 @@ def corrupt_tree(cifar10_small, tmp_path) -> Path:
     shutil.copytree(cifar10_small["tree"], root)
     (root / "train" / "cat" / "0003.jpg").write_bytes(b"not a jpeg at all")
     return root
-
-
-def pack(root: Path, archive: Path) -> Path:
-    with tarfile.open(archive, "w:gz") as handle:
-        for split in ("train", "test"):
-            handle.add(root / split, arcname=split)
-    return archive
 
 
 def test_corrupt_image_is_named_in_a_tree_and_in_an_archive(cifar10_small, tmp_path):

@@ -159,6 +159,6 @@ def test_predict_on_stage2_and_multi_expert_runs(run, test_images, tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt" / "if100" / "ride.yaml"
     assert main(["train", str(recipe), f"output_dir={ride_root}", "data.dataset=digits_lt", "data.root=null",
                  "data.imbalance_factor=10", "data.max_count=20", "data.batch_size=32", "data.augment={}", "train.epochs=1", "train.eval_every=0",
-                 "train.amp=none"]) == 0
+                 "train.amp=none", "train.scale_schedule=true"]) == 0
     (ride,) = [p for p in ride_root.iterdir() if p.is_dir()]
     _predict_matches_eval(ride, folder, tmp_path)

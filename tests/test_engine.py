@@ -117,7 +117,7 @@ def _digits_run(tmp_path: Path, recipe: str, *overrides: str) -> Path:
     from longtail.cli import main
     digits = [f"output_dir={tmp_path}", "data.dataset=digits_lt", "data.root=null", "data.imbalance_factor=10",
               "data.max_count=40", "data.batch_size=32", "data.augment={}", "train.epochs=2", "train.eval_every=0",
-              "train.log_interval=5", "stage2=null"]
+              "train.log_interval=5", "stage2=null", "train.scale_schedule=true"]
     assert main(["train", str(CONFIGS / recipe), *digits, *overrides]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     return run

@@ -76,7 +76,7 @@ def test_cache_notices_images_moved_between_classes_and_renamed_classes(tmp_path
 def test_image_folder_takes_the_tree_as_it_is_and_one_size_for_folder_and_archive(tmp_path):
     root = write_tree(tmp_path / "tree", {"a": 12, "b": 5, "c": 1})
     folder = build_data(DataConfig(dataset="image_folder", root=str(root)))
-    assert folder.train_counts == [12, 5, 1] and folder.image_size == 224
+    assert folder.train_counts == [12, 5, 1] and folder.image_size == 12  # every image is 12x12: kept
     in_memory = build_data(DataConfig(dataset="image_folder", root=str(root), in_memory="yes"))
     archive = tmp_path / "tree.tar.gz"
     with tarfile.open(archive, "w:gz") as handle:
@@ -84,8 +84,8 @@ def test_image_folder_takes_the_tree_as_it_is_and_one_size_for_folder_and_archiv
             handle.add(root / split, arcname=split)
     packed = build_data(DataConfig(dataset="image_folder", root=str(archive)))
     for bundle in (in_memory, packed):
-        assert bundle.train_counts == [12, 5, 1] and bundle.image_size == 224
-        assert tuple(bundle.train.images.shape[1:]) == (3, 224, 224)
+        assert bundle.train_counts == [12, 5, 1] and bundle.image_size == 12
+        assert tuple(bundle.train.images.shape[1:]) == (3, 12, 12)
     long_tailed = build_data(DataConfig(dataset="image_folder", root=str(root), imbalance_factor=5, max_count=5))
     assert long_tailed.train_counts == [5, 2, 1]
 

@@ -153,14 +153,15 @@ def test_eval_shard_pads_with_the_last_sample():
 # ------------------------------------------------------------------ file datasets (real CIFAR-10 JPEGs)
 @pytest.fixture(scope="module")
 def cifar_files(cifar10_small):
+    # 24, not the images' own 32: an image of the asked size is kept as it is (tests/test_own_images.py)
     return build_data(DataConfig(dataset="image_folder", root=str(cifar10_small["tree"]), imbalance_factor=1,
-                                 image_size=32))
+                                 image_size=24))
 
 
 def eval_view(path: str) -> torch.Tensor:
-    """Resize the shorter side to 32 / 0.875 = 37 (rounded), centre-crop 32: torchvision on a PIL decode."""
+    """Resize the shorter side to 24 / 0.875 = 27 (rounded), centre-crop 24: torchvision on a PIL decode."""
     image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-    return v2.CenterCrop(32)(v2.Resize(37, antialias=True)(image))
+    return v2.CenterCrop(24)(v2.Resize(27, antialias=True)(image))
 
 
 def test_file_eval_loader_decodes_the_evaluation_view(cifar_files):
@@ -194,7 +195,7 @@ def test_random_resized_crops_do_not_depend_on_workers(cifar_files):
     for a, b in zip(epochs[0][0] + epochs[0][1], epochs[1][0] + epochs[1][1]):
         assert torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
     crop = epochs[0][0][0].images
-    assert crop.shape == (50, 3, 32, 32)
+    assert crop.shape == (50, 3, 24, 24)
     plain = torch.stack([eval_view(train.paths[i]) for i in epochs[0][0][0].indices]).float()
     assert not torch.equal(crop, plain)
 
@@ -203,5 +204,5 @@ def test_random_resized_crop_follows_the_augment_config(cifar_files):
     augment = BatchAugment(AugmentConfig(random_resized_crop=True, crop_padding=0), cifar_files.mean, cifar_files.std)
     loader = TrainLoader(cifar_files.train, sampler_for(cifar_files.train), 50, augment, "cpu", seed=0)
     batch = collect(loader, 0)[0]
-    assert loader.random_resized_crop and batch.images.shape == (50, 3, 32, 32)
+    assert loader.random_resized_crop and batch.images.shape == (50, 3, 24, 24)
     assert batch.images.dtype == torch.float32

@@ -46,7 +46,7 @@ AUGMENTED = ["data.augment.crop_padding=1", "data.augment.flip=true", "data.augm
 # BBN's recipe on the digits: two loaders (uniform and reversed sampler) paired in each batch
 BBN = [str(CONFIGS / "cifar10_lt/if100/bbn.yaml"), "data.dataset=digits_lt", "data.root=null",
        "data.imbalance_factor=10", "data.max_count=40", "data.batch_size=32", "data.augment={}",
-       "train.eval_every=0", "stage2=null"]
+       "train.eval_every=0", "stage2=null", "train.scale_schedule=true"]
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from longtail.calibration.diagrams import reliability_diagrams_by_group
 from longtail.calibration.calibrators import Calibrator, load_calibrator
-from longtail.commands.common import UserError, folder_name, run_dir_of
+from longtail.commands.common import UserError, as_trained, folder_name, run_dir_of
 from longtail.commands.evaluate import resolve_checkpoint
 from longtail.config import config_from_dict, parse_value
 from longtail.engine import builders
@@ -65,7 +65,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     dist_info = dist_info or init_distributed("auto")
     calibrator = CALIBRATORS.build(method, params, where="calibrate.params")
     state = load_run_checkpoint(file, map_location=dist_info.device)
-    config = config_from_dict(state["config"], str(file))
+    config = as_trained(config_from_dict(state["config"], str(file)))
     bundle = builders.build_bundle(config)
     if bundle.val is None:
         raise ConfigError(

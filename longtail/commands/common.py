@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from longtail.config import check_folder_name
+from longtail.config import Config, check_folder_name
 
-__all__ = ["UserError", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
+__all__ = ["UserError", "as_trained", "split_config_and_overrides", "run_dir_of", "changed_keys", "DATA_DEFINITION",
            "RESUMABLE_KEYS", "folder_name"]
 
 # what the training images, their labels and the shot groups are: fixed once a run is trained
@@ -61,3 +61,16 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tup
     """``{dotted.key: (old, new)}`` for every value that differs between two config dicts."""
     old, new = _flat(before), _flat(after)
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+FILE_DATASETS = ("image_folder", "list_files")
+SIZE_BEFORE_RECORDING = 224  # the one size file datasets had before issue 24
+
+
+def as_trained(config: Config) -> Config:
+    """A trained run's config as it was trained: since issue 24 a file dataset's run records the image size
+    the data chose (``data.image_size``); one without it was trained before, when that size was always 224,
+    so it is decoded at 224 again instead of at the images' own size."""
+    if config.data.dataset in FILE_DATASETS and config.data.image_size is None:
+        config.data.image_size = SIZE_BEFORE_RECORDING
+    return config

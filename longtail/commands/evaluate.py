@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from longtail.commands.common import DATA_DEFINITION, UserError, changed_keys
+from longtail.commands.common import DATA_DEFINITION, UserError, as_trained, changed_keys
 from longtail.commands.results import write_results
 from longtail.config import Config, apply_overrides, config_from_dict, dump_config, load_config
 from longtail.engine import builders
@@ -54,8 +54,9 @@ def load_run(path: Path, checkpoint: str = "last", overrides: list[str] | None =
     run_dir, file = resolve_checkpoint(path, checkpoint)
     dist_info = init_distributed("auto")
     state = load_run_checkpoint(file, map_location=dist_info.device)
-    trained = config_from_dict(state["config"], str(file))
-    config = config_from_dict(apply_overrides(state["config"], list(overrides or [])), f"{file} (+ overrides)")
+    trained = as_trained(config_from_dict(state["config"], str(file)))
+    config = as_trained(config_from_dict(apply_overrides(state["config"], list(overrides or [])),
+                                         f"{file} (+ overrides)"))
     redefined = [key for key in changed_keys(trained.model_dump(mode="json"), config.model_dump(mode="json"))
                  if key in DATA_DEFINITION]
     if redefined:

@@ -59,15 +59,14 @@ def _folded(calibrator: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def metadata(run: LoadedRun, calibrator: str | None, fmt: str) -> dict[str, Any]:
-    bundle, config = run.bundle, run.config
-    resizes = not (bundle.test.in_memory and config.data.image_size is None)
+    bundle = run.bundle
     return {
         "format": fmt, "run": str(run.run_dir), "checkpoint": str(run.file), "class_names": list(bundle.class_names),
         "input": f"float32 (N, {bundle.channels}, {bundle.image_size}, {bundle.image_size}) pixel values 0-255, "
                  f"{'RGB' if bundle.channels == 3 else 'grey'}; normalisation is inside the model",
         "image_size": bundle.image_size, "channels": bundle.channels,
-        "resize": (f"shorter side to round(image_size / {EVAL_CROP_FRACTION}), then centre crop image_size"
-                   if resizes else "none: images are image_size x image_size (other sizes: as for resize)"),
+        "resize": (f"none for an image that is image_size x image_size; other sizes: shorter side to "
+                   f"round(image_size / {EVAL_CROP_FRACTION}), then centre crop image_size"),
         "mean": list(bundle.mean), "std": list(bundle.std),
         "output": "logits (N, num_classes); softmax gives probabilities",
         "calibrator": calibrator,

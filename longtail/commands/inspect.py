@@ -27,7 +27,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"dataset {config.data.dataset}: {bundle.num_classes} classes, {sum(counts)} training images, "
           f"imbalance factor {imbalance_factor(counts):.1f}")
     print(f"  validation: {0 if bundle.val is None else len(bundle.val.targets)} images; "
-          f"test: {len(bundle.test.targets)} images")
+          f"test: {len(bundle.test.targets)} images; images {bundle.channels}x{bundle.image_size}x{bundle.image_size}"
+          + (f" ({bundle.image_size_note})" if bundle.image_size_note else ""))
     print("  shot groups: " + ", ".join(f"{g} {len(c)} classes" for g, c in groups.items()))
     width = max(len(n) for n in bundle.class_names)
     for cls, (name, count) in enumerate(zip(bundle.class_names, counts)):

@@ -90,17 +90,15 @@ def collect_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
-def eval_view(image: torch.Tensor, size: int, resizes: bool) -> torch.Tensor:
-    """The run's evaluation view of a decoded image: resize + centre crop as file datasets do, or as is
-    for datasets held at their native size (CIFAR, Digits), unless the image is another size."""
-    if resizes or tuple(image.shape[-2:]) != (size, size):
-        return resize_center_crop(image, size)
-    return image
+def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The run's evaluation view of a decoded image, the one every dataset's test images get: as it is
+    when it already is ``size`` x ``size``, else resize + centre crop (``resize_center_crop``)."""
+    return resize_center_crop(image, size)
 
 
 class _Files(Dataset):
-    def __init__(self, paths: list[str], channels: int, size: int, resizes: bool) -> None:
-        self.paths, self.channels, self.size, self.resizes = paths, channels, size, resizes
+    def __init__(self, paths: list[str], channels: int, size: int) -> None:
+        self.paths, self.channels, self.size = paths, channels, size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -110,7 +108,7 @@ class _Files(Dataset):
             image = read_image_file(self.paths[index], self.channels)
         except DataError as error:
             return index, None, str(error)
-        return index, eval_view(image, self.size, self.resizes), None
+        return index, eval_view(image, self.size), None
 
 
 def _keep_all(items: list[Any]) -> list[Any]:
@@ -121,8 +119,7 @@ def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: 
                   num_workers: int = 0, progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """(predictions, skipped (path, reason)) of ``run``'s model on image files, batched on its device."""
     config, bundle, device = run.config, run.bundle, run.dist_info.device
-    resizes = not (bundle.test.in_memory and config.data.image_size is None)
-    loader = DataLoader(_Files(paths, bundle.channels, bundle.image_size, resizes),
+    loader = DataLoader(_Files(paths, bundle.channels, bundle.image_size),
                         batch_size=config.data.eval_batch_size, num_workers=num_workers, collate_fn=_keep_all)
     amp_dtype = builders.amp_dtype(config, device)
     k = min(top_k, bundle.num_classes)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from longtail.commands.common import UserError, folder_name, run_dir_of, split_config_and_overrides
+from longtail.commands.common import UserError, as_trained, folder_name, run_dir_of, split_config_and_overrides
 from longtail.commands.train import train_stage2
-from longtail.config import apply_overrides, config_from_dict, dump_config, load_config, read_recipe
+from longtail.config import apply_overrides, check_epochs, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
 from longtail.engine.logging import LOG, setup_text_log
 from longtail.engine.rundir import discard_if_unstarted, new_run_dir, run_lock
@@ -38,9 +38,11 @@ def cmd_stage2(args: argparse.Namespace) -> int:
         if not stage2:
             raise UserError(f"{recipe} has no stage2 section; name a stage-2 recipe (e.g. configs/cifar10_lt/if100/crt.yaml)")
         raw["stage2"] = stage2
-    config = config_from_dict(apply_overrides(raw, overrides), f"{recorded} (+ stage 2 of {recipe or 'the run'})")
+    config = as_trained(config_from_dict(apply_overrides(raw, overrides),
+                                         f"{recorded} (+ stage 2 of {recipe or 'the run'})"))
     if config.stage2 is None:
         raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
+    check_epochs(config, ("stage2",), can_scale=False)
     folder = f"stage2_{folder_name(args.name, '--name') if args.name else config.stage2.method}"
     dist_info = distributed.init_distributed(config.device)
     out_dir = None
@@ -71,7 +73,7 @@ def _resume(out_dir: Path, overrides: list[str]) -> int:
     if (out_dir / "metrics.json").is_file():
         raise UserError(f"stage 2 in {out_dir} is already finished (metrics.json); start a new one with "
                         f"`longtail stage2 {out_dir.parent} ...`")
-    config = load_config(out_dir / "config.yaml", overrides)
+    config = as_trained(load_config(out_dir / "config.yaml", overrides, check_epochs=False))
     if not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
         config.stage2.stop_at_epoch = None
     dist_info = distributed.init_distributed(config.device)

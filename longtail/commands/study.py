@@ -35,7 +35,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
 from longtail.commands.common import UserError
-from longtail.config import (Config, Section, apply_overrides, check_folder_name, config_from_dict,
+from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
 from longtail.engine.rundir import lock_holder, release, try_claim, write_output
 from longtail.registry import CALIBRATORS, ConfigError, load_all
@@ -176,7 +176,8 @@ class StudyRun:
             return None
         planned = self.steps[0].config.model_copy(deep=True)
         try:
-            found = load_config(recorded, [f"output_dir={planned.output_dir}", f"name={planned.name}"])
+            found = load_config(recorded, [f"output_dir={planned.output_dir}", f"name={planned.name}"],
+                                check_epochs=False)
         except ConfigError:
             return "unreadable"
         for config in (planned, found):
@@ -223,6 +224,7 @@ def _stage2_method(step: Stage2Step, base: Path, recipe_config: Config) -> str:
     config = config_from_dict(apply_overrides(raw, step.overrides), f"stage2 step {step.recipe or step.overrides}")
     if config.stage2 is None:
         raise ConfigError("a stage2 step needs a recipe with a stage2 section or stage2.method=NAME in its overrides")
+    check_epochs(config, ("stage2",), can_scale=False)
     return config.stage2.method
 
 

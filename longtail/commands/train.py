@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from longtail.commands.calibrate import calibrate_run
-from longtail.commands.common import RESUMABLE_KEYS, UserError, changed_keys, run_dir_of, split_config_and_overrides
+from longtail.commands.common import (RESUMABLE_KEYS, UserError, as_trained, changed_keys, run_dir_of,
+                                      split_config_and_overrides)
 from longtail.commands.results import write_results
-from longtail.config import Config, load_config
+from longtail.config import Config, check_epochs, config_notes, dump_config, load_config
 from longtail.engine import builders, distributed
 from longtail.engine.distributed import DistInfo
 from longtail.engine.logging import LOG, setup_text_log
 from longtail.engine.rundir import (discard_if_unstarted, new_run_dir, record_config_change, run_lock,
-                                    write_run_record)
+                                    write_output, write_run_record)
 from longtail.engine.trainer import Trainer, seed_everything
 from longtail.models.finetune import parameter_counts
 from longtail.stage2 import run_stage2
@@ -32,6 +33,11 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
     results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it)."""
     seed_everything(config.seed, config.train.deterministic)
     bundle = builders.build_bundle(config)
+    if bundle.image_size_note:
+        _record_image_size(config, bundle.image_size, run_dir, dist_info)
+        LOG.info(f"image size: {bundle.image_size_note}")
+    for line in config_notes(config):
+        LOG.info(line)
     job = builders.stage1_job(config, bundle, dist_info, resuming=resume_from is not None)
     counts = parameter_counts(job.model)
     LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
@@ -47,6 +53,15 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
         write_results(run_dir, fit.results, fit.test_outputs, bundle.train_counts, fit.results["last"]["test"])
         LOG.info(f"results in {run_dir}")
     return fit.results
+
+
+def _record_image_size(config: Config, image_size: int, run_dir: Path, dist_info: DistInfo) -> None:
+    """The size the data chose (``data.image_size`` unset) goes into the config and the run's config.yaml,
+    so eval, predict, export and --resume decode at that size even if the images change."""
+    config.data.image_size = image_size
+    recorded = run_dir / "config.yaml"
+    if dist_info.is_main and recorded.is_file():
+        write_output(recorded, dump_config(config), exist="replace")
 
 
 def train_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -72,9 +87,11 @@ def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict[st
     recorded = run_dir / "config.yaml"
     if not recorded.is_file():
         raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
-    before = load_config(recorded)
-    config = load_config(recorded, overrides)
+    before = as_trained(load_config(recorded, check_epochs=False))  # a run is continued as it was trained
+    config = as_trained(load_config(recorded, overrides, check_epochs=False))
     changes = changed_keys(before.model_dump(mode="json"), config.model_dump(mode="json"))
+    if "train.epochs" in changes or "stage2.epochs" in changes:
+        check_epochs(config)
     refused = [key for key in changes if not key.startswith(RESUMABLE_KEYS)]
     if refused:
         raise UserError(f"--resume continues a run as it was trained and cannot change {', '.join(refused)} "

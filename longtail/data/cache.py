@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from longtail.data.sources import Decoded
+from longtail.data.sources import Decoded, Listed
 
-__all__ = ["cache_root", "source_key", "load_or_build", "load_or_check"]
+__all__ = ["cache_root", "source_key", "load_or_build", "load_or_check", "load_or_list"]
 
 CACHE_FORMAT = 2  # bump when the stored layout or the decoding changes
 
@@ -75,22 +75,49 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
                       "Set data.cache_dir or $LONGTAIL_CACHE to a writable folder", stacklevel=3)
 
 
-def load_or_check(paths: Sequence[str], check: Callable[[Sequence[str]], dict[str, str]],
-                  cache_dir: str | None = None) -> dict[str, str]:
-    """``check(paths)`` (unreadable file -> reason), remembered for this exact listing (every path,
-    size and modification time), so a large file set is checked once, not at every run."""
+Headers = tuple[dict[str, str], list[tuple[int, int]]]
+
+
+def load_or_check(paths: Sequence[str], check: Callable[[Sequence[str]], Headers],
+                  cache_dir: str | None = None) -> Headers:
+    """``check(paths)`` (unreadable file -> reason, and the distinct image sizes), remembered for this
+    exact listing (every path, size and modification time), so a large file set is checked once, not at
+    every run."""
     key = _listing_key(paths)
     if key is None:  # a missing file: check now, it is named in the result
         return check(paths)
     path = cache_root(cache_dir) / f"headers-{key[:24]}.json"
     if path.is_file():
         try:
-            return dict(json.loads(path.read_text())["unreadable"])
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is checked again, never trusted
-    result = check(paths)
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"unreadable": result})))
-    return result
+            stored = json.loads(path.read_text())
+            return dict(stored["unreadable"]), [tuple(size) for size in stored["sizes"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged or older cache file is checked again, never trusted
+    bad, sizes = check(paths)
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"unreadable": bad, "sizes": sizes})))
+    return bad, sizes
+
+
+def load_or_list(source: Path, build: Callable[[], Listed], cache_dir: str | None = None) -> Listed:
+    """The listing of an archive (member names, targets, image sizes; ``sources.list_archive``),
+    remembered for the archive's path, size and modification time: the listing pass reads the whole
+    archive, a cached listing lets a run with a cached decode skip it."""
+    key = source_key([source], "listing")
+    path = cache_root(cache_dir) / f"listing-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored["key"] == key:
+                return Listed(stored["class_names"], stored["paths"],
+                              {split: torch.tensor(t, dtype=torch.int64) for split, t in stored["targets"].items()},
+                              [tuple(size) for size in stored["sizes"]])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache file is listed again, never trusted
+    listed = build()
+    state = {"key": key, "class_names": listed.class_names, "paths": listed.paths,
+             "targets": {split: t.tolist() for split, t in listed.targets.items()}, "sizes": listed.sizes}
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(state)))
+    return listed
 
 
 def load_or_build(sources: Sequence[Path], variant: str, build: Callable[[], Decoded],

@@ -9,22 +9,26 @@ then carves the validation split and checks the result, the same way for every d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from longtail.config import DataConfig
-from longtail.data.cache import load_or_build, load_or_check
-from longtail.data.sources import (DataError, Decoded, Listed, decode_files, is_archive, list_tree, read_archive,
-                                   read_cifar_python, read_digits, read_list_file, read_mnist, unreadable_files)
+from longtail.data.cache import load_or_build, load_or_check, load_or_list
+from longtail.data.memory import check_decode_fits
+from longtail.data.sources import (DataError, Decoded, Listed, decode_archive, decode_files, is_archive, list_archive,
+                                   list_tree, read_archive, read_cifar_python, read_digits, read_headers, read_list_file,
+                                   read_mnist)
 from longtail.functional.data import lt_counts
 from longtail.registry import DATASETS
 
-__all__ = ["ImageSet", "DataBundle", "build_data", "select_per_class", "make_long_tailed", "stratified_split",
+__all__ = ["ImageSet", "DataBundle", "build_data", "select_per_class", "long_tailed_indices", "make_long_tailed",
+           "resolve_image_size", "stratified_split",
            "balanced_split", "split_validation", "check_bundle", "channel_stats", "CIFAR10_STATS",
            "CIFAR100_STATS", "IMAGENET_STATS", "DIGITS_TEST_PER_CLASS", "DEFAULT_FILE_IMAGE_SIZE"]
 
@@ -98,6 +102,7 @@ class DataBundle:
     std: tuple[float, ...]
     image_size: int
     channels: int
+    image_size_note: str = ""  # how image_size was chosen when data.image_size is unset (the run header says it)
 
     @property
     def train_counts(self) -> list[int]:
@@ -129,20 +134,21 @@ def select_per_class(targets: torch.Tensor, counts: Sequence[int], selection: st
     return torch.from_numpy(np.concatenate(kept).astype(np.int64))
 
 
-def make_long_tailed(imageset: ImageSet, cfg: DataConfig) -> ImageSet:
-    """Keep ``lt_counts(C, max_count, imbalance_factor, profile)`` images per class (class 0 largest);
-    ``max_count`` defaults to the smallest class's size, so every class can give what it is asked;
-    ``imbalance_factor`` defaults to ``DEFAULT_IMBALANCE_FACTOR``."""
-    available = imageset.class_counts()
-    empty = [name for name, have in zip(imageset.class_names, available) if have == 0]
+def long_tailed_indices(targets: torch.Tensor, class_names: list[str], cfg: DataConfig) -> torch.Tensor:
+    """Indices keeping ``lt_counts(C, max_count, imbalance_factor, profile)`` images per class (class 0
+    largest), chosen by ``select_per_class``; ``max_count`` defaults to the smallest class's size, so every
+    class can give what it is asked; ``imbalance_factor`` defaults to ``DEFAULT_IMBALANCE_FACTOR``.
+    Depends only on the targets, so it can run before any image is decoded."""
+    available = torch.bincount(targets, minlength=len(class_names)).tolist()
+    empty = [name for name, have in zip(class_names, available) if have == 0]
     if empty:
         raise DataError(f"class {empty[0]!r} has no training images"
                         + (f" (nor do {', '.join(repr(n) for n in empty[1:4])})" if len(empty) > 1 else "")
                         + "; add images to its folder or remove the folder")
     factor = cfg.imbalance_factor if cfg.imbalance_factor is not None else DEFAULT_IMBALANCE_FACTOR
     max_count = cfg.max_count if cfg.max_count is not None else min(available)
-    counts = lt_counts(imageset.num_classes, max_count, factor, cfg.profile)
-    for name, have, want in zip(imageset.class_names, available, counts):
+    counts = lt_counts(len(class_names), max_count, factor, cfg.profile)
+    for name, have, want in zip(class_names, available, counts):
         if want > have:
             raise DataError(f"class {name!r} has {have} training images but the {cfg.profile} profile with "
                             f"max_count {max_count} asks for {want}; lower data.max_count (at most {min(available)} "
@@ -150,7 +156,12 @@ def make_long_tailed(imageset: ImageSet, cfg: DataConfig) -> ImageSet:
         if want == 0:
             raise DataError(f"imbalance factor {factor} with max_count {max_count} leaves class "
                             f"{name!r} with 0 images; lower data.imbalance_factor or raise data.max_count")
-    return imageset.subset(select_per_class(imageset.targets, counts, cfg.selection, cfg.selection_seed))
+    return select_per_class(targets, counts, cfg.selection, cfg.selection_seed)
+
+
+def make_long_tailed(imageset: ImageSet, cfg: DataConfig) -> ImageSet:
+    """The images ``long_tailed_indices`` keeps, in its order."""
+    return imageset.subset(long_tailed_indices(imageset.targets, imageset.class_names, cfg))
 
 
 def _class_permutations(targets: torch.Tensor, num_classes: int, seed: int) -> list[torch.Tensor]:
@@ -253,13 +264,13 @@ def _decode_tree(root: Path, cfg: DataConfig, size: int | None) -> Decoded:
 
 
 def checked(listed: Listed, cfg: DataConfig, source: str) -> Listed:
-    """``listed`` after a header check of every file of every split (cached for the listing): with
-    ``data.bad_files=fail`` unreadable files stop the run here, all named, before any training; with
-    ``skip`` they are left out and listed in the log."""
+    """``listed`` after a header check of every file of every split (cached for the listing), with the
+    images' sizes from their headers: with ``data.bad_files=fail`` unreadable files stop the run here,
+    all named, before any training; with ``skip`` they are left out and listed in the log."""
     paths = [path for split_paths in listed.paths.values() for path in split_paths]
-    bad = load_or_check(paths, unreadable_files, cfg.cache_dir)
+    bad, sizes = load_or_check(paths, read_headers, cfg.cache_dir)
     if not bad:
-        return listed
+        return dataclasses.replace(listed, sizes=sizes)
     names = "\n".join(f"  {path}: {reason}" for path, reason in list(bad.items())[:SHOWN_BAD_FILES])
     more = f"\n  ... and {len(bad) - SHOWN_BAD_FILES} more" if len(bad) > SHOWN_BAD_FILES else ""
     if cfg.bad_files == "fail":
@@ -268,7 +279,48 @@ def checked(listed: Listed, cfg: DataConfig, source: str) -> Listed:
     LOG.warning(f"skipping {len(bad)} unreadable image files of {source} (data.bad_files=skip):\n{names}{more}")
     kept = {split: [i for i, path in enumerate(paths) if path not in bad] for split, paths in listed.paths.items()}
     return Listed(listed.class_names, {split: [listed.paths[split][i] for i in idx] for split, idx in kept.items()},
-                  {split: listed.targets[split][idx] for split, idx in kept.items()})
+                  {split: listed.targets[split][idx] for split, idx in kept.items()}, sizes)
+
+
+def resolve_image_size(given: int | None, sizes: list[tuple[int, int]], source: str) -> tuple[int, str]:
+    """(the side file images are decoded to, a note for the run header when it was chosen here):
+    ``data.image_size`` when set; else the images' own size when every image is one square size (their
+    pixels are then the files'); else ``DEFAULT_FILE_IMAGE_SIZE``, saying why."""
+    if given is not None:
+        return given, ""
+    if len(sizes) == 1 and sizes[0][0] == sizes[0][1]:
+        side = sizes[0][0]
+        return side, f"images kept at their own size {side}x{side} (data.image_size unset, every image of {source} has it)"
+    if len(sizes) == 1:
+        why = f"every image is {sizes[0][0]}x{sizes[0][1]}, not square"
+    elif sizes:
+        why = f"images differ in size (e.g. {sizes[0][0]}x{sizes[0][1]} and {sizes[1][0]}x{sizes[1][1]})"
+    else:
+        why = "no image size could be read"
+    return DEFAULT_FILE_IMAGE_SIZE, (f"{why} in {source}: resized and centre-cropped to {DEFAULT_FILE_IMAGE_SIZE}x"
+                                     f"{DEFAULT_FILE_IMAGE_SIZE} (set data.image_size to choose)")
+
+
+def _kept(listed: Listed, keep: torch.Tensor | None) -> Listed:
+    """``listed`` with only the training images at ``keep``, in that order (None: all)."""
+    if keep is None:
+        return listed
+    paths, targets = dict(listed.paths), dict(listed.targets)
+    paths["train"] = [listed.paths["train"][i] for i in keep.tolist()]
+    targets["train"] = listed.targets["train"][keep]
+    return Listed(listed.class_names, paths, targets, listed.sizes)
+
+
+def _decode_in_memory(sources: list[Path], what: str, listed: Listed, keep: torch.Tensor | None, cfg: DataConfig,
+                      image_size: int, variant: str, decode: Callable[[Listed], Decoded]) -> Decoded:
+    """The images of ``listed`` (training images: those at ``keep`` only) decoded at ``image_size``, after
+    checking that they fit in memory; cached per source, size and selection."""
+    wanted = _kept(listed, keep)
+    count = sum(len(paths) for paths in wanted.paths.values())
+    check_decode_fits(count, 3, image_size, what, cfg.image_size is not None)
+    kept = "all" if keep is None else hashlib.sha256(keep.numpy().tobytes()).hexdigest()[:16]
+    return load_or_build(sources, f"{variant} rgb size={image_size} train={kept}", lambda: decode(wanted),
+                         cfg.cache_dir)
 
 
 def _decode_listed(listed: Listed, size: int | None) -> Decoded:
@@ -289,7 +341,8 @@ def _file_sets(listed: Listed, image_size: int) -> dict[str, ImageSet]:
             for split, paths in listed.paths.items()}
 
 
-def _bundle(sets: dict[str, ImageSet], train: ImageSet, stats: Stats, image_size: int, channels: int) -> DataBundle:
+def _bundle(sets: dict[str, ImageSet], train: ImageSet, stats: Stats, image_size: int, channels: int,
+            image_size_note: str = "") -> DataBundle:
     """A bundle whose test split is ``test`` if present, else ``val``; with both, ``val`` is validation."""
     test = sets.get("test", sets.get("val"))
     if test is None:
@@ -297,7 +350,7 @@ def _bundle(sets: dict[str, ImageSet], train: ImageSet, stats: Stats, image_size
     val = sets.get("val") if "test" in sets else None
     return DataBundle(train=train, val=val, test=test, num_classes=train.num_classes,
                       class_names=list(train.class_names), mean=stats[0], std=stats[1],
-                      image_size=image_size, channels=channels)
+                      image_size=image_size, channels=channels, image_size_note=image_size_note)
 
 
 # ------------------------------------------------------------------ registered datasets
@@ -358,22 +411,29 @@ def image_folder(cfg: DataConfig) -> DataBundle:
     """A plain image-folder tree ``root/train/<class>/...`` with ``root/test/`` (or ``root/val/``; with
     both, ``val/`` is the validation split), or its .tar.gz. Taken as it is, unless
     ``data.imbalance_factor`` > 1 or ``data.max_count`` is set: then made long-tailed with the profile.
-    Images are resized and centre-cropped to ``data.image_size`` (default 224) whether they come from a
-    folder or an archive. Files are decoded per batch by loader workers unless ``data.in_memory=yes``
-    (archives are always decoded into memory)."""
+    Images are resized and centre-cropped to ``data.image_size``; unset, they keep their own size when
+    every image has one square size, else 224 (``resolve_image_size``). Files are decoded per batch by
+    loader workers unless ``data.in_memory=yes`` (archives are always decoded into memory); an in-memory
+    decode reads only the training images the long-tailed selection keeps, after checking they fit."""
     root = _root(cfg, "the image folder with train/<class>/<image> and test/<class>/<image> (or a .tar.gz of it)")
-    if is_archive(root) and cfg.in_memory == "no":
+    archive = is_archive(root)
+    if archive and cfg.in_memory == "no":
         raise DataError(f"{root} is an archive and can only be decoded into memory; extract it to use "
                         "data.in_memory=no")
-    image_size = cfg.image_size or DEFAULT_FILE_IMAGE_SIZE
-    if cfg.in_memory == "yes" or is_archive(root):
-        sets = _memory_sets(_decode_tree(root, cfg, image_size))
+    listed = (load_or_list(root, lambda: list_archive(root), cfg.cache_dir) if archive
+              else checked(list_tree(root), cfg, str(root)))
+    image_size, note = resolve_image_size(cfg.image_size, listed.sizes, str(root))
+    long_tailed = (cfg.imbalance_factor or 1) > 1 or cfg.max_count is not None
+    if cfg.in_memory == "yes" or archive:
+        keep = long_tailed_indices(listed.targets["train"], listed.class_names, cfg) if long_tailed else None
+        decode = ((lambda wanted: decode_archive(root, wanted, 3, image_size)) if archive
+                  else (lambda wanted: _decode_listed(wanted, image_size)))
+        sets = _memory_sets(_decode_in_memory([root], str(root), listed, keep, cfg, image_size, "tree", decode))
+        train = sets["train"]
     else:
-        sets = _file_sets(checked(list_tree(root), cfg, str(root)), image_size)
-    train = sets["train"]
-    if (cfg.imbalance_factor or 1) > 1 or cfg.max_count is not None:
-        train = make_long_tailed(train, cfg)
-    return _bundle(sets, train, IMAGENET_STATS, image_size, 3)
+        sets = _file_sets(listed, image_size)
+        train = make_long_tailed(sets["train"], cfg) if long_tailed else sets["train"]
+    return _bundle(sets, train, IMAGENET_STATS, image_size, 3, note)
 
 
 def _list_path(value: str, root: Path, key: str) -> Path:
@@ -417,13 +477,14 @@ def list_files(cfg: DataConfig) -> DataBundle:
     names = _names_from_paths(read["train"][0], read["train"][1], num_classes)
     listed = checked(Listed(names, {split: paths for split, (paths, _) in read.items()},
                             {split: labels for split, (_, labels) in read.items()}), cfg, "the list files")
-    image_size = cfg.image_size or DEFAULT_FILE_IMAGE_SIZE
+    image_size, note = resolve_image_size(cfg.image_size, listed.sizes, "the list files")
     if cfg.in_memory == "yes":
-        sets = _memory_sets(load_or_build(list(lists.values()), f"lists root={root.resolve()} rgb size={image_size}",
-                                          lambda: _decode_listed(listed, image_size), cfg.cache_dir))
+        sets = _memory_sets(_decode_in_memory(list(lists.values()), "the list files", listed, None, cfg, image_size,
+                                              f"lists root={root.resolve()}",
+                                              lambda wanted: _decode_listed(wanted, image_size)))
     else:
         sets = _file_sets(listed, image_size)
-    return _bundle(sets, sets["train"], IMAGENET_STATS, image_size, 3)
+    return _bundle(sets, sets["train"], IMAGENET_STATS, image_size, 3, note)
 
 
 @DATASETS.register("mnist_lt")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["DataError", "Decoded", "Listed", "ARCHIVE_SUFFIXES", "is_archive", "decode_bytes", "read_image_file",
-           "resize_center_crop", "file_image_view", "decode_files", "read_digits", "read_archive", "list_tree",
-           "read_cifar_python", "read_list_file", "unreadable_files", "read_mnist", "read_idx"]
+           "resize_center_crop", "file_image_view", "decode_files", "read_digits", "read_archive", "list_archive",
+           "decode_archive", "list_tree", "read_cifar_python", "read_list_file", "unreadable_files", "read_headers",
+           "read_mnist", "read_idx"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 SPLIT_NAMES = ("train", "val", "test")
@@ -58,11 +59,17 @@ class Decoded:
 
 @dataclass
 class Listed:
-    """Every split of one source as image files: paths and int64 targets."""
+    """Every split of one source as image files (or archive members): paths and int64 targets, and
+    ``sizes``, the distinct (width, height) of the images as their headers say (at most
+    ``SIZES_KEPT``: enough to tell one size from several), empty when the headers were not read."""
 
     class_names: list[str]
     paths: dict[str, list[str]]
     targets: dict[str, torch.Tensor]
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+
+
+SIZES_KEPT = 2
 
 
 def is_archive(path: Path) -> bool:
@@ -107,7 +114,11 @@ def read_image_file(path: str | Path, channels: int = 3) -> torch.Tensor:
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """The evaluation view of a file image: shorter side to ``size / 0.875``, centre ``size`` x ``size``."""
+    """The evaluation view of a file image: shorter side to ``size / 0.875``, centre ``size`` x ``size``.
+    An image that already is ``size`` x ``size`` is returned as it is: its pixels are the file's, not a
+    zoom of its centre."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
     image = TF.resize(image, [round(size / EVAL_CROP_FRACTION)], antialias=True)
     return TF.center_crop(image, [size, size])
 
@@ -124,22 +135,41 @@ def file_image_view(image: torch.Tensor, size: int, crop_seed: int | None) -> to
     return TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
 
 
-def _stack(images: list[torch.Tensor], names: list[str], where: str) -> torch.Tensor:
-    shapes = {tuple(image.shape) for image in images}
-    if len(shapes) > 1:
-        first = tuple(images[0].shape)
-        odd = next(name for name, image in zip(names, images) if tuple(image.shape) != first)
-        raise DataError(f"images in {where} differ in size ({names[0]} is {first}, {odd} is not); "
-                        "set data.image_size to resize them to one size")
-    return torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
+class _Filler:
+    """Decoded images written one by one into a preallocated uint8 (N, C, H, W) tensor, so a decode
+    holds the final tensor plus one image, never a list of every image and its stacked copy. Without
+    ``size`` the first image gives (H, W) and every other image must match it."""
+
+    def __init__(self, count: int, channels: int, size: int | None, where: str) -> None:
+        self.count, self.channels, self.size, self.where = count, channels, size, where
+        self.out: torch.Tensor | None = None
+        self.first = ""
+
+    def put(self, row: int, image: torch.Tensor, name: str) -> None:
+        if self.size is not None:
+            image = resize_center_crop(image, self.size)
+        if self.out is None:
+            self.out = torch.empty((self.count, *image.shape), dtype=torch.uint8)
+            self.first = name
+        elif image.shape != self.out.shape[1:]:
+            raise DataError(f"images in {self.where} differ in size ({self.first} is {tuple(self.out.shape[1:])}, "
+                            f"{name} is {tuple(image.shape)}); set data.image_size to resize them to one size")
+        self.out[row] = image
+
+    def result(self) -> torch.Tensor:
+        if self.out is None:
+            side = self.size or 0
+            return torch.empty((0, self.channels, side, side), dtype=torch.uint8)
+        return self.out
 
 
 def decode_files(paths: list[str], channels: int = 3, size: int | None = None) -> torch.Tensor:
-    """Decode image files into one uint8 (N, C, H, W) tensor, resized and centre-cropped when ``size`` is set."""
-    images = [read_image_file(path, channels) for path in paths]
-    if size is not None:
-        images = [resize_center_crop(image, size) for image in images]
-    return _stack(images, paths, "the image folder")
+    """Decode image files into one uint8 (N, C, H, W) tensor, resized and centre-cropped when ``size`` is
+    set (an image already ``size`` x ``size`` is kept as it is)."""
+    filler = _Filler(len(paths), channels, size, "the image folder")
+    for row, path in enumerate(paths):
+        filler.put(row, read_image_file(path, channels), path)
+    return filler.result()
 
 
 # ------------------------------------------------------------------ scikit-learn digits
@@ -162,49 +192,104 @@ def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     return None
 
 
-def read_archive(path: Path, channels: int = 3, size: int | None = None) -> Decoded:
-    """Decode a ``.tar.gz`` of an image-folder tree (``[prefix/]train/<class>/<file>``, ``test/...``,
-    optionally ``val/...``) in one sequential pass. Class index = sorted folder name of ``train/``;
-    images keep the sorted member-name order within a class (as ``ImageFolder`` on the extracted tree)."""
-    found: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
+def _archive_error(path: Path, error: BaseException) -> DataError:
+    return DataError(f"cannot read archive {path}: {error}. It is truncated or not a .tar.gz; "
+                     "copy it again or point data.root at the extracted folder")
+
+
+def _image_members(path: Path, visit: Callable[[tarfile.TarFile, tarfile.TarInfo, tuple[str, str]], None]) -> list[str]:
+    """Call ``visit(archive, member, (split, class))`` for every image member of the archive, in one
+    sequential pass; return the names of the other files (for the error when there is no tree)."""
     other_members: list[str] = []
     try:
         with tarfile.open(path, "r:gz") as archive:
             for member in archive:
                 if not member.isfile():
                     continue
-                parts = tuple(member.name.split("/"))
-                where = _split_and_class(parts)
+                where = _split_and_class(tuple(member.name.split("/")))
                 if where is None or not member.name.lower().endswith(IMG_EXTENSIONS):
                     other_members.append(member.name)
                     continue
-                handle = archive.extractfile(member)
-                data = handle.read() if handle is not None else b""
-                image = decode_bytes(data, f"{path}:{member.name}", channels)
-                if size is not None:
-                    image = resize_center_crop(image, size)
-                found.setdefault(where[0], []).append((where[1], member.name, image))
+                visit(archive, member, where)
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as error:
-        raise DataError(f"cannot read archive {path}: {error}. It is truncated or not a .tar.gz; "
-                        "copy it again or point data.root at the extracted folder") from None
+        raise _archive_error(path, error) from None
+    return other_members
+
+
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = archive.extractfile(member)
+    return handle.read() if handle is not None else b""
+
+
+def list_archive(path: Path) -> Listed:
+    """The image tree inside a ``.tar.gz`` (``[prefix/]train/<class>/<file>``, ``test/...``, optionally
+    ``val/...``) without decoding pixels: member names per split (``paths``), targets and the images'
+    sizes from their headers. Class index = sorted folder name of ``train/``; members are sorted by name
+    within a class (as ``ImageFolder`` on the extracted tree). A member whose header cannot be read is
+    named here, before anything is decoded."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    sizes: list[tuple[int, int]] = []
+
+    def visit(archive: tarfile.TarFile, member: tarfile.TarInfo, where: tuple[str, str]) -> None:
+        name = f"{path}:{member.name}"
+        try:
+            with Image.open(io.BytesIO(_member_bytes(archive, member))) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise DataError(f"cannot decode image {name}: {error}. The file is corrupt or not an image; "
+                            "replace it (re-extract or re-download the dataset) or delete it") from None
+        if size not in sizes and len(sizes) < SIZES_KEPT:
+            sizes.append(size)
+        found.setdefault(where[0], []).append((where[1], member.name))
+
+    other_members = _image_members(path, visit)
     if "train" not in found or ("test" not in found and "val" not in found):
         example = ", ".join(other_members[:3]) or "(no files)"
         raise DataError(f"archive {path} does not hold an image tree train/<class>/<image> and test/<class>/<image> "
                         f"(it holds e.g. {example}). torchvision's own CIFAR download must be extracted and "
                         "data.root set to the extracted folder")
-    class_names = sorted({cls for cls, _, _ in found["train"]})
+    class_names = sorted({cls for cls, _ in found["train"]})
     index = {name: i for i, name in enumerate(class_names)}
-    decoded = Decoded(class_names, {}, {})
+    listed = Listed(class_names, {}, {}, sizes)
     for split, items in found.items():
-        unknown = sorted({cls for cls, _, _ in items} - set(index))
+        unknown = sorted({cls for cls, _ in items} - set(index))
         if unknown:
             raise DataError(f"archive {path}: {split}/ has classes that train/ lacks: {', '.join(unknown[:5])}; "
                             "every split needs the same class folders")
         items.sort(key=lambda item: (index[item[0]], item[1]))
-        decoded.images[split] = _stack([image for _, _, image in items], [name for _, name, _ in items],
-                                       f"archive {path}")
-        decoded.targets[split] = torch.tensor([index[cls] for cls, _, _ in items], dtype=torch.int64)
-    return decoded
+        listed.paths[split] = [name for _, name in items]
+        listed.targets[split] = torch.tensor([index[cls] for cls, _ in items], dtype=torch.int64)
+    return listed
+
+
+def decode_archive(path: Path, listed: Listed, channels: int = 3, size: int | None = None) -> Decoded:
+    """Decode the members ``listed`` names (per split, in its order; e.g. only the images a long-tailed
+    selection keeps) in one sequential pass over the archive, each written straight into its split's
+    preallocated tensor; resized and centre-cropped when ``size`` is set."""
+    rows = {split: {name: row for row, name in enumerate(names)} for split, names in listed.paths.items()}
+    fillers = {split: _Filler(len(names), channels, size, f"archive {path}") for split, names in listed.paths.items()}
+    seen = {split: 0 for split in listed.paths}
+
+    def visit(archive: tarfile.TarFile, member: tarfile.TarInfo, where: tuple[str, str]) -> None:
+        row = rows.get(where[0], {}).get(member.name)
+        if row is None:
+            return
+        name = f"{path}:{member.name}"
+        fillers[where[0]].put(row, decode_bytes(_member_bytes(archive, member), name, channels), name)
+        seen[where[0]] += 1
+
+    _image_members(path, visit)
+    missing = [split for split, names in listed.paths.items() if seen[split] != len(names)]
+    if missing:
+        raise DataError(f"archive {path} changed while it was read ({missing[0]}/ lacks members it listed); "
+                        "run again once it is complete")
+    return Decoded(list(listed.class_names), {split: filler.result() for split, filler in fillers.items()},
+                   dict(listed.targets))
+
+
+def read_archive(path: Path, channels: int = 3, size: int | None = None) -> Decoded:
+    """Decode every image of a ``.tar.gz`` image tree (``list_archive``, then ``decode_archive``)."""
+    return decode_archive(path, list_archive(path), channels, size)
 
 
 def list_tree(root: Path) -> Listed:
@@ -279,20 +364,31 @@ def read_list_file(list_file: Path, image_root: Path) -> tuple[list[str], torch.
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
-def unreadable_files(paths: Iterable[str]) -> dict[str, str]:
-    """Every file whose image header PIL cannot read (missing, unreadable, not an image, or a header
-    that ends early), with the reason: PIL reads the format and size without decoding the pixels, so
-    this is fast enough to run over every file before training instead of failing hours into it."""
+def read_headers(paths: Iterable[str]) -> tuple[dict[str, str], list[tuple[int, int]]]:
+    """(every file whose image header PIL cannot read (missing, unreadable, not an image, or a header
+    that ends early) with the reason, the distinct (width, height) of the readable ones, at most
+    ``SIZES_KEPT``). PIL reads the format and size without decoding the pixels, so this is fast enough
+    to run over every file before training instead of failing hours into it."""
     bad: dict[str, str] = {}
+    sizes: list[tuple[int, int]] = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018 - parsed with the header
+                size = image.size  # parsed with the header
         except FileNotFoundError:
             bad[path] = "missing"
+            continue
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             bad[path] = str(error) or type(error).__name__
-    return bad
+            continue
+        if size not in sizes and len(sizes) < SIZES_KEPT:
+            sizes.append(size)
+    return bad, sizes
+
+
+def unreadable_files(paths: Iterable[str]) -> dict[str, str]:
+    """Every file whose image header PIL cannot read, with the reason (``read_headers``)."""
+    return read_headers(paths)[0]
 
 
 # ------------------------------------------------------------------ MNIST idx files
