@@ -56,16 +56,6 @@ def make_config(args: argparse.Namespace, run_root: Path):
     return load_config(REPO / "configs/cifar10_lt/if100/ce.yaml", overrides)
 
 
-def _timed(device: torch.device, fn, steps: int, images_per_step: int) -> float:
-    """img/s of ``steps`` calls of ``fn`` (device work finished before the clock stops)."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    return steps * images_per_step / (time.perf_counter() - start)
-
-
 class TrainerEpochs:
     """The real ``Trainer`` of a CIFAR-10-LT recipe, one full epoch per call."""
 
