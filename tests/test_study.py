@@ -140,7 +140,7 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
         assert recipes[label][header.index("paper top-1")] == "–"
     assert len(page.tables["runs"]) == 1 + 6  # 4 runs, 2 of them with a stage 2
     assert {row[2] for row in page.tables["differences"][1:]} == {"top-1", "ECE"}
-    assert len(page.images) == 3 + 3  # shot groups, class size, calibration; a reliability diagram per recipe
+    assert len(page.images) == 4 + 3  # shot groups, class size, calibration, learning curves; a reliability diagram per recipe
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -69,5 +69,5 @@ def cmd_report(args: argparse.Namespace) -> int:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # nothing was written: leave no empty report folder behind
         raise UserError(str(error)) from None
-    print(f"report: {report} and {report.with_suffix('.html')}")
+    print(f"report: {report}, {report.with_suffix('.html')} and {report.with_suffix('.json')} (a record per row)")
     return 0

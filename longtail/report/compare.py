@@ -12,7 +12,8 @@ from longtail.engine.rundir import write_output
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
 from longtail.report.papers import load_paper_numbers, paper_entry_for
-from longtail.report.plots import accuracy_by_class_size, calibration_bars, shot_group_bars
+from longtail.report.records import learning_curve, records
+from longtail.report.plots import accuracy_by_class_size, calibration_bars, learning_curves, shot_group_bars
 
 __all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
 
@@ -258,6 +259,11 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
              "accuracy against class size (mean over seeds)": accuracy_by_class_size(groups, out / "class_size.png")}
     if any(g.calibrators() for g in groups):
         plots["ECE before and after each calibrator"] = calibration_bars(groups, out / "calibration.png")
+    curves = {f"{row['label']} · seed {row['pair'][0]}": learning_curve(row["folder"], split)
+              for row in rows if row["stage"] == "last"}
+    curve_plot = learning_curves(curves, out / "learning_curves.png", split)
+    if curve_plot is not None:
+        plots["learning curves (evaluated every train.eval_every epochs)"] = curve_plot
     reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
     reliability = {label: path for label, path in reliability.items() if path.is_file() and split == "test"}
     note = " ".join([f"Metrics of the {'test set' if split == 'test' else 'validation split (for selection)'}.",
@@ -276,6 +282,7 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
             "", "## Runs", "", markdown(*runs_table), "",
             *(f"![{title}]({path.name})" for title, path in plots.items()), ""]
     write_output(out / "report.md", "\n".join(text))
+    write_output(out / "report.json", json.dumps(records(rows, entries), indent=2))
     write_html(out / "report.html", summary, paired, runs_table, plots, reliability, note)
     return out / "report.md"
 

@@ -133,3 +133,23 @@ def calibration_bars(groups: Sequence[Any], path: str | Path) -> Path:
     series += [(m, [_stats(g.calibrated_ece(m)) for g in groups]) for m in methods]
     return _grouped_bars(series, [g.label for g in groups], "test ECE (%)", path,
                          max(6.5, 1.2 * len(groups) + 2), legend_size=8, rotate=True)
+
+
+def learning_curves(curves: dict[str, dict[str, list[float]]], path: str | Path,
+                    split: str = "test") -> Path | None:
+    """Top-1 overall and per shot group against epoch, one line per run (``curves``: label ->
+    ``report.records.learning_curve``), on one figure of four panels. None when no run was evaluated
+    at two epochs or more (``train.eval_every=0`` evaluates the last epoch only: no curve)."""
+    curves = {label: curve for label, curve in curves.items() if len(curve.get("epoch", [])) > 1}
+    if not curves:
+        return None
+    panels = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8), sharex=True)
+    for ax, (key, title) in zip(axes, panels):
+        for label, curve in curves.items():
+            ax.plot(curve["epoch"], curve.get(key, [np.nan] * len(curve["epoch"])), label=label, linewidth=1.2)
+        ax.set_title(f"{title} ({split} top-1, %)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False, fontsize=7)
+    return _save(fig, path)

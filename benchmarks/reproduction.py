@@ -1,0 +1,115 @@
+"""The seeds' rows reproduced by training: our numbers beside the papers', kept in the repository.
+
+    python benchmarks/reproduction.py runs/studies/cifar100_lt_if100_full_cpu
+    python benchmarks/reproduction.py STUDY_DIR --name cifar100_lt_if100 --results benchmarks/results
+
+Reads every finished stage of the study (stage 1, each stage 2, each calibrator), matches each row to
+the published number of the same setting (benchmarks/paper_numbers.yaml, as ``longtail report``) and
+writes, under ``--results``:
+
+- ``reproduction_<name>.json``: one record per row (method, paper, paper_top1, top1, many, medium, few,
+  ece, ece_paper, ECE after each calibrator, epochs, seed, commit, date, hours; see
+  ``longtail.report.records``);
+- ``reproduction_<name>/<recipe>/seed<k>/``: each run's metrics.csv, metrics.json, config.yaml, env.json
+  and train.log (and the same for each stage-2 folder and calibrator);
+- ``reproduction_<name>/learning_curves.png``: test top-1 overall and per shot group against epoch,
+  every run on one figure;
+
+and prints the markdown table for RESULTS.md "Full schedules on CPU". Rerun it as runs finish: the
+files are regenerated from the runs (the git diff shows what changed), never edited by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from longtail.report.compare import expand_runs, rows_for
+from longtail.report.papers import load_paper_numbers
+from longtail.report.plots import learning_curves
+from longtail.report.records import learning_curve, records
+
+KEPT_FILES = ("metrics.csv", "metrics.json", "config.yaml", "env.json", "train.log")
+GAP_FINDING = 1.5  # points of top-1 (or ECE) beyond which a gap is a finding to explain (issue 23)
+
+
+def _cell(value: Any, digits: int = 2, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Paper against longtail, a line per row, with the gap, the shot groups, ECE before and after
+    each calibrator and the wall time; a gap beyond GAP_FINDING points is marked."""
+    calibrators = sorted({method for row in rows for method in row["ece_after"]})
+    header = ["method", "paper", "paper top-1", "top-1", "gap", "many", "medium", "few", "ECE", "paper ECE",
+              *(f"ECE after {m}" for m in calibrators), "epochs", "hours"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        gap = row["gap_top1"]
+        flag = " **(finding)**" if gap is not None and abs(gap) > GAP_FINDING else ""
+        epochs = str(row["epochs"]) + (f" + {row['stage2_epochs']}" if row["stage2_epochs"] else "")
+        lines.append("| " + " | ".join([
+            row["method"], (row["paper"] or "–").split(" (")[0], _cell(row["paper_top1"]), _cell(row["top1"]),
+            _cell(gap, sign=True) + flag, _cell(row["many"]), _cell(row["medium"]), _cell(row["few"]),
+            _cell(row["ece"]), _cell(row["ece_paper"]),
+            *(_cell(row["ece_after"].get(m)) for m in calibrators), epochs, _cell(row["hours"])]) + " |")
+    return "\n".join(lines)
+
+
+def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
+    """Copy the small files of a run, its stage-2 folders and its calibrations into ``into``, at the
+    same relative path as in the study."""
+    copied = []
+    folders = [run_dir, *sorted(run_dir.glob("stage2*")), *sorted(run_dir.glob("**/calibration/*"))]
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        target = into / folder.relative_to(study_dir)
+        for name in KEPT_FILES:
+            source = folder / name
+            if source.is_file():
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target / name)
+                copied.append(target / name)
+    return copied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", type=Path, help="a study folder (runs/studies/<name>)")
+    parser.add_argument("--name", default="cifar100_lt_if100", help="results file name: reproduction_<name>.json")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="where the results go (default benchmarks/results)")
+    parser.add_argument("--papers", type=Path, help="published numbers (default benchmarks/paper_numbers.yaml)")
+    args = parser.parse_args(argv)
+
+    runs, partial, untrained = expand_runs([args.study])
+    if not runs:
+        print(f"no finished runs in {args.study} ({len(untrained)} not trained yet)", file=sys.stderr)
+        return 2
+    rows = [row for run in runs for row in rows_for(run)]
+    results = records(rows, load_paper_numbers(args.papers))
+    for result in results:  # paths relative to the study: the results do not name this machine's folders
+        result["run"] = os.path.relpath(result["run"], args.study)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"reproduction_{args.name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    folder = args.results / f"reproduction_{args.name}"
+    copied = [file for run in runs for file in keep_run_files(run, args.study, folder)]
+    curves = {f"{row['recipe']} (seed {row['pair'][0]})": learning_curve(row["folder"]) for row in rows
+              if row["stage"] == "last"}
+    plot = learning_curves(curves, folder / "learning_curves.png")
+    print(markdown_table(results))
+    print(f"\n{len(results)} rows from {len(runs)} finished runs ({len(partial)} with steps left, {len(untrained)} "
+          f"not trained yet): {path}; {len(copied)} run files under {folder}/" + (f"; curves {plot}" if plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The reproduction records (``report.json``, benchmarks/reproduction.py): each number is the run's
+own, in percent, beside the published one of the same setting, with the wall time the run's log shows."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longtail.cli import main
+from longtail.report.records import learning_curve, wall_hours
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = {"method", "paper", "paper_top1", "top1", "many", "medium", "few", "ece", "epochs", "seed", "commit",
+            "date", "hours", "ece_paper"}
+
+
+def _reproduction_script():
+    spec = importlib.util.spec_from_file_location("reproduction", REPO / "benchmarks" / "reproduction.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wall_hours_leave_out_the_time_between_a_stop_and_the_resume(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-06 10:00:00,000 run r | 100 training images in 10 classes\n"
+        "2026-12-06 10:10:00,000 stage 1 epoch 1/3 loss 1.0\n"
+        "2026-12-06 10:25:30,500 stage 1 epoch 2/3 loss 0.9\n"
+        "Traceback (most recent call last):\n"          # not a log line: skipped
+        "2026-12-06 18:00:00,000 run r | 100 training images in 10 classes\n"   # resumed hours later
+        "2026-12-06 18:00:01,000 stage 1: resumed from epoch 2; continuing at epoch 3\n"
+        "2026-12-06 18:20:01,000 stage 1 epoch 3/3 loss 0.8\n")
+    # 25 min 30.5 s before the stop, 20 min 1 s after it
+    assert wall_hours(log) == pytest.approx((25 * 60 + 30.5 + 20 * 60 + 1) / 3600)
+    assert wall_hours(tmp_path / "missing.log") is None
+
+
+def test_a_recipes_own_stage_2_is_timed_apart_from_its_stage_1(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "2026-12-06 10:00:00,000 run r | 100 training images in 10 classes\n"
+        "2026-12-06 10:30:00,000 stage 1, last epoch: top-1 50.00\n"
+        "2026-12-06 10:31:00,000 stage 2: crt on r/checkpoints/last.pt (1 head(s), images features)\n"
+        "2026-12-06 10:36:00,000 stage 2 (crt) epoch 1/1 loss 0.9\n"
+        "2026-12-06 10:36:30,000 done: r\n")
+    assert wall_hours(log, "stage 1") == pytest.approx(0.5)
+    assert wall_hours(log, "stage 2") == pytest.approx(5.5 / 60)
+    assert wall_hours(log) == pytest.approx(0.5 + 5.5 / 60)  # the minute before "stage 2: " is not counted (a stage-2 command starts so)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, one_thread):
+    """A 3-epoch Digits-LT study evaluated every epoch, with a cRT stage 2 and TS, and its records
+    against a papers file whose CE entry matches the setting."""
+    root = tmp_path_factory.mktemp("reproduction")
+    study = root / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "repro", "seeds": [0],
+        "overrides": ["train.epochs=3", "train.eval_every=1", "data.batch_size=64", "data.val_fraction=0.2"],
+        "recipes": [{"name": "ce", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml"),
+                     "stage2": [{"overrides": ["stage2.method=crt", "stage2.epochs=2"]}],
+                     "calibrate": [{"method": "ts"}]}]}))
+    out = root / "runs"
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    config = yaml.safe_load((out / "ce" / "seed0" / "config.yaml").read_text())
+    papers = root / "papers.yaml"
+    papers.write_text(yaml.safe_dump({"entries": [{
+        "paper": "P (A et al., 2020)", "seed_file": None, "table": "T1", "row": "CE", "selection": "last epoch",
+        "setting": {"data.dataset": config["data"]["dataset"], "data.imbalance_factor": config["data"]["imbalance_factor"],
+                    "model.name": config["model"]["name"], "train.epochs": 3},
+        "method": {"loss.name": "ce", "stage2.method": None}, "metrics": {"top1": 80.0, "ece": 5.0}}]}))
+    results = root / "results"
+    assert _reproduction_script().main([str(out), "--name", "t", "--results", str(results), "--papers", str(papers)]) == 0
+    records = json.loads((results / "reproduction_t.json").read_text())
+    return out / "ce" / "seed0", records, results / "reproduction_t", papers
+
+
+def test_each_record_is_its_runs_numbers_in_percent_beside_the_matching_paper(reproduced):
+    run, records, _, _ = reproduced
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method) == {"ce", "ce · crt"}
+    for record in records:
+        assert REQUIRED <= set(record)
+    for method, folder in (("ce", run), ("ce · crt", run / "stage2_crt")):
+        test = json.loads((folder / "metrics.json").read_text())["last"]["test"]
+        record = by_method[method]
+        for key, metric in (("top1", "top1"), ("many", "many_top1"), ("medium", "medium_top1"), ("few", "few_top1"),
+                            ("ece", "ece")):
+            expected = None if test[metric] is None else pytest.approx(100 * test[metric], abs=1e-4)
+            assert record[key] == expected, (method, key)  # Digits-LT has no many-shot class: None
+        assert record["seed"] == 0 and record["epochs"] == 3
+    ce, crt = by_method["ce"], by_method["ce · crt"]
+    assert (ce["paper"], ce["paper_top1"], ce["ece_paper"]) == ("P (A et al., 2020)", 80.0, 5.0)
+    assert ce["gap_top1"] == pytest.approx(ce["top1"] - 80.0, abs=1e-3)
+    assert crt["paper"] is None and crt["stage2_epochs"] == 2  # a stage 2 is not the paper's stage-1 row
+    ts = json.loads((run / "calibration" / "ts" / "metrics.json").read_text())["after"]["ece"]
+    assert ce["ece_after"] == {"ts": pytest.approx(100 * ts, abs=1e-4)}
+    env = json.loads((run / "env.json").read_text())["git"]
+    assert ce["commit"] == (env["commit"] + ("-dirty" if env["dirty"] else "") if env.get("commit") else None)
+    assert 0 < ce["hours"] < 1 and crt["stage2_hours"] > 0
+    assert crt["hours"] == pytest.approx(ce["hours"] + crt["stage2_hours"], abs=2e-6)  # stage 1 + its stage 2
+    assert crt["run"] == "ce/seed0/stage2_crt"
+
+
+def test_run_files_and_learning_curves_are_kept(reproduced):
+    run, _, kept, _ = reproduced
+    for relative in ("metrics.csv", "metrics.json", "config.yaml", "stage2_crt/metrics.json", "calibration/ts/metrics.json"):
+        assert (kept / "ce" / "seed0" / relative).read_bytes() == (run / relative).read_bytes(), relative
+    assert (kept / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = learning_curve(run)
+    with (run / "metrics.csv").open() as handle:
+        expected = [100 * float(row["test_top1"]) for row in csv.DictReader(handle)]
+    assert curve["epoch"] == [1, 2, 3] and curve["top1"] == pytest.approx(expected)
+
+
+def test_report_writes_the_same_records(reproduced, tmp_path):
+    run, records, _, papers = reproduced
+    study = run.parent.parent
+    assert main(["report", str(study), "--out", str(tmp_path / "report"), "--papers", str(papers)]) == 0
+    reported = json.loads((tmp_path / "report" / "report.json").read_text())
+    for record in reported:
+        record["run"] = str(Path(record["run"]).relative_to(study))
+    assert reported == records
+    assert (tmp_path / "report" / "learning_curves.png").is_file()
