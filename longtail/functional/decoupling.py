@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from longtail.functional.data import checked_class_counts
+
 __all__ = [
     "SMOOTHING_SHAPES",
     "label_aware_epsilons",
@@ -25,16 +27,6 @@ __all__ = [
 
 SMOOTHING_SHAPES = ("concave", "linear", "convex")
 Counts = Sequence[int] | torch.Tensor
-
-
-def _positive_counts(class_counts: Counts) -> torch.Tensor:
-    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
-    if counts.ndim != 1 or len(counts) == 0:
-        raise ValueError(f"class_counts must hold one count per class, got shape {tuple(counts.shape)}")
-    if bool((counts <= 0).any()):
-        empty = torch.nonzero(counts <= 0).flatten().tolist()
-        raise ValueError(f"class_counts must be positive; classes {empty} have no training images")
-    return counts
 
 
 # ------------------------------------------------------------------------------------------- MiSLAS
@@ -57,7 +49,7 @@ def label_aware_epsilons(class_counts: Counts, eps_head: float = 0.4, eps_tail: 
     for name, value in (("eps_head", eps_head), ("eps_tail", eps_tail)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     largest, smallest = counts.max(), counts.min()
     if largest == smallest:
         return torch.full(counts.shape, float(eps_head))
@@ -111,7 +103,7 @@ def ladc_head_classes(class_counts: Counts, coverage: float = 0.6) -> list[int]:
     """
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}; LADC uses 0.6")
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     order = sorted(range(len(counts)), key=lambda c: (-float(counts[c]), c))
     total, covered, head = float(counts.sum()), 0.0, []
     for cls in order:
@@ -254,6 +246,6 @@ def ladc_sampling_probs(class_counts: Counts, tau: float) -> torch.Tensor:
     """LADC's class sampling probabilities (seed 002, eq. 13): ``P_i = (n_1 / n_i^tau) / sum_j (n_1 / n_j^tau)``
     with n_1 the largest class (it cancels: ``P_i`` is proportional to ``n_i^-tau``). tau = 0 is
     class-balanced sampling, tau = 1 inverse-frequency; the paper uses 1.2-1.3. (C,) float64."""
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     raw = counts.max() / counts.pow(tau)
     return raw / raw.sum()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longtail.functional.losses import Counts, _counts, _reduce, _upcast
+from longtail.functional.data import checked_class_counts
+from longtail.functional.losses import Counts, _reduce, _upcast
 
 __all__ = ["DKT_FORMS", "SHIKE_MASKED_LOGIT", "shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss",
            "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha"]
@@ -136,7 +137,7 @@ def ride_class_temperatures(class_counts: Counts, temperature: float = 1.0, gamm
     temperature * beta_k / max_j beta_j`` — the slides' eq. 13 writes ``beta_k + 1 - max_j beta_j``,
     which also makes the largest 1 but shifts instead of scales. ``gamma=0`` gives uniform T.
     """
-    counts = _counts(class_counts, dtype=torch.float64)
+    counts = checked_class_counts(class_counts, dtype=torch.float64)
     beta = gamma * counts / counts.mean() + (1.0 - gamma)
     if bool((beta <= 0).any()):
         raise ValueError(f"gamma={gamma} makes some class temperatures non-positive; use a value in [0, 1]")

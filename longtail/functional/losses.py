@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from longtail.functional.data import checked_class_counts
+
 __all__ = [
     "balanced_softmax_logits",
     "balanced_softmax_loss",
@@ -54,29 +56,10 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _counts(class_counts: Counts, num_classes: int | None = None, device: torch.device | None = None,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Class counts as a float tensor with one entry per logit column.
-
-    Positivity is checked on host inputs only: counts already on an accelerator are trusted (the
-    loss modules check them once when built), so a training step never waits on the device.
-    """
-    counts = torch.as_tensor(class_counts, dtype=dtype, device=device)
-    if counts.ndim != 1 or (num_classes is not None and counts.shape != (num_classes,)):
-        expected = f"({num_classes},)" if num_classes is not None else "(C,)"
-        raise ValueError(f"class_counts must hold one count per class, shape {expected}; "
-                         f"got shape {tuple(counts.shape)}")
-    if counts.device.type == "cpu" and bool((counts <= 0).any()):
-        empty = torch.nonzero(counts <= 0).flatten().tolist()
-        raise ValueError(f"class_counts must be positive; classes {empty} have no training images. "
-                         "Remove empty classes from the dataset or merge them")
-    return counts
-
-
 def balanced_softmax_logits(logits: torch.Tensor, class_counts: Counts) -> torch.Tensor:
     """The logits balanced softmax trains its softmax on: ``logits + log n_y`` (Ren et al. 2020;
     seed 003_c38ed24e8c8e66ce.txt, eq. 11)."""
-    return logits + _counts(class_counts, logits.shape[-1], logits.device).log()
+    return logits + checked_class_counts(class_counts, logits.shape[-1], device=logits.device).log()
 
 
 def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
@@ -92,7 +75,7 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_cou
 
 def logit_adjusted_logits(logits: torch.Tensor, class_counts: Counts, tau: float = 1.0) -> torch.Tensor:
     """The logits logit-adjusted CE trains its softmax on: ``logits + tau * log(prior)`` (Menon et al. 2021)."""
-    counts = _counts(class_counts, logits.shape[-1], logits.device)
+    counts = checked_class_counts(class_counts, logits.shape[-1], device=logits.device)
     return logits + tau * (counts / counts.sum()).log()
 
 
@@ -109,7 +92,7 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
 
 def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
     """LDAM's per-class margins (Cao et al. 2019): ``∝ n_j^(-1/4)``, the largest equal to ``max_margin``."""
-    margins = _counts(class_counts, dtype=torch.float64).pow(-0.25)
+    margins = checked_class_counts(class_counts, dtype=torch.float64).pow(-0.25)
     return (margins * (max_margin / margins.max())).float()
 
 
@@ -131,7 +114,7 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
 def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
                 scale: float = 30.0) -> torch.Tensor:
     """The logits LDAM trains its softmax on: ``scale * (logits - m_y e_y)`` (Cao et al. 2019; see ``ldam_loss``)."""
-    margins = ldam_margins(_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
+    margins = ldam_margins(checked_class_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
     return scale * (logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1))
 
 
@@ -165,7 +148,7 @@ def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}; 0.9999 is the usual choice")
-    counts = _counts(class_counts, dtype=torch.float64)
+    counts = checked_class_counts(class_counts, dtype=torch.float64)
     weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
     return (weights / weights.sum() * len(counts)).float()
 

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (DKT_FORMS, ride_class_temperatures, ride_diversity_loss, shike_dkt_loss,
-                                 shike_mutual_loss)
-from longtail.losses.basic import checked_counts
+from longtail.functional import (DKT_FORMS, checked_class_counts, ride_class_temperatures, ride_diversity_loss,
+                                 shike_dkt_loss, shike_mutual_loss)
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
 from longtail.types import Batch, LossTerms, ModelOutput
@@ -45,7 +44,7 @@ class SHIKELoss(nn.Module):
     def __init__(self, class_counts: Sequence[int], num_classes: int, alpha: float | None = None,
                  beta: float | None = None, temperature: float = 1.0, dkt_form: str = "code") -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         if dkt_form not in DKT_FORMS:
             raise ValueError(f"loss.params.dkt_form must be one of {DKT_FORMS}, got {dkt_form!r}")
         self.dkt_form = dkt_form
@@ -83,7 +82,7 @@ class RIDELoss(nn.Module):
                  diversity_temperature: float = 1.0, reweight_factor: float = 0.05,
                  reweight_epoch: int | None = None) -> None:
         super().__init__()
-        counts = checked_counts(class_counts, num_classes)
+        counts = checked_class_counts(class_counts, num_classes)
         self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
                                  class_counts=list(class_counts), num_classes=num_classes)
         if not getattr(self.base, "single_prediction", True):

@@ -14,10 +14,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (ikl_alpha, ikl_class_medians, ikl_correlation_labels, ikl_correlation_labels_topk,
-                                 ikl_keep_smallest_keys, ikl_uncertainty_loss, soft_target_cross_entropy,
-                                 topk_with_even_rest)
-from longtail.losses.basic import checked_counts
+from longtail.functional import (checked_class_counts, ikl_alpha, ikl_class_medians, ikl_correlation_labels,
+                                 ikl_correlation_labels_topk, ikl_keep_smallest_keys, ikl_uncertainty_loss,
+                                 soft_target_cross_entropy, topk_with_even_rest)
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
 from longtail.types import Batch, LossTerms, ModelOutput
@@ -83,7 +82,7 @@ class IKLLoss(nn.Module):
                  label_topk: int | None = None, median_cap: int | None = 64, median_dim: int | None = None,
                  seed: int = 0, icl_logits: str = "raw") -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         if num_samples is None or num_samples < 1:
             raise ValueError("ikl keeps one prediction per training sample and needs num_samples (the number "
                              "of training images); the trainer passes it, or give LOSSES.build(..., num_samples=N)")
