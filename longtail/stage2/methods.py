@@ -17,7 +17,8 @@ schedule and feature mode (``stage2.features``, see ``longtail.stage2.training``
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +60,36 @@ def _replace_heads(model: nn.Module, heads: Sequence[nn.Module]) -> list[nn.Para
     return [p for head in heads for p in head.parameters() if p.requires_grad]
 
 
+# The classifiers a method's ``head`` option can put in place of each stage-1 head (MiSLAS and LADC
+# each allow a subset): a fresh head (cRT), learnt per-class scales on the frozen head (LWS), scales
+# and biases (LADC's LWS-Plus), or scales with the stage-1 head fine-tuned (MiSLAS's "enhanced").
+STAGE2_HEADS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "crt": fresh_like,
+    "lws": LWSHead,
+    "lws_plus": LWSPlusHead,
+    "enhanced": partial(LWSHead, train_base=True),
+}
+
+
+def _check_head(method: str, head: str, allowed: Sequence[str]) -> None:
+    if head not in allowed:
+        raise ValueError(f"unknown {method} head {head!r}; allowed: {', '.join(allowed)}")
+
+
+def _stage2_heads(model: nn.Module, head: str, base_lr_factor: float = 1.0) -> list[tuple[list[nn.Parameter], float]]:
+    """Replace each of ``model.heads`` by ``STAGE2_HEADS[head]`` of it; the optimiser's parameter
+    groups ``(parameters, lr factor)``: the new heads' own parameters at lr, and the wrapped stage-1
+    heads' weights, where they are trained (``enhanced``), at ``base_lr_factor`` x lr."""
+    heads = [STAGE2_HEADS[head](old) for old in model.heads]
+    params = _replace_heads(model, heads)
+    bases = [p for h in heads if isinstance(getattr(h, "base", None), nn.Module)
+             for p in h.base.parameters() if p.requires_grad]
+    if not bases:
+        return [(params, 1.0)]
+    trained = {id(p) for p in bases}
+    return [([p for p in params if id(p) not in trained], 1.0), (bases, base_lr_factor)]
+
+
 def _ce(ctx: Stage2Context) -> nn.Module:
     return ctx.loss(CrossEntropy(ctx.counts, ctx.num_classes))
 
@@ -70,8 +101,7 @@ class CRT(Stage2Method):
     the backbone with BN in train mode, as Kang et al.'s code."""
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        params = _replace_heads(ctx.model, [fresh_like(head) for head in ctx.model.heads])
-        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
+        return {"history": ctx.train(_stage2_heads(ctx.model, "crt"), _ce(ctx))}
 
 
 @STAGE2.register("lws")
@@ -79,8 +109,7 @@ class LWS(Stage2Method):
     """Learnable weight scaling: the stage-1 heads stay fixed, one scale per class is learnt."""
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        params = _replace_heads(ctx.model, [LWSHead(head) for head in ctx.model.heads])
-        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
+        return {"history": ctx.train(_stage2_heads(ctx.model, "lws"), _ce(ctx))}
 
 
 @STAGE2.register("tau_norm")
@@ -181,24 +210,14 @@ class MiSLAS(Stage2Method):
     def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
                  shape: str = "concave", spread: str = "all", bn_shift: bool = True, lr_factor: float = 0.2,
                  head: str = "enhanced") -> None:
-        if head not in MISLAS_HEADS:
-            raise ValueError(f"unknown mislas head {head!r}; allowed: {', '.join(MISLAS_HEADS)}")
+        _check_head("mislas", head, MISLAS_HEADS)
         if lr_factor < 0:
             raise ValueError(f"lr_factor must be >= 0, got {lr_factor}")
         self.smoothing = LabelAwareSmoothingLoss(class_counts, eps_head, eps_tail, shape, spread)
         self.bn_shift, self.lr_factor, self.head = bn_shift, lr_factor, head
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        old = list(ctx.model.heads)
-        if self.head == "crt":
-            groups = [(_replace_heads(ctx.model, [fresh_like(h) for h in old]), 1.0)]
-        elif self.head == "lws":
-            groups = [(_replace_heads(ctx.model, [LWSHead(h) for h in old]), 1.0)]
-        else:
-            heads = [LWSHead(h, train_base=True) for h in old]
-            _replace_heads(ctx.model, heads)
-            bases = [p for h in heads for p in h.base.parameters()]
-            groups = [([h.scales for h in heads], 1.0), (bases, self.lr_factor)]
+        groups = _stage2_heads(ctx.model, self.head, self.lr_factor)
         return {"history": ctx.train(groups, ctx.loss(self.smoothing), bn_train=self.bn_shift)}
 
 
@@ -227,8 +246,7 @@ class LADC(Stage2Method):
                  alpha: float = 0.1, beta: float = 1.0, weighting: str = "inverse", head: str = "lws_plus",
                  covariance: str = "auto", covariance_rank: int = 64,
                  covariance_memory_gb: float | None = None) -> None:
-        if head not in LADC_HEADS:
-            raise ValueError(f"unknown ladc head {head!r}; allowed: {', '.join(LADC_HEADS)}")
+        _check_head("ladc", head, LADC_HEADS)
         if covariance_rank < 1:
             raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}")
         self.head_classes = ladc_head_classes(class_counts, coverage)
@@ -262,9 +280,5 @@ class LADC(Stage2Method):
                 features[expert, tail] = bank.sample(indices[tail], generator)
             return features
 
-        old = list(ctx.model.heads)
-        wrapper = {"lws_plus": LWSPlusHead, "lws": LWSHead, "crt": None}[self.head]
-        heads = [fresh_like(h) if wrapper is None else wrapper(h) for h in old]
-        params = _replace_heads(ctx.model, heads)
-        history = ctx.train([(params, 1.0)], _ce(ctx), transform=calibrate)
+        history = ctx.train(_stage2_heads(ctx.model, self.head), _ce(ctx), transform=calibrate)
         return {"history": history, "head_classes": len(self.head_classes), "covariance": kind}
