@@ -1,4 +1,4 @@
-"""Class-count profiles and shot groups (DESIGN.md, "The public functional contract")."""
+"""Class-count profiles, shot groups and the check of class counts every long-tailed formula uses."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,7 +9,7 @@ __all__ = ["lt_counts", "shot_groups", "imbalance_factor", "checked_class_counts
 
 
 def lt_counts(num_classes: int, max_count: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
-    """Images per class of a long-tailed set (Cao et al. 2019, used by every seed's CIFAR-LT).
+    """Images per class of a long-tailed set (Cao et al. 2019; the CIFAR-LT of every paper reproduced here).
 
     ``exp``: ``int(max_count * imbalance_factor ** (-i / (num_classes - 1)))`` for class i;
     ``step``: the first half of the classes keep ``max_count``, the rest ``int(max_count / imbalance_factor)``.
@@ -34,7 +34,7 @@ def shot_groups(class_counts: Sequence[int], many: int = 100, few: int = 20) -> 
     """Split classes by training-set size: many (> ``many``), medium (``few``..``many``), few (< ``few``).
 
     Thresholds, not fixed index ranges, so a class of exactly 20 images is medium and one of exactly
-    100 is medium too (Liu et al. 2019's convention, used by every seed's tables).
+    100 is medium too (Liu et al. 2019's convention, used by the tables of every paper reproduced here).
     """
     groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
     for cls, count in enumerate(class_counts):

@@ -23,7 +23,7 @@ __all__ = ["CrossEntropy", "LabelSmoothing", "Focal", "ClassBalanced", "Balanced
 
 @LOSSES.register("ce")
 class CrossEntropy(nn.Module):
-    """Plain softmax cross-entropy, the baseline of every seed's tables."""
+    """Plain softmax cross-entropy, the baseline of every reproduced paper's tables."""
 
     def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -91,7 +91,7 @@ class ClassBalanced(nn.Module):
 
 @LOSSES.register("balanced_softmax")
 class BalancedSoftmax(nn.Module):
-    """Balanced softmax cross-entropy (``balanced_softmax_loss``; seed 003, eq. 11)."""
+    """Balanced softmax cross-entropy (``balanced_softmax_loss``; Jin et al. 2023, eq. 11)."""
 
     def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
         super().__init__()

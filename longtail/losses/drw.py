@@ -1,4 +1,5 @@
-"""LDAM with deferred re-weighting (Cao et al. 2019), the LDAM-DRW baseline of seeds 003 and 004."""
+"""LDAM with deferred re-weighting (Cao et al. 2019), the LDAM-DRW baseline of SHIKE (Jin et al.
+2023) and IKL."""
 from __future__ import annotations
 
 from typing import Literal, Sequence

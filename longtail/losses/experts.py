@@ -1,4 +1,5 @@
-"""Losses of multi-expert models: SHIKE's stage 1 (seed 003, eq. 10) and RIDE's (seed 000 slides).
+"""Losses of multi-expert models: SHIKE's stage 1 (Jin et al., CVPR 2023, eq. 10) and RIDE's
+(Wang et al., ICLR 2021).
 
 Both read ``output.expert_logits`` (M, B, C); a single-head model is an error naming the fix.
 """
@@ -28,7 +29,7 @@ def _expert_logits(output: ModelOutput, loss_name: str) -> torch.Tensor:
 
 @LOSSES.register("shike")
 class SHIKELoss(nn.Module):
-    """SHIKE's representation-learning loss ``L_ce + alpha L_nt + beta L_mu`` (seed 003, eq. 10).
+    """SHIKE's representation-learning loss ``L_ce + alpha L_nt + beta L_mu`` (Jin et al. 2023, eq. 10).
 
     ``L_ce`` is the cross-entropy of every expert, summed (the authors' soft CE on one-hot labels;
     mixed labels come from the trainer); ``L_nt`` is ``shike_dkt_loss`` (eq. 5-9) and ``L_mu``
@@ -70,7 +71,7 @@ class RIDELoss(nn.Module):
     is forwarded. The diversity term is ``ride_diversity_loss`` with a negative factor (RIDELoss's
     default -0.2; the authors' CIFAR configs use -0.45).
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
-    becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
+    becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (Wang et al. 2021, eq. 13-14);
     ``reweight_factor=0`` keeps it uniform. The terms are logged as ``base`` (the experts' losses
     summed) and ``diversity`` (``diversity_factor`` x the diversity loss).
     """

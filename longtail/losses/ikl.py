@@ -1,4 +1,5 @@
-"""IKL, Implicit Knowledge Learning (seed 004_8d58af53471ab459.txt), as a plug-in around any loss.
+"""IKL, Implicit Knowledge Learning ("IKL: Boosting Long-Tail Recognition with Implicit Knowledge
+Learning", anonymous authors, under double-blind review, 2023), as a plug-in around any loss.
 
 ``L = (1 - alpha) L_base + alpha (L_IUR + L_ICL)`` (eq. 9). The loss keeps, per training sample,
 its last prediction and whether it was right, and per class a soft label built from last epoch's
@@ -43,10 +44,10 @@ class IKLLoss(nn.Module):
       over the selected samples.
     - ICL (eq. 6-8): cross-entropy of the current (unsoftened) prediction against
       ``ikl_correlation_labels`` of last epoch's class-median features. ``icl_logits="raw"`` (the
-      seed's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
+      paper's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
       logits the base loss trains (its ``adjust_logits``: + log n_y for balanced softmax, + tau log
       prior for logit adjustment, the target margin and scale for LDAM), so that ICL keeps the base's
-      re-balancing (the seed does not say how ICL meets such a base).
+      re-balancing (the paper does not say how ICL meets such a base).
     - alpha: ``max_alpha * ikl_alpha(epoch, total_epochs, alpha_schedule)``, 0 in the first epoch
       (no previous predictions yet), so that epoch trains with the base loss only.
 

@@ -1,4 +1,4 @@
-"""BBN, the Bilateral-Branch Network with cumulative learning (Zhou et al. CVPR 2020; seed 000 slides,
+"""BBN, the Bilateral-Branch Network with cumulative learning (Zhou et al., CVPR 2020,
 Fig. 3; code Megvii-Nanjing/BBN).
 
 A ResNet-32 whose stages 1-2 and all but the last block of stage 3 are shared; the last block is

@@ -1,6 +1,6 @@
-"""The seeds' published numbers beside ours, only where the setting is the same: dataset, imbalance
-factor, backbone, schedule length and the method's own keys all have to match the run's config, or
-no paper value is shown.
+"""The reproduced papers' published numbers beside ours, only where the setting is the same:
+dataset, imbalance factor, backbone, schedule length and the method's own keys all have to match
+the run's config, or no paper value is shown.
 
 Where the numbers are read from (``paper_numbers_path``): the ``path`` argument (``longtail report
 --papers``), else the file named by ``$LONGTAIL_PAPER_NUMBERS``, else the file of record,

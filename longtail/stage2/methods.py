@@ -7,8 +7,8 @@ of a model whose backbone stage 1 trained and stage 2 keeps frozen.
   is one (Kang et al. 2020);
 - ``ncm``: nearest class mean of centred, L2-normalised features (Kang et al. 2020);
 - ``mislas``: label-aware smoothing, shift learning on BN and the enhanced classifier
-  ``z = diag(s)(rW + dW)^T x`` (seed 001_9389938eb33d47c2.txt), on backbone passes over augmented images;
-- ``ladc``: LADC's calibrated tail features and LWS-Plus (seed 002_6b2bba2c1b62b163.txt), on cached features.
+  ``z = diag(s)(rW + dW)^T x`` (Zhong et al., CVPR 2021), on backbone passes over augmented images;
+- ``ladc``: LADC's calibrated tail features and LWS-Plus (Wang et al., AAAI 2022), on cached features.
 
 A method's constructor takes its ``stage2.params``; ``run(ctx)`` replaces ``ctx.model.heads``, trains
 them with ``ctx.train`` (the engine's Trainer) and returns what metrics.json should record about it.
@@ -177,7 +177,7 @@ class LabelAwareSmoothingLoss(nn.Module):
                  shape: str = "concave", spread: str = "all") -> None:
         super().__init__()
         if spread not in ("all", "others"):
-            raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
+            raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the paper's formula)")
         self.spread = spread
         self.register_buffer("epsilons", label_aware_epsilons(class_counts, eps_head, eps_tail, shape))
 
@@ -191,7 +191,7 @@ MISLAS_HEADS = ("enhanced", "lws", "crt")
 
 @STAGE2.register("mislas")
 class MiSLAS(Stage2Method):
-    """MiSLAS's stage 2 (seed 001; its public code in docs/FIDELITY.md, MiSLAS rows).
+    """MiSLAS's stage 2 (Zhong et al., CVPR 2021; its public code in docs/FIDELITY.md, MiSLAS rows).
 
     - loss: label-aware smoothing (``eps_head``, ``eps_tail``, ``shape``, ``spread``), unless
       ``stage2.loss`` names another;
@@ -200,7 +200,7 @@ class MiSLAS(Stage2Method):
       the features are therefore recomputed from the augmented training images every step (no cache;
       with ``bn_shift: false`` the backbone runs in eval mode, as MiSLAS's CIFAR-10 configs);
     - ``head``: ``enhanced`` (the code's default) fine-tunes the stage-1 head at ``lr_factor`` x lr and
-      learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the slides' ``diag(s)(rW + dW)^T x``
+      learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the paper's ``diag(s)(rW + dW)^T x``
       with r = 1: the code starts dW at 0 and does not learn r); ``lws`` learns the scales only;
       ``crt`` retrains a fresh head at lr.
     """
@@ -226,7 +226,7 @@ LADC_HEADS = ("lws_plus", "lws", "crt")
 
 @STAGE2.register("ladc")
 class LADC(Stage2Method):
-    """LADC's stage 2 (seed 002, "Label-Aware Distribution Calibration" and "Sampling strategy").
+    """LADC's stage 2 (Wang et al., AAAI 2022, "Label-Aware Distribution Calibration" and "Sampling strategy").
 
     Head classes are the most frequent ones covering ``coverage`` of the training images. On the
     cached features of each expert, each head class gets a Gaussian (eq. 1-3) and each tail instance
