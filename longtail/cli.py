@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR|STUDY_DIR")
     report.add_argument("--out", help="output folder (default runs/report, numbered if it exists)")
     report.add_argument("--papers", metavar="YAML", help="published numbers to show beside matching settings "
-                                                          "(default benchmarks/paper_numbers.yaml)")
+                                                          "(default $LONGTAIL_PAPER_NUMBERS, else the source "
+                                                          "checkout's benchmarks/paper_numbers.yaml)")
     report.add_argument("--split", choices=("test", "val"), default="test",
                         help="which split's metrics (val: to choose between recipes without the test set)")
     report.add_argument("--baseline", action="append", default=[], metavar="GROUP",

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from longtail.functional import imbalance_factor, lt_counts, shot_groups
+from longtail.functional import checked_class_counts, imbalance_factor, lt_counts, shot_groups
 
 
 def test_lt_counts_cifar10_if100_matches_cao_et_al():
@@ -45,3 +46,17 @@ def test_shot_groups_cifar100_if100():
 def test_imbalance_factor():
     assert imbalance_factor([5000, 50]) == 100
     assert imbalance_factor([3, 0]) == float("inf")
+
+
+def test_checked_class_counts_is_the_one_check_behind_losses_and_stage2():
+    # one count per class, positive; the messages the losses, functional formulas and stage-2 methods show
+    counts = checked_class_counts(range(3, 0, -1), 3)
+    assert counts.dtype == torch.float32 and counts.tolist() == [3.0, 2.0, 1.0]
+    assert checked_class_counts(torch.tensor([4, 1]), dtype=torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="one count per class, shape \\(4,\\); got 3 class counts for 4 classes"):
+        checked_class_counts([5, 2, 1], 4)
+    for bad in ([], [[1, 2], [3, 4]]):
+        with pytest.raises(ValueError, match="one count per class"):
+            checked_class_counts(bad)
+    with pytest.raises(ValueError, match=r"classes \[1, 3\] have no training images.*Remove the empty classes"):
+        checked_class_counts([5, 0, 2, -1])

@@ -29,10 +29,21 @@ def build(name, **params):
     return LOSSES.build(name, params, where="loss.params", class_counts=COUNTS, num_classes=C, num_samples=20)
 
 
-@pytest.mark.parametrize("name", ["ce", "label_smoothing", "focal", "class_balanced", "ldam_drw",
-                                  "balanced_softmax", "logit_adjustment", "shike", "ride", "ikl"])
+# Parameters each registered loss is built with in the contract test below: one entry per name in
+# LOSSES, so a newly registered loss fails test_every_registered_loss_has_test_params until it has one.
+LOSS_PARAMS = {
+    "ce": {}, "label_smoothing": {}, "focal": {}, "class_balanced": {}, "ldam_drw": {},
+    "balanced_softmax": {}, "logit_adjustment": {}, "shike": {}, "ride": {}, "ikl": {},
+}
+
+
+def test_every_registered_loss_has_test_params():
+    assert sorted(LOSS_PARAMS) == sorted(LOSSES.names())
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_every_loss_returns_a_differentiable_per_sample_loss(name):
-    loss = build(name)
+    loss = build(name, **LOSS_PARAMS[name])
     if hasattr(loss, "on_epoch_start"):
         loss.on_epoch_start(0, 10)
     output = make_output()

@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch import nn
 
+import longtail.stage2  # noqa: F401  (registers the methods STAGE2_CASES is checked against)
 from longtail.config import Stage2Config, load_config
 from longtail.data.augment import BatchAugment
 from longtail.commands.evaluate import evaluate_checkpoint
@@ -77,11 +78,25 @@ def restored_top1(config, run_dir):
         return float((model.eval()(images).logits.argmax(1) == bundle.test.targets).float().mean())
 
 
+# The end-to-end cases of every registered stage-2 method, (stage2.params, stage2.features): one entry
+# per name in STAGE2, so a newly registered method fails test_every_registered_stage2_method_has_cases
+# until it has cases here.
+STAGE2_CASES = {
+    "crt": [({}, None), ({}, "cached")],
+    "lws": [({}, "cached")],
+    "tau_norm": [({}, None)],
+    "ncm": [({}, None)],
+    "ladc": [({"m": 2, "coverage": 0.5}, None)],
+    "mislas": [({"bn_shift": True, "eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}, None)],
+}
+
+
+def test_every_registered_stage2_method_has_cases():
+    assert sorted(STAGE2_CASES) == sorted(STAGE2.names())
+
+
 @pytest.mark.parametrize("method, params, features", [
-    ("crt", {}, None), ("crt", {}, "cached"), ("lws", {}, "cached"), ("tau_norm", {}, None), ("ncm", {}, None),
-    ("ladc", {"m": 2, "coverage": 0.5}, None),
-    ("mislas", {"bn_shift": True, "eps_head": 0.3, "eps_tail": 0.0, "lr_factor": 0.5}, None),
-])
+    (method, params, features) for method in STAGE2.names() for params, features in STAGE2_CASES.get(method, [])])
 def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method, params, features):
     results, run_dir = run_method(stage1, tmp_path, method, params=params, features=features)
     written = json.loads((run_dir / "stage2" / "metrics.json").read_text())

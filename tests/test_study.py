@@ -15,7 +15,8 @@ from longtail.commands.study import load_study, plan_runs
 from longtail.config import apply_overrides
 from longtail.report.aggregate import paired_difference
 from longtail.report.compare import format_mean_std
-from longtail.report.papers import load_paper_numbers, paper_entry_for
+from longtail.report import papers as papers_module
+from longtail.report.papers import PaperNumbersNotFound, load_paper_numbers, paper_entry_for, paper_numbers_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "studies" / "tiny_digits.yaml"
@@ -308,6 +309,28 @@ def test_paper_numbers_appear_only_where_the_setting_matches():
     if seeds.is_dir():
         for entry in entries:  # a paper that is not a seed (LIFT) names its source instead
             assert (seeds / entry["seed_file"]).is_file() if entry["seed_file"] else entry["source"], entry
+
+
+def test_paper_numbers_location_is_explicit(tmp_path, monkeypatch):
+    # the file of record is the repository's benchmarks/paper_numbers.yaml; an argument or
+    # $LONGTAIL_PAPER_NUMBERS overrides it, and a missing file says where it was looked for
+    monkeypatch.delenv(papers_module.PAPER_NUMBERS_ENV, raising=False)
+    assert paper_numbers_path() == REPO / "benchmarks" / "paper_numbers.yaml" == papers_module.REPOSITORY_PAPER_NUMBERS
+    copy = tmp_path / "numbers.yaml"
+    copy.write_text(yaml.safe_dump({"entries": load_paper_numbers()[:1]}))
+    monkeypatch.setenv(papers_module.PAPER_NUMBERS_ENV, str(copy))
+    assert paper_numbers_path() == copy and len(load_paper_numbers()) == 1
+    assert paper_numbers_path(REPO / "benchmarks" / "paper_numbers.yaml") != copy  # the argument wins
+    with pytest.raises(PaperNumbersNotFound, match="LONGTAIL_PAPER_NUMBERS"):
+        monkeypatch.setenv(papers_module.PAPER_NUMBERS_ENV, str(tmp_path / "gone.yaml"))
+        load_paper_numbers()
+    with pytest.raises(FileNotFoundError, match="the given path"):
+        load_paper_numbers(tmp_path / "gone.yaml")
+    # an installed package (no benchmarks/ beside it): a clear error naming both ways to point at a copy
+    monkeypatch.delenv(papers_module.PAPER_NUMBERS_ENV)
+    monkeypatch.setattr(papers_module, "REPOSITORY_PAPER_NUMBERS", tmp_path / "site-packages" / "paper_numbers.yaml")
+    with pytest.raises(PaperNumbersNotFound, match=r"--papers FILE or set \$LONGTAIL_PAPER_NUMBERS"):
+        load_paper_numbers()
 
 
 def test_a_failing_step_stops_the_study_with_a_clear_error(tmp_path, capsys, one_thread):

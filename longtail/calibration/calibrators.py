@@ -1,9 +1,10 @@
 """Post-hoc calibrators, scikit-learn style: ``fit(logits, targets, **extra)`` on a validation split,
-then ``predict_proba(logits)``. They are the baselines of seed 000_aa1c4ab53dd5e13c.txt (second
-paper, Table 1): temperature scaling, vector scaling, ensemble TS, histogram binning, one-vs-all and
-pooled isotonic regression, TS followed by isotonic regression, the scaling-binning calibrator and
-Gaussian-process calibration. Fitted state is plain tensors and numbers, so ``torch.load(weights_only=True)``
-reads a saved calibrator.
+then ``predict_proba(logits)``. They are the baselines of Chen & Su, "Transfer Knowledge from Head to
+Tail: Uncertainty Calibration under Long-tailed Distribution" (CVPR 2023, Table 1): temperature
+scaling, vector scaling, ensemble TS, histogram binning, one-vs-all and pooled isotonic regression,
+TS followed by isotonic regression, the scaling-binning calibrator and Gaussian-process calibration.
+Fitted state is plain tensors and numbers, so ``torch.load(weights_only=True)`` reads a saved
+calibrator.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def load_calibrator(path: str | Path) -> Calibrator:
 
 @CALIBRATORS.register("ts")
 class TemperatureScaling(Calibrator):
-    """One temperature for all logits (Guo et al. 2017; seed 000, second paper, eq. 3), fitted by
+    """One temperature for all logits (Guo et al. 2017; Chen & Su 2023, eq. 3), fitted by
     :func:`longtail.functional.fit_temperature` as the authors' code."""
 
     name = "ts"
@@ -305,7 +306,7 @@ class HistogramBinning(Calibrator):
 @CALIBRATORS.register("iso")
 class IsotonicOneVsAll(Calibrator):
     """One isotonic regression per class on ``softmax(z)_k`` against ``1(y = k)`` (Zadrozny & Elkan
-    2002; "IROvA" in seed 000, second paper, Table 1), with scikit-learn, clipped outside the fitted
+    2002; "IROvA" in Chen & Su 2023, Table 1), with scikit-learn, clipped outside the fitted
     range, then rows renormalised. As the authors' code, ``1e-9 * softmax(z)`` is added first so a row
     the regressions map to all zeros falls back to the model's own ranking."""
 
@@ -349,7 +350,7 @@ class IsotonicOneVsAll(Calibrator):
 
 @CALIBRATORS.register("ts_ir")
 class TemperatureIsotonic(IsotonicOneVsAll):
-    """TS-IR of seed 000, second paper, Table 1 (Zhang et al. 2020, "Mix-n-Match"): a temperature
+    """TS-IR of Chen & Su 2023, Table 1 (Zhang et al. 2020, "Mix-n-Match"): a temperature
     fitted on the Brier score (``fit_temperature(loss="mse")``), then :class:`IsotonicOneVsAll` on the
     tempered probabilities, as the authors' ``IROVATSModel`` (``train_irovats(loss="mse")``)."""
 
@@ -379,7 +380,7 @@ class TemperatureIsotonic(IsotonicOneVsAll):
 class IsotonicPooled(Calibrator):
     """One isotonic regression over all C x N pairs ``(softmax(z)_k, 1(y = k))`` (Zhang et al. 2020's
     multi-class IR; the authors' ``IRMModel``), applied to every column, ``1e-9 * softmax(z)`` added
-    and rows renormalised as :class:`IsotonicOneVsAll`. Seed 000's Table 1 prints it as "IROvA" and the
+    and rows renormalised as :class:`IsotonicOneVsAll`. Chen & Su 2023's Table 1 prints it as "IROvA" and the
     one-vs-all map as "IR": only that reading reproduces both columns on the authors' arrays
     (``benchmarks/kt_table1.py``)."""
 
@@ -422,7 +423,7 @@ class ScalingBinning(Calibrator):
     scaling ``g_k`` of ``softmax(z)_k`` against ``1(y = k)`` (:func:`platt_probability`, fitted with
     scikit-learn's unregularised logistic regression as their ``get_platt_scaler``), equal-mass bins
     of ``g_k`` (:func:`equal_mass_bin_edges`), and the output is the mean of ``g_k`` over the bin
-    (:func:`bin_means`). Rows are renormalised (seed 000's authors score ``log p`` through a softmax).
+    (:func:`bin_means`). Rows are renormalised (Chen & Su's code scores ``log p`` through a softmax).
 
     ``split="none"`` (default) fits all three steps on the whole validation set, as the authors'
     library does; ``split="half"`` follows the paper: Platt on the first half of the (shuffled with

@@ -1,4 +1,4 @@
-"""Reliability diagrams (seed 000_aa1c4ab53dd5e13c.txt, calibration slides): accuracy per confidence
+"""Reliability diagrams (Guo et al., ICML 2017): accuracy per confidence
 bin against the diagonal of perfect calibration, the gap to the bin's mean confidence shaded, and the
 number of samples per bin below (a bar of 3 samples should not be read like one of 3,000)."""
 from __future__ import annotations

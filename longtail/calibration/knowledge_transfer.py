@@ -1,6 +1,6 @@
-"""Knowledge-transfer temperature scaling (Chen & Su, CVPR 2023; seed 000_aa1c4ab53dd5e13c.txt,
-second paper, Sec. 3.3): temperature scaling whose validation loss is importance-weighted so that it
-estimates the loss on a balanced test set.
+"""Knowledge-transfer temperature scaling (Chen & Su, "Transfer Knowledge from Head to Tail:
+Uncertainty Calibration under Long-tailed Distribution", CVPR 2023, Sec. 3.3): temperature scaling
+whose validation loss is importance-weighted so that it estimates the loss on a balanced test set.
 
 The four steps of the paper's "Training procedures", each callable alone:
 1. class Gaussians of the training features (:func:`longtail.functional.diagonal_class_gaussians`);
@@ -26,7 +26,7 @@ __all__ = ["head_mask_from_counts", "KnowledgeTransferTS"]
 
 def head_mask_from_counts(class_counts: Sequence[int] | torch.Tensor, head_threshold: float | None = None
                           ) -> torch.Tensor:
-    """Head classes ``A_head = {c | n_c >= zeta}`` (seed 000, second paper, Sec. 3.1) as a bool mask.
+    """Head classes ``A_head = {c | n_c >= zeta}`` (Chen & Su 2023, Sec. 3.1) as a bool mask.
 
     ``head_threshold=None`` takes zeta = the mean class count: on the authors' CIFAR-10-LT set-up
     (IF 10, 80 % of the long-tailed training set) that gives their 4 head classes (``--num_head_cls 4``).

@@ -1,4 +1,4 @@
-"""Batched training augmentation on the training device (DESIGN.md, "Data": small sets live on the
+"""Batched training augmentation on the training device (docs/ARCHITECTURE.md, "Data": small sets live on the
 device as one uint8 tensor and are augmented there in batches, not image by image in workers).
 
 Every image draws its own random parameters; the work is done by batched tensor ops, never by a

@@ -23,15 +23,17 @@ from longtail.data.datasets import ImageSet
 from longtail.data.samplers import Sampler, epoch_seed
 from longtail.data.decoding import EncodedFiles, collate_encoded, decode_views, use_device_decoding
 from longtail.data.sources import file_image_view, read_image_file
-from longtail.functional import bbn_alpha
 from longtail.registry import ConfigError
 from longtail.types import Batch
 
-__all__ = ["TrainLoader", "PairedLoader", "EvalLoader", "FileImages", "eval_shard", "batch_bounds"]
+__all__ = ["TrainLoader", "EvalLoader", "FileImages", "eval_shard", "batch_bounds"]
 
 AUGMENT_STREAM = 101  # random streams of the loader, apart from the samplers'
 CROP_STREAM = 102
 DecodeSetting = Literal["auto", "yes", "no"]
+# Names that moved out of this module, for imports written before the move: method-specific loaders
+# live beside their method (BBN's paired batches in ``longtail.data.bbn``).
+_MOVED = {"PairedLoader": "longtail.data.bbn"}
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int],
                    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
@@ -203,38 +205,6 @@ class TrainLoader:
             yield Batch(images=images, targets=targets, indices=index, mix_targets=mix_targets, mix_weight=mix_weight)
 
 
-class PairedLoader:
-    """BBN's paired batches (``data.pair_sampler``): each batch of the ``first`` loader (the uniform
-    sampler) with a batch of the ``second`` (the reversed sampler) appended, ``[x_first; x_second]``.
-    Targets are the first batch's labels, ``mix_targets`` the second's, and ``mix_weight`` BBN's
-    cumulative alpha of the epoch (``bbn_alpha``, seed 000 Fig. 3), the weight the model gives the
-    first branch, so the batch loss is ``alpha L(y_first) + (1 - alpha) L(y_second)``."""
-
-    def __init__(self, first: TrainLoader, second: TrainLoader) -> None:
-        self.first, self.second = first, second
-        self.batch_size = first.batch_size
-        self.alpha = 1.0
-
-    def set_epoch(self, epoch: int, total_epochs: int) -> None:
-        self.first.set_epoch(epoch, total_epochs)
-        self.second.set_epoch(epoch, total_epochs)
-        self.alpha = bbn_alpha(epoch, total_epochs)
-
-    def __len__(self) -> int:
-        return min(len(self.first), len(self.second))
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Uniform-branch samples per epoch (each step also trains on as many reversed-sampler ones)."""
-        return min(self.first.samples_per_epoch, self.second.samples_per_epoch)
-
-    def __iter__(self) -> Iterator[Batch]:
-        for a, b in zip(self.first, self.second):
-            weight = torch.full_like(a.targets, self.alpha, dtype=torch.float32)
-            yield Batch(images=torch.cat([a.images, b.images]), targets=a.targets, indices=a.indices,
-                        mix_targets=b.targets, mix_weight=weight)
-
-
 def eval_shard(size: int, rank: int, world_size: int) -> torch.Tensor:
     """Indices ``rank::world_size`` of ``range(size)`` padded by repeating the last sample, so every rank
     has ``ceil(size / world_size)`` (``engine.distributed.gather_rows`` interleaves and trims them back)."""
@@ -276,3 +246,10 @@ class EvalLoader:
             yield self.normalize(images), targets
 
 
+def __getattr__(name: str) -> Any:
+    """Resolve a name listed in ``_MOVED`` from its new module (``from longtail.data.loaders import
+    PairedLoader`` keeps working); anything else is the usual AttributeError."""
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Readers of datasets in their own on-disk formats (DESIGN.md, "Data"): scikit-learn's digits,
+"""Readers of datasets in their own on-disk formats (docs/ARCHITECTURE.md, "Data"): scikit-learn's digits,
 image-folder trees, ``.tar.gz`` archives of such trees, torchvision's CIFAR python folders, list
 files (``relative/path label``) and MNIST idx files.
 

@@ -1,6 +1,6 @@
 """Pure tensor functions, one per formula of the seeds (``torch.nn.functional`` style).
 
-Every function's docstring names the seed file and equation it implements. Modules in
+Every function's docstring cites the paper (authors, year) and the equation or section it implements. Modules in
 ``longtail.losses``, ``longtail.calibration`` and ``longtail.stage2`` only hold state and call these.
 """
 from longtail.functional.data import *  # noqa: F401,F403

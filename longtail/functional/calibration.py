@@ -1,7 +1,7 @@
 """Calibration formulas: binned calibration errors, proper scores, temperature fitting, and the
 knowledge-transfer importance weights of Chen & Su, "Transfer Knowledge from Head to Tail:
-Uncertainty Calibration under Long-tailed Distribution" (CVPR 2023; the second paper in
-seed 000_aa1c4ab53dd5e13c.txt, with the ECE/MCE definitions of the calibration slides in that file).
+Uncertainty Calibration under Long-tailed Distribution" (CVPR 2023), with the ECE and MCE of
+Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017; after Naeini et al. 2015).
 
 Binning rule, shared by every binned metric here and by histogram binning: M equal-width bins
 ``(lo, hi] = ((m - 1) / M, m / M]`` and a confidence of exactly 0 goes to the first bin. This is the
@@ -83,7 +83,7 @@ def _check_bins(n_bins: int) -> None:
 
 def bin_indices(confidences: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
     """Bin of each confidence under the rule of this module: ``(lo, hi]`` equal-width bins, 0 in the
-    first bin, 1.0 in the last (seed 000, calibration slides, "ECE"; edges as the authors' code)."""
+    first bin, 1.0 in the last (Guo et al. 2017's ECE bins; edges as Chen & Su's code)."""
     _check_bins(n_bins)
     confidences = confidences.double()
     inner_edges = torch.arange(1, n_bins, dtype=torch.float64, device=confidences.device) / n_bins
@@ -102,13 +102,13 @@ def _binned_sums(confidences: torch.Tensor, correct: torch.Tensor, n_bins: int
 
 
 def _top_label(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence ``max softmax`` and correctness of the argmax (seed 000, eq. 2)."""
+    """Confidence ``max softmax`` and correctness of the argmax (Chen & Su 2023, eq. 2)."""
     confidence, prediction = logits.softmax(dim=1).max(dim=1)
     return confidence, (prediction == targets).double()
 
 
 def calibration_bins(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> CalibrationBins:
-    """acc(B_m), conf(B_m) and |B_m| of the reliability diagram (seed 000, calibration slides)."""
+    """acc(B_m), conf(B_m) and |B_m| of the reliability diagram (Guo et al. 2017)."""
     logits, targets = _checked(logits, targets)
     confidence, correct = _top_label(logits, targets)
     correct_sum, confidence_sum, count = _binned_sums(confidence, correct, n_bins)
@@ -120,8 +120,8 @@ def calibration_bins(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 
 
 
 def ece(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
-    """Expected calibration error ``sum_m |B_m|/n |acc(B_m) - conf(B_m)|`` (seed 000, calibration
-    slides, "ECE"), as a fraction. Bins ``(lo, hi]`` with 0 in the first and 1.0 in the last bin;
+    """Expected calibration error ``sum_m |B_m|/n |acc(B_m) - conf(B_m)|`` (Guo et al. 2017,
+    after Naeini et al. 2015), as a fraction. Bins ``(lo, hi]`` with 0 in the first and 1.0 in the last bin;
     torchmetrics' ``[lo, hi)`` with 1.0 in an extra bin differs only for confidences on an edge."""
     logits, targets = _checked(logits, targets)
     confidence, correct = _top_label(logits, targets)
@@ -131,8 +131,8 @@ def ece(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.
 
 
 def mce(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
-    """Maximum calibration error ``max_m |acc(B_m) - conf(B_m)|`` over non-empty bins (seed 000,
-    calibration slides, "MCE"), as a fraction; bins as in the module docstring."""
+    """Maximum calibration error ``max_m |acc(B_m) - conf(B_m)|`` over non-empty bins (Guo et al.
+    2017, after Naeini et al. 2015), as a fraction; bins as in the module docstring."""
     bins = calibration_bins(logits, targets, n_bins)
     return (bins.accuracy - bins.confidence)[bins.count > 0].abs().max()
 
@@ -174,7 +174,7 @@ def classwise_ece(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15)
 
 
 def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the targets, the loss of temperature scaling (seed 000, eq. 3)."""
+    """Mean negative log-likelihood of the targets, the loss of temperature scaling (Chen & Su 2023, eq. 3)."""
     logits, targets = _checked(logits, targets)
     return F.cross_entropy(logits, targets)
 
@@ -188,8 +188,8 @@ def brier(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, sample_weight: torch.Tensor | None = None,
                     loss: str = "nll") -> float:
-    """The temperature T minimising the (importance-weighted) loss of ``softmax(z / T)``: seed 000,
-    eq. 3 (unweighted) and eq. 9 (weights ``w*`` of eq. 8).
+    """The temperature T minimising the (importance-weighted) loss of ``softmax(z / T)``: Chen & Su
+    2023, eq. 3 (unweighted) and eq. 9 (weights ``w*`` of eq. 8).
 
     As the authors' code (calibration_method.py): scipy L-BFGS-B from T = 1 within bounds
     (0.05, 5.0), tol 1e-12, objective ``sum_i w_i L_i / N``. ``loss="mse"`` minimises the Brier
@@ -228,8 +228,8 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, sample_weight: 
 
 def diagonal_class_gaussians(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class feature mean and diagonal variance ``p_c(x) = N(mu_c, Sigma_c)`` (seed 000, second
-    paper, Sec. 3.3 before eq. 5), shapes (C, D); population variance (ddof 0) as the authors'
+    """Per-class feature mean and diagonal variance ``p_c(x) = N(mu_c, Sigma_c)`` (Chen & Su
+    2023, Sec. 3.3 before eq. 5), shapes (C, D); population variance (ddof 0) as the authors'
     ``np.var`` on the training features. A class without features is an error."""
     if features.ndim != 2 or labels.shape != (features.shape[0],):
         raise ValueError(f"features must be (N, D) and labels (N,), got {tuple(features.shape)} and "
@@ -257,8 +257,8 @@ def _check_variances(*variances: torch.Tensor) -> None:
 
 def wasserstein_gaussian(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
     """2-Wasserstein distance between diagonal Gaussians, ``sqrt(sum (mu1 - mu2)^2 + sum (sqrt v1 -
-    sqrt v2)^2)`` over the last dimension (broadcasting over the others): the "Wasserstein" of seed 000,
-    second paper, eq. 5. Not squared; :func:`kt_attention` squares it, as the authors' code does."""
+    sqrt v2)^2)`` over the last dimension (broadcasting over the others): the "Wasserstein" of Chen & Su
+    2023, eq. 5. Not squared; :func:`kt_attention` squares it, as the authors' code does."""
     mu1, var1, mu2, var2 = (x.double() for x in (mu1, var1, mu2, var2))
     _check_variances(var1, var2)
     squared = ((mu1 - mu2) ** 2).sum(dim=-1) + ((var1.sqrt() - var2.sqrt()) ** 2).sum(dim=-1)
@@ -267,8 +267,8 @@ def wasserstein_gaussian(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tenso
 
 def kt_attention(tail_mean: torch.Tensor, tail_var: torch.Tensor, head_means: torch.Tensor,
                  head_vars: torch.Tensor) -> torch.Tensor:
-    """Attention of a tail class over the head classes, ``softmax(-d / sqrt(dim f))`` (seed 000, second
-    paper, eq. 6). ``d`` is the SQUARED 2-Wasserstein distance, as the authors' ``Wasserstein`` in
+    """Attention of a tail class over the head classes, ``softmax(-d / sqrt(dim f))`` (Chen & Su
+    2023, eq. 6). ``d`` is the SQUARED 2-Wasserstein distance, as the authors' ``Wasserstein`` in
     utils.py (eq. 5 leaves it open). Tail stats (D,) give (H,); (K, D) give (K, H)."""
     if head_means.ndim != 2 or head_vars.shape != head_means.shape or head_means.shape[0] == 0:
         raise ValueError(f"head_means and head_vars must both be (H, D) with H >= 1, got "
@@ -279,7 +279,7 @@ def kt_attention(tail_mean: torch.Tensor, tail_var: torch.Tensor, head_means: to
 
 def kt_calibrated_stats(tail_mean: torch.Tensor, tail_var: torch.Tensor, head_means: torch.Tensor,
                         head_vars: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibrated tail distribution (seed 000, second paper, eq. 7): ``mu* = a mu_c + (1 - a) sum_k s_k
+    """Calibrated tail distribution (Chen & Su 2023, eq. 7): ``mu* = a mu_c + (1 - a) sum_k s_k
     mu_k`` and ``sqrt(Sigma*) = a sqrt(Sigma_c) + (1 - a) sum_k s_k sqrt(Sigma_k)`` with s from
     :func:`kt_attention`. Returns (mean, variance), diagonal."""
     if not 0.0 <= alpha <= 1.0:
@@ -297,7 +297,7 @@ def _diagonal_gaussian_log_pdf(x: torch.Tensor, mean: torch.Tensor, var: torch.T
 def kt_importance_weights(features: torch.Tensor, labels: torch.Tensor, class_means: torch.Tensor,
                           class_vars: torch.Tensor, head_mask: torch.Tensor | Sequence[bool], alpha: float,
                           eta: tuple[float, float] = (0.3, 5.0)) -> torch.Tensor:
-    """Importance weights ``w*`` of seed 000, second paper, eq. 5-8: 1 for samples of head classes;
+    """Importance weights ``w*`` of Chen & Su 2023, eq. 5-8: 1 for samples of head classes;
     for a tail sample of class c, ``q*_c(x) / p_c(x)`` clipped to [eta1, eta2], where ``p_c`` is the
     class's own diagonal Gaussian and ``q*_c`` the calibrated one of eq. 7. Computed as
     ``exp(log q - log p)`` as the authors' code. Shape (N,), float64.

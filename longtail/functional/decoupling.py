@@ -1,6 +1,7 @@
-"""Formulas of the decoupled classifier stage: MiSLAS's label-aware smoothing
-(seed 001_9389938eb33d47c2.txt) and LADC's head-to-tail distribution calibration and sampling
-(seed 002_6b2bba2c1b62b163.txt, eq. 1-13).
+"""Formulas of the decoupled classifier stage: MiSLAS's label-aware smoothing (Zhong et al.,
+"Improving Calibration for Long-Tailed Recognition", CVPR 2021) and LADC's head-to-tail distribution
+calibration and sampling (Wang et al., "Label-Aware Distribution Calibration for Long-tailed
+Classification", AAAI 2022, eq. 1-13).
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from typing import Sequence
 
 import torch
+
+from longtail.functional.data import checked_class_counts
 
 __all__ = [
     "SMOOTHING_SHAPES",
@@ -27,21 +30,11 @@ SMOOTHING_SHAPES = ("concave", "linear", "convex")
 Counts = Sequence[int] | torch.Tensor
 
 
-def _positive_counts(class_counts: Counts) -> torch.Tensor:
-    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
-    if counts.ndim != 1 or len(counts) == 0:
-        raise ValueError(f"class_counts must hold one count per class, got shape {tuple(counts.shape)}")
-    if bool((counts <= 0).any()):
-        empty = torch.nonzero(counts <= 0).flatten().tolist()
-        raise ValueError(f"class_counts must be positive; classes {empty} have no training images")
-    return counts
-
-
 # ------------------------------------------------------------------------------------------- MiSLAS
 
 def label_aware_epsilons(class_counts: Counts, eps_head: float = 0.4, eps_tail: float = 0.1,
                          shape: str = "concave") -> torch.Tensor:
-    """MiSLAS's per-class smoothing ``eps_y = f(N_y)`` (seed 001, "Label-aware Smoothing", the three
+    """MiSLAS's per-class smoothing ``eps_y = f(N_y)`` (Zhong et al. 2021, "Label-aware Smoothing", the three
     forms of f), with ``eps_1 = eps_head`` at the largest class N_1 and ``eps_K = eps_tail`` at the
     smallest N_K; with ``r = (N_y - N_K) / (N_1 - N_K)``:
 
@@ -57,7 +50,7 @@ def label_aware_epsilons(class_counts: Counts, eps_head: float = 0.4, eps_tail: 
     for name, value in (("eps_head", eps_head), ("eps_tail", eps_tail)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     largest, smallest = counts.max(), counts.min()
     if largest == smallest:
         return torch.full(counts.shape, float(eps_head))
@@ -73,15 +66,15 @@ def label_aware_epsilons(class_counts: Counts, eps_head: float = 0.4, eps_tail: 
 
 def smoothed_targets(targets: torch.Tensor, epsilons: torch.Tensor, spread: str = "all") -> torch.Tensor:
     """Soft targets (B, C) where a sample of class y keeps ``1 - epsilons[y]`` of its mass (MiSLAS's
-    label-aware smoothing, seed 001, "Label-aware Smoothing"; ``epsilons`` (C,) on the targets' device):
+    label-aware smoothing, Zhong et al. 2021, "Label-aware Smoothing"; ``epsilons`` (C,) on the targets' device):
 
     - ``spread="all"`` (default, MiSLAS's public code ``LabelAwareSmoothing``): eps_y is spread over
       all C classes, so the target gets ``1 - eps_y + eps_y / C`` and every other class ``eps_y / C``;
-    - ``spread="others"`` (the slides' formula): the target gets ``1 - eps_y`` and every other class
+    - ``spread="others"`` (the formula as Zhong et al. present it): the target gets ``1 - eps_y`` and every other class
       ``eps_y / (C - 1)``.
     """
     if spread not in ("all", "others"):
-        raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
+        raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the paper's formula)")
     num_classes = epsilons.numel()
     if spread == "others" and num_classes < 2:
         raise ValueError("spread='others' needs at least two classes")
@@ -94,9 +87,9 @@ def smoothed_targets(targets: torch.Tensor, epsilons: torch.Tensor, spread: str 
 
 def label_aware_smoothing(targets: torch.Tensor, class_counts: Counts, eps_head: float = 0.4,
                           eps_tail: float = 0.1, shape: str = "concave", spread: str = "all") -> torch.Tensor:
-    """MiSLAS's label-aware smoothed targets (seed 001, "Label-aware Smoothing"), (B, C) float32:
+    """MiSLAS's label-aware smoothed targets (Zhong et al. 2021, "Label-aware Smoothing"), (B, C) float32:
     ``smoothed_targets`` with ``eps_y = label_aware_epsilons(class_counts, eps_head, eps_tail, shape)[y]``;
-    ``spread`` "all" (MiSLAS's code, the default) or "others" (the slides), as ``smoothed_targets``."""
+    ``spread`` "all" (MiSLAS's code, the default) or "others" (the paper's formula), as ``smoothed_targets``."""
     return smoothed_targets(targets, label_aware_epsilons(class_counts, eps_head, eps_tail, shape).to(targets.device),
                             spread)
 
@@ -104,14 +97,14 @@ def label_aware_smoothing(targets: torch.Tensor, class_counts: Counts, eps_head:
 # --------------------------------------------------------------------------------------------- LADC
 
 def ladc_head_classes(class_counts: Counts, coverage: float = 0.6) -> list[int]:
-    """LADC's head classes (seed 002, "Implementation Details"): the most frequent classes that
+    """LADC's head classes (Wang et al. 2022, "Implementation Details"): the most frequent classes that
     together hold at least ``coverage`` of the training images; the rest are tail classes.
 
     Classes are taken largest first (ties by index); returns their indices in that order.
     """
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}; LADC uses 0.6")
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     order = sorted(range(len(counts)), key=lambda c: (-float(counts[c]), c))
     total, covered, head = float(counts.sum()), 0.0, []
     for cls in order:
@@ -124,7 +117,7 @@ def ladc_head_classes(class_counts: Counts, coverage: float = 0.6) -> list[int]:
 
 def ladc_class_statistics(features: torch.Tensor, labels: torch.Tensor,
                           classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian of each listed class's features (seed 002, eq. 1-3): mean ``mu = sum F(x_i) / n``
+    """Gaussian of each listed class's features (Wang et al. 2022, eq. 1-3): mean ``mu = sum F(x_i) / n``
     (eq. 2) and unbiased covariance ``Sigma = sum (F(x_i) - mu)(F(x_i) - mu)^T / (n - 1)`` (eq. 3).
 
     features (N, D), labels (N,); returns means (K, D) and covariances (K, D, D) in the order of
@@ -147,7 +140,7 @@ def ladc_class_statistics(features: torch.Tensor, labels: torch.Tensor,
 
 def ladc_neighbours(tail_features: torch.Tensor, head_means: torch.Tensor, head_counts: Counts, m: int = 2,
                     weighting: str = "inverse") -> tuple[torch.Tensor, torch.Tensor]:
-    """The m most similar head classes of each tail instance and their prior weights (seed 002, eq. 4-6).
+    """The m most similar head classes of each tail instance and their prior weights (Wang et al. 2022, eq. 4-6).
 
     S is the m head classes with the smallest squared Euclidean distance ``d_i = ||mu^i - mu_hat||^2``
     between their mean and the tail feature mu_hat (eq. 4-5). Weights over S, summing to 1:
@@ -181,7 +174,7 @@ def ladc_neighbours(tail_features: torch.Tensor, head_means: torch.Tensor, head_
 
 def ladc_posterior_mean(tail_features: torch.Tensor, head_means: torch.Tensor, indices: torch.Tensor,
                         weights: torch.Tensor, beta: float = 1.0, n_s: int = 1) -> torch.Tensor:
-    """Calibrated mean of each tail instance (seed 002, eq. 7 and 11): the prior mean
+    """Calibrated mean of each tail instance (Wang et al. 2022, eq. 7 and 11): the prior mean
     ``mu_0 = sum_{i in S} w_i mu^i`` blended with the instance, ``mu' = beta/(n_s+beta) mu_0 +
     n_s/(n_s+beta) mu_hat`` (n_s = 1: one instance). (B, D)."""
     if beta < 0:
@@ -193,7 +186,7 @@ def ladc_posterior_mean(tail_features: torch.Tensor, head_means: torch.Tensor, i
 def ladc_calibrated_stats(tail_feature: torch.Tensor, head_means: torch.Tensor, head_covs: torch.Tensor,
                           head_counts: Counts, m: int = 2, alpha: float = 0.1, beta: float = 1.0,
                           weighting: str = "inverse") -> tuple[torch.Tensor, torch.Tensor]:
-    """LADC's calibrated (posterior) Gaussian of a tail instance (seed 002, eq. 4-12, n_s = 1).
+    """LADC's calibrated (posterior) Gaussian of a tail instance (Wang et al. 2022, eq. 4-12, n_s = 1).
 
     Neighbours and weights from ``ladc_neighbours`` (eq. 4-6); prior ``mu_0 = sum w_i mu^i``,
     ``Sigma_0 = sum w_i^2 Sigma^i + alpha I`` (eq. 7); posterior ``mu' = (beta mu_0 + mu_hat)/(1+beta)``
@@ -222,7 +215,7 @@ def ladc_sample_calibrated(means: torch.Tensor, indices: torch.Tensor, weights: 
                            head_factors: torch.Tensor, head_variances: torch.Tensor, alpha: float = 0.1,
                            beta: float = 1.0, generator: torch.Generator | None = None,
                            max_elements: int = 1 << 26) -> torch.Tensor:
-    """One draw from each tail instance's calibrated Gaussian ``N(mu', Sigma')`` (seed 002, eq. 7, 10, 12)
+    """One draw from each tail instance's calibrated Gaussian ``N(mu', Sigma')`` (Wang et al. 2022, eq. 7, 10, 12)
     without forming Sigma'.
 
     Each head class's covariance is given as ``Sigma^i = F_i F_i^T + diag(v_i)`` (a full factor, a
@@ -251,9 +244,9 @@ def ladc_sample_calibrated(means: torch.Tensor, indices: torch.Tensor, weights: 
 
 
 def ladc_sampling_probs(class_counts: Counts, tau: float) -> torch.Tensor:
-    """LADC's class sampling probabilities (seed 002, eq. 13): ``P_i = (n_1 / n_i^tau) / sum_j (n_1 / n_j^tau)``
+    """LADC's class sampling probabilities (Wang et al. 2022, eq. 13): ``P_i = (n_1 / n_i^tau) / sum_j (n_1 / n_j^tau)``
     with n_1 the largest class (it cancels: ``P_i`` is proportional to ``n_i^-tau``). tau = 0 is
     class-balanced sampling, tau = 1 inverse-frequency; the paper uses 1.2-1.3. (C,) float64."""
-    counts = _positive_counts(class_counts)
+    counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     raw = counts.max() / counts.pow(tau)
     return raw / raw.sum()

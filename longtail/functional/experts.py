@@ -1,12 +1,13 @@
-"""Formulas of multi-expert and multi-branch models: SHIKE's distillation (seed
-003_c38ed24e8c8e66ce.txt), RIDE's diversity term and BBN's cumulative-learning weight (seed
-000_aa1c4ab53dd5e13c.txt). ``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
+"""Formulas of multi-expert and multi-branch models: SHIKE's distillation (Jin et al., CVPR
+2023), RIDE's diversity term (Wang et al., ICLR 2021) and BBN's cumulative-learning weight (Zhou et
+al., CVPR 2020). ``expert_logits`` is (M, B, C) as in ``ModelOutput``."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from longtail.functional.losses import Counts, _counts, _reduce, _upcast
+from longtail.functional.data import checked_class_counts
+from longtail.functional.losses import Counts, _reduce, _upcast
 
 __all__ = ["DKT_FORMS", "SHIKE_MASKED_LOGIT", "shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss",
            "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha"]
@@ -27,7 +28,7 @@ def shike_mutual_loss(expert_logits: torch.Tensor, temperature: float = 1.0,
                       reduction: str = "mean") -> torch.Tensor:
     """SHIKE's mutual knowledge distillation ``L_mu = sum_j sum_{k != j} KL(p^j || p^k)``.
 
-    Seed 003_c38ed24e8c8e66ce.txt, eq. 4, over all M(M-1) ordered pairs of experts. Teachers are not
+    Jin et al. 2023 (SHIKE), eq. 4, over all M(M-1) ordered pairs of experts. Teachers are not
     detached: the authors' code (jinyan-06/SHIKE, ``mix_outputs``) back-propagates through both sides
     of every pair, so each expert is pulled towards the others and the others towards it.
     ``p = softmax(z / temperature)``; the KL is multiplied by ``temperature^2`` (Hinton et al.) so the
@@ -60,7 +61,7 @@ def _check_dkt_form(form: str) -> None:
 
 
 def shike_grand_teacher(expert_logits: torch.Tensor, targets: torch.Tensor, form: str = "code") -> torch.Tensor:
-    """SHIKE's grand teacher over the non-target logits (seed 003_c38ed24e8c8e66ce.txt, eq. 5-7).
+    """SHIKE's grand teacher over the non-target logits (Jin et al. 2023, eq. 5-7).
 
     For each sample the target column is removed (the ``I_1..I_{C-1}`` of eq. 5, classes kept in
     order). The teacher takes, for every non-target class, the largest logit over the experts
@@ -88,7 +89,7 @@ def shike_dkt_loss(expert_logits: torch.Tensor, targets: torch.Tensor, temperatu
                    reduction: str = "mean", form: str = "code") -> torch.Tensor:
     """SHIKE's Dynamic Knowledge Transfer ``L_nt = sum_m KL(p~^T || p~^m)``.
 
-    Seed 003_c38ed24e8c8e66ce.txt, eq. 5-9. ``form="paper"`` (eq. 8): ``p~`` are softmaxes over the
+    Jin et al. 2023 (SHIKE), eq. 5-9. ``form="paper"`` (eq. 8): ``p~`` are softmaxes over the
     C-1 non-target logits only, of the grand teacher (``shike_grand_teacher``) and of each expert m.
     ``form="code"`` (default; jinyan-06/SHIKE cifarTrain.py ``mix_outputs``): softmaxes over all C
     columns, the teacher's target column at logit 0 and each expert's at ``SHIKE_MASKED_LOGIT``
@@ -114,7 +115,7 @@ def ride_diversity_loss(expert_logits: torch.Tensor, temperature: float | torch.
                         reduction: str = "mean") -> torch.Tensor:
     """RIDE's diversity term: ``sum_m T^2 KL(softmax(z_mean / T) || softmax(z_m / T))``.
 
-    RIDE (Wang et al. 2021) in seed 000_aa1c4ab53dd5e13c.txt, eq. 11-12 (KL and the per-class
+    RIDE (Wang et al., ICLR 2021), eq. 11-12 (KL and the per-class
     tempered softmax), as its code (frank-xwang/RIDE-LongTailRecognition, ``RIDELoss``): ``z_mean``
     is the mean of the expert logits (the RIDE model's output) and is detached; ``temperature`` is a
     number or a per-class (C,) tensor (``ride_class_temperatures``), and the KL is scaled by the
@@ -130,13 +131,13 @@ def ride_diversity_loss(expert_logits: torch.Tensor, temperature: float | torch.
 
 
 def ride_class_temperatures(class_counts: Counts, temperature: float = 1.0, gamma: float = 0.05) -> torch.Tensor:
-    """RIDE's class-wise diversity temperatures (seed 000_aa1c4ab53dd5e13c.txt, eq. 13-14).
+    """RIDE's class-wise diversity temperatures (Wang et al. 2021, eq. 13-14).
 
     ``beta_k = gamma * n_k / mean(n) + (1 - gamma)`` (eq. 14); then, as RIDE's code, ``T_k =
-    temperature * beta_k / max_j beta_j`` — the slides' eq. 13 writes ``beta_k + 1 - max_j beta_j``,
+    temperature * beta_k / max_j beta_j`` — the paper's eq. 13 writes ``beta_k + 1 - max_j beta_j``,
     which also makes the largest 1 but shifts instead of scales. ``gamma=0`` gives uniform T.
     """
-    counts = _counts(class_counts, dtype=torch.float64)
+    counts = checked_class_counts(class_counts, dtype=torch.float64)
     beta = gamma * counts / counts.mean() + (1.0 - gamma)
     if bool((beta <= 0).any()):
         raise ValueError(f"gamma={gamma} makes some class temperatures non-positive; use a value in [0, 1]")
@@ -146,7 +147,7 @@ def ride_class_temperatures(class_counts: Counts, temperature: float = 1.0, gamm
 def bbn_alpha(epoch: int, total_epochs: int) -> float:
     """BBN's cumulative-learning weight of the conventional branch, ``alpha = 1 - (T / T_max)^2``.
 
-    BBN (Zhou et al. CVPR 2020) in seed 000_aa1c4ab53dd5e13c.txt, Fig. 3 ("cumulative learning
+    BBN (Zhou et al., CVPR 2020), Fig. 3 ("cumulative learning
     strategy"): the logits are ``alpha W_c f_c + (1 - alpha) W_r f_r`` and the loss
     ``alpha L(y_uniform) + (1 - alpha) L(y_reversed)``, so the weight moves from the uniform branch
     to the re-balancing one as a parabola. T = ``epoch`` is the number of epochs done (0 at the start),

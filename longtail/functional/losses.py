@@ -1,4 +1,6 @@
-"""Classification losses for long-tailed training, and IKL's terms (seed 004_8d58af53471ab459.txt).
+"""Classification losses for long-tailed training, and IKL's terms ("IKL: Boosting
+Long-Tail Recognition with Implicit Knowledge Learning", anonymous authors, under double-blind
+review, 2023).
 
 Every loss takes ``reduction`` as its last keyword: ``"none"`` gives the per-sample loss (B,),
 ``"sum"`` its sum, ``"mean"`` the batch mean. Where a class ``weight`` is given, ``"mean"`` follows
@@ -11,6 +13,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from longtail.functional.data import checked_class_counts
 
 __all__ = [
     "balanced_softmax_logits",
@@ -54,36 +58,17 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _counts(class_counts: Counts, num_classes: int | None = None, device: torch.device | None = None,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Class counts as a float tensor with one entry per logit column.
-
-    Positivity is checked on host inputs only: counts already on an accelerator are trusted (the
-    loss modules check them once when built), so a training step never waits on the device.
-    """
-    counts = torch.as_tensor(class_counts, dtype=dtype, device=device)
-    if counts.ndim != 1 or (num_classes is not None and counts.shape != (num_classes,)):
-        expected = f"({num_classes},)" if num_classes is not None else "(C,)"
-        raise ValueError(f"class_counts must hold one count per class, shape {expected}; "
-                         f"got shape {tuple(counts.shape)}")
-    if counts.device.type == "cpu" and bool((counts <= 0).any()):
-        empty = torch.nonzero(counts <= 0).flatten().tolist()
-        raise ValueError(f"class_counts must be positive; classes {empty} have no training images. "
-                         "Remove empty classes from the dataset or merge them")
-    return counts
-
-
 def balanced_softmax_logits(logits: torch.Tensor, class_counts: Counts) -> torch.Tensor:
     """The logits balanced softmax trains its softmax on: ``logits + log n_y`` (Ren et al. 2020;
-    seed 003_c38ed24e8c8e66ce.txt, eq. 11)."""
-    return logits + _counts(class_counts, logits.shape[-1], logits.device).log()
+    Jin et al., CVPR 2023, eq. 11)."""
+    return logits + checked_class_counts(class_counts, logits.shape[-1], device=logits.device).log()
 
 
 def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
                           reduction: str = "mean") -> torch.Tensor:
     """Balanced softmax cross-entropy (Ren et al. 2020): CE on ``logits + log n_y``.
 
-    Seed 003_c38ed24e8c8e66ce.txt, eq. 11 (SHIKE's classifier retraining loss, one expert).
+    Jin et al., CVPR 2023 (SHIKE), eq. 11 (SHIKE's classifier retraining loss, one expert).
     Adding the log class counts makes the softmax model the long-tailed training distribution,
     so the raw logits estimate the balanced one.
     """
@@ -92,7 +77,7 @@ def balanced_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, class_cou
 
 def logit_adjusted_logits(logits: torch.Tensor, class_counts: Counts, tau: float = 1.0) -> torch.Tensor:
     """The logits logit-adjusted CE trains its softmax on: ``logits + tau * log(prior)`` (Menon et al. 2021)."""
-    counts = _counts(class_counts, logits.shape[-1], logits.device)
+    counts = checked_class_counts(class_counts, logits.shape[-1], device=logits.device)
     return logits + tau * (counts / counts.sum()).log()
 
 
@@ -100,7 +85,7 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
                         tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """Logit-adjusted cross-entropy (Menon et al. 2021): CE on ``logits + tau * log(prior)``.
 
-    A baseline in the tables of seeds 003_c38ed24e8c8e66ce.txt and 004_8d58af53471ab459.txt (which
+    A baseline in the tables of SHIKE (Jin et al. 2023) and the IKL paper (which
     give no equation for it); ``tau=1`` equals the balanced softmax
     (the priors differ from the counts by a constant shift).
     """
@@ -109,7 +94,7 @@ def logit_adjusted_loss(logits: torch.Tensor, targets: torch.Tensor, class_count
 
 def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
     """LDAM's per-class margins (Cao et al. 2019): ``∝ n_j^(-1/4)``, the largest equal to ``max_margin``."""
-    margins = _counts(class_counts, dtype=torch.float64).pow(-0.25)
+    margins = checked_class_counts(class_counts, dtype=torch.float64).pow(-0.25)
     return (margins * (max_margin / margins.max())).float()
 
 
@@ -117,8 +102,8 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
               scale: float = 30.0, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Label-distribution-aware margin loss (Cao et al. 2019).
 
-    A baseline (LDAM, LDAM-DRW) in the tables of seeds 003_c38ed24e8c8e66ce.txt and
-    004_8d58af53471ab459.txt, which give no equation for it.
+    A baseline (LDAM, LDAM-DRW) in the tables of SHIKE (Jin et al. 2023) and the IKL
+    paper, which give no equation for it.
 
     As Cao et al.'s code (kaidic/LDAM-DRW), the class margin ``m_y ∝ n_y^(-1/4)`` is subtracted
     from the target logit, then CE on ``scale * logits``. ``logits`` are cosine similarities there;
@@ -131,7 +116,7 @@ def ldam_loss(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts,
 def ldam_logits(logits: torch.Tensor, targets: torch.Tensor, class_counts: Counts, max_margin: float = 0.5,
                 scale: float = 30.0) -> torch.Tensor:
     """The logits LDAM trains its softmax on: ``scale * (logits - m_y e_y)`` (Cao et al. 2019; see ``ldam_loss``)."""
-    margins = ldam_margins(_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
+    margins = ldam_margins(checked_class_counts(class_counts, logits.shape[-1]), max_margin).to(logits.device)
     return scale * (logits - F.one_hot(targets, logits.shape[-1]) * margins[targets].unsqueeze(1))
 
 
@@ -139,7 +124,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
                weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Focal loss (Lin et al. 2017): ``-w_y (1 - p_y)^gamma log p_y``.
 
-    A baseline in the tables of seeds 001_9389938eb33d47c2.txt and 003_c38ed24e8c8e66ce.txt (no
+    A baseline in the tables of MiSLAS (Zhong et al. 2021) and SHIKE (Jin et al. 2023) (no
     equation there).
 
     ``p_y`` is the plain softmax probability of the target (the class weight does not enter it,
@@ -157,7 +142,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
 def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.Tensor:
     """Class-balanced weights from the effective number of samples (Cui et al. 2019).
 
-    The CB baseline of seeds 003_c38ed24e8c8e66ce.txt and 004_8d58af53471ab459.txt (no equation
+    The CB baseline of SHIKE (Jin et al. 2023) and the IKL paper (no equation
     there) and the re-weighting of LDAM-DRW.
 
     ``w_j = (1 - beta) / (1 - beta^n_j)``, normalised so the weights sum to the number of classes
@@ -165,7 +150,7 @@ def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}; 0.9999 is the usual choice")
-    counts = _counts(class_counts, dtype=torch.float64)
+    counts = checked_class_counts(class_counts, dtype=torch.float64)
     weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
     return (weights / weights.sum() * len(counts)).float()
 
@@ -204,8 +189,8 @@ def label_smoothing_loss(logits: torch.Tensor, targets: torch.Tensor, epsilon: f
                          reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy with uniform label smoothing (Szegedy et al. 2016).
 
-    Cited in seed 004_8d58af53471ab459.txt (related work, no equation) and the uniform case of
-    MiSLAS's label-aware smoothing (seed 001_9389938eb33d47c2.txt).
+    Cited in the IKL paper (related work, no equation) and the uniform case of
+    MiSLAS's label-aware smoothing (Zhong et al. 2021).
 
     The target gets ``1 - epsilon + epsilon / C`` and every other class ``epsilon / C`` (torch's rule).
     """
@@ -218,8 +203,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
                               reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy against a target distribution per sample: ``-sum_c q_c log softmax(z)_c``.
 
-    Used for soft labels: SHIKE's soft CE (seed 003_c38ed24e8c8e66ce.txt, eq. 10), IKL's ICL
-    (seed 004_8d58af53471ab459.txt, eq. 8), MiSLAS's smoothed labels.
+    Used for soft labels: SHIKE's soft CE (Jin et al. 2023, eq. 10), IKL's ICL
+    (the IKL paper, eq. 8), MiSLAS's smoothed labels.
     """
     if soft_targets.shape != logits.shape:
         raise ValueError(f"soft_targets {tuple(soft_targets.shape)} must have the logits' shape {tuple(logits.shape)}")
@@ -227,13 +212,13 @@ def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
     return _reduce(loss, reduction)
 
 
-# --------------------------------------------------------------------------------------- IKL (seed 004)
+# ------------------------------------------------------------------------------------------------ IKL
 
 def ikl_uncertainty_loss(prev_probs: torch.Tensor, logits: torch.Tensor, targets_prev_correct: torch.Tensor,
                          tau: float = 2.0, reduction: str = "mean") -> torch.Tensor:
     """IKL's Implicit Uncertainty Regularization with Confidence Knowledge Selection.
 
-    Seed 004_8d58af53471ab459.txt, eq. 2-5: ``tau^2 * KL(p_{t-1} || p_t)`` where ``p_t =
+    The IKL paper, eq. 2-5 (Sec. 3.2, IUR): ``tau^2 * KL(p_{t-1} || p_t)`` where ``p_t =
     softmax(logits / tau)`` (eq. 1) and ``prev_probs`` are last epoch's predictions softened with the
     same ``tau``. Only samples whose previous prediction was right (``targets_prev_correct``, the CKS
     set of eq. 4) count: ``"none"`` gives 0 for the others, ``"mean"`` divides by the number of
@@ -252,7 +237,7 @@ def ikl_uncertainty_loss(prev_probs: torch.Tensor, logits: torch.Tensor, targets
 def ikl_class_medians(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class centres as the element-wise median of each class's features.
 
-    Seed 004_8d58af53471ab459.txt, eq. 6.
+    The IKL paper, eq. 6 (Sec. 3.3, ICL).
 
     The median of an even number of values is the mean of the two middle ones (numpy's rule).
     A class without samples gets the zero vector, which ``ikl_correlation_labels`` maps to its
@@ -285,7 +270,7 @@ def _correlation_rows(unit_centers: torch.Tensor, rows: torch.Tensor) -> torch.T
 def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
     """IKL's Implicit Correlation Labels: row y is the soft label of class y.
 
-    Seed 004_8d58af53471ab459.txt, eq. 7 (used by the ICL loss, eq. 8).
+    The IKL paper, eq. 7 (used by the ICL loss, eq. 8).
 
     ``M`` is the cosine similarity of the class centres (eq. 6-7), with its diagonal 1. The paper
     adds ``M`` to the one-hot label ``Y`` without saying how the result becomes a distribution;
@@ -301,7 +286,7 @@ def ikl_correlation_labels(class_centers: torch.Tensor) -> torch.Tensor:
 
 def ikl_correlation_labels_topk(class_centers: torch.Tensor, k: int, chunk: int = 1024
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest entries of each row of ``ikl_correlation_labels`` (seed 004, eq. 7), as
+    """The ``k`` largest entries of each row of ``ikl_correlation_labels`` (the IKL paper, eq. 7), as
     values (C, k) and class indices (C, k), computed ``chunk`` rows at a time so that the dense
     C x C matrix never exists (8,142 iNaturalist classes: 265 MB in float32). The target class is
     always kept (its entry is at least 1/2). Read back with ``topk_with_even_rest``."""
@@ -333,7 +318,7 @@ def ikl_keep_smallest_keys(keys: torch.Tensor, features: torch.Tensor, cap: int,
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row (class), the ``cap`` entries with the smallest keys, ascending, dropping repeated keys.
 
-    The bounded class sample behind IKL's class medians (seed 004, eq. 6) at large scale: every
+    The bounded class sample behind IKL's class medians (the IKL paper, eq. 6) at large scale: every
     training sample gets a random key per epoch (a seeded permutation of the sample indices), and a
     class keeps the features of its ``cap`` smallest-keyed samples — a uniform random sample without
     replacement of the samples seen, which does not depend on the order they arrive in. So a batch,
@@ -362,7 +347,7 @@ def ikl_keep_smallest_keys(keys: torch.Tensor, features: torch.Tensor, cap: int,
 
 
 def ikl_alpha(epoch: int, total_epochs: int, schedule: str = "parabolic") -> float:
-    """IKL's weight alpha of eq. 9 (seed 004_8d58af53471ab459.txt), by the strategies of its Table 8.
+    """IKL's weight alpha of the IKL paper's eq. 9, by the strategies of its Table 8.
 
     With ``r = epoch / total_epochs`` (``epoch`` = epochs done, 0 at the start): ``equal`` 0.5,
     ``linear`` r, ``cosine`` (1 - cos(pi r)) / 2, ``parabolic`` r^2 (the paper's best and our default).

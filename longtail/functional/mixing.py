@@ -11,8 +11,8 @@ __all__ = ["remix_label_weight"]
 def remix_label_weight(lam: float, targets: torch.Tensor, mix_targets: torch.Tensor,
                        class_counts: Sequence[int] | torch.Tensor, kappa: float = 3.0,
                        tau: float = 0.5) -> torch.Tensor:
-    """Remix's weight of label ``targets`` (Chou et al. 2020, eq. 4; used by LADC, seed
-    002_6b2bba2c1b62b163.txt, "Representation Enhancement").
+    """Remix's weight of label ``targets`` (Chou et al. 2020, eq. 4; used by LADC, Wang
+    et al., AAAI 2022, "Representation Enhancement").
 
     The images are mixed as ``lam * x_i + (1 - lam) * x_j``; the label weight of ``y_i`` is
     0 if ``n_i / n_j >= kappa`` and ``lam < tau`` (the minority partner takes the whole label),

@@ -12,34 +12,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from longtail.functional import (WEIGHT_NORMALIZATIONS, balanced_softmax_logits, balanced_softmax_loss,
-                                 class_balanced_weights, focal_loss, label_smoothing_loss, logit_adjusted_logits,
-                                 logit_adjusted_loss, normalize_weighted_losses)
+                                 checked_class_counts, class_balanced_weights, focal_loss, label_smoothing_loss,
+                                 logit_adjusted_logits, logit_adjusted_loss, normalize_weighted_losses)
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
 
-__all__ = ["checked_counts", "CrossEntropy", "LabelSmoothing", "Focal", "ClassBalanced", "BalancedSoftmax",
+__all__ = ["CrossEntropy", "LabelSmoothing", "Focal", "ClassBalanced", "BalancedSoftmax",
            "LogitAdjustment"]
-
-
-def checked_counts(class_counts: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Training images per class as a float tensor, checked once when a loss is built."""
-    counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
-    if counts.shape != (num_classes,):
-        raise ValueError(f"got {len(counts)} class counts for {num_classes} classes; the loss needs one per class")
-    if bool((counts <= 0).any()):
-        empty = torch.nonzero(counts <= 0).flatten().tolist()
-        raise ValueError(f"classes {empty} have no training images; long-tailed losses need every class "
-                         "present. Remove or merge the empty classes")
-    return counts
 
 
 @LOSSES.register("ce")
 class CrossEntropy(nn.Module):
-    """Plain softmax cross-entropy, the baseline of every seed's tables."""
+    """Plain softmax cross-entropy, the baseline of every reproduced paper's tables."""
 
     def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return F.cross_entropy(output.logits, targets, reduction="none")
@@ -51,7 +39,7 @@ class LabelSmoothing(nn.Module):
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, epsilon: float = 0.1) -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         self.epsilon = epsilon
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
@@ -64,7 +52,7 @@ class Focal(nn.Module):
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, gamma: float = 2.0) -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         self.gamma = gamma
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
@@ -93,7 +81,7 @@ class ClassBalanced(nn.Module):
             raise ValueError(f"class_balanced normalize must be one of {WEIGHT_NORMALIZATIONS}, got {normalize!r}")
         self.gamma = gamma if base == "focal" else 0.0
         self.normalize = normalize
-        self.register_buffer("weight", class_balanced_weights(checked_counts(class_counts, num_classes), beta),
+        self.register_buffer("weight", class_balanced_weights(checked_class_counts(class_counts, num_classes), beta),
                              persistent=False)
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
@@ -103,11 +91,11 @@ class ClassBalanced(nn.Module):
 
 @LOSSES.register("balanced_softmax")
 class BalancedSoftmax(nn.Module):
-    """Balanced softmax cross-entropy (``balanced_softmax_loss``; seed 003, eq. 11)."""
+    """Balanced softmax cross-entropy (``balanced_softmax_loss``; Jin et al. 2023, eq. 11)."""
 
     def __init__(self, class_counts: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        self.register_buffer("class_counts", checked_counts(class_counts, num_classes), persistent=False)
+        self.register_buffer("class_counts", checked_class_counts(class_counts, num_classes), persistent=False)
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         return balanced_softmax_loss(output.logits, targets, self.class_counts, reduction="none")
@@ -123,7 +111,7 @@ class LogitAdjustment(nn.Module):
 
     def __init__(self, class_counts: Sequence[int], num_classes: int, tau: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("class_counts", checked_counts(class_counts, num_classes), persistent=False)
+        self.register_buffer("class_counts", checked_class_counts(class_counts, num_classes), persistent=False)
         self.tau = tau
 
     def forward(self, output: ModelOutput, targets: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:

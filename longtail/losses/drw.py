@@ -1,4 +1,5 @@
-"""LDAM with deferred re-weighting (Cao et al. 2019), the LDAM-DRW baseline of seeds 003 and 004."""
+"""LDAM with deferred re-weighting (Cao et al. 2019), the LDAM-DRW baseline of SHIKE (Jin et al.
+2023) and IKL."""
 from __future__ import annotations
 
 from typing import Literal, Sequence
@@ -6,9 +7,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from longtail.functional import (WEIGHT_NORMALIZATIONS, class_balanced_weights, ldam_logits, ldam_loss,
-                                 normalize_weighted_losses)
-from longtail.losses.basic import checked_counts
+from longtail.functional import (WEIGHT_NORMALIZATIONS, checked_class_counts, class_balanced_weights, ldam_logits,
+                                 ldam_loss, normalize_weighted_losses)
 from longtail.registry import LOSSES
 from longtail.types import Batch, ModelOutput
 
@@ -42,7 +42,7 @@ class LDAMDRW(nn.Module):
                  drw_epoch: int | None = None, beta: float = 0.9999,
                  normalize: Literal["weight_sum", "batch"] = "weight_sum") -> None:
         super().__init__()
-        counts = checked_counts(class_counts, num_classes)
+        counts = checked_class_counts(class_counts, num_classes)
         if normalize not in WEIGHT_NORMALIZATIONS:
             raise ValueError(f"ldam_drw normalize must be one of {WEIGHT_NORMALIZATIONS}, got {normalize!r}")
         self.max_margin, self.scale, self.drw_epoch, self.normalize = max_margin, scale, drw_epoch, normalize

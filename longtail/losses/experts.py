@@ -1,4 +1,5 @@
-"""Losses of multi-expert models: SHIKE's stage 1 (seed 003, eq. 10) and RIDE's (seed 000 slides).
+"""Losses of multi-expert models: SHIKE's stage 1 (Jin et al., CVPR 2023, eq. 10) and RIDE's
+(Wang et al., ICLR 2021).
 
 Both read ``output.expert_logits`` (M, B, C); a single-head model is an error naming the fix.
 """
@@ -10,9 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (DKT_FORMS, ride_class_temperatures, ride_diversity_loss, shike_dkt_loss,
-                                 shike_mutual_loss)
-from longtail.losses.basic import checked_counts
+from longtail.functional import (DKT_FORMS, checked_class_counts, ride_class_temperatures, ride_diversity_loss,
+                                 shike_dkt_loss, shike_mutual_loss)
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
 from longtail.types import Batch, LossTerms, ModelOutput
@@ -29,7 +29,7 @@ def _expert_logits(output: ModelOutput, loss_name: str) -> torch.Tensor:
 
 @LOSSES.register("shike")
 class SHIKELoss(nn.Module):
-    """SHIKE's representation-learning loss ``L_ce + alpha L_nt + beta L_mu`` (seed 003, eq. 10).
+    """SHIKE's representation-learning loss ``L_ce + alpha L_nt + beta L_mu`` (Jin et al. 2023, eq. 10).
 
     ``L_ce`` is the cross-entropy of every expert, summed (the authors' soft CE on one-hot labels;
     mixed labels come from the trainer); ``L_nt`` is ``shike_dkt_loss`` (eq. 5-9) and ``L_mu``
@@ -45,7 +45,7 @@ class SHIKELoss(nn.Module):
     def __init__(self, class_counts: Sequence[int], num_classes: int, alpha: float | None = None,
                  beta: float | None = None, temperature: float = 1.0, dkt_form: str = "code") -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         if dkt_form not in DKT_FORMS:
             raise ValueError(f"loss.params.dkt_form must be one of {DKT_FORMS}, got {dkt_form!r}")
         self.dkt_form = dkt_form
@@ -71,7 +71,7 @@ class RIDELoss(nn.Module):
     is forwarded. The diversity term is ``ride_diversity_loss`` with a negative factor (RIDELoss's
     default -0.2; the authors' CIFAR configs use -0.45).
     From ``reweight_epoch`` (default: 80 % of the run, 160 of 200 as RIDE) the diversity temperature
-    becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (seed 000, eq. 13-14);
+    becomes per-class, ``ride_class_temperatures(counts, T, reweight_factor)`` (Wang et al. 2021, eq. 13-14);
     ``reweight_factor=0`` keeps it uniform. The terms are logged as ``base`` (the experts' losses
     summed) and ``diversity`` (``diversity_factor`` x the diversity loss).
     """
@@ -83,7 +83,7 @@ class RIDELoss(nn.Module):
                  diversity_temperature: float = 1.0, reweight_factor: float = 0.05,
                  reweight_epoch: int | None = None) -> None:
         super().__init__()
-        counts = checked_counts(class_counts, num_classes)
+        counts = checked_class_counts(class_counts, num_classes)
         self.base = LOSSES.build(base, base_params, where="loss.params.base_params",
                                  class_counts=list(class_counts), num_classes=num_classes)
         if not getattr(self.base, "single_prediction", True):

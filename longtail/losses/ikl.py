@@ -1,4 +1,5 @@
-"""IKL, Implicit Knowledge Learning (seed 004_8d58af53471ab459.txt), as a plug-in around any loss.
+"""IKL, Implicit Knowledge Learning ("IKL: Boosting Long-Tail Recognition with Implicit Knowledge
+Learning", anonymous authors, under double-blind review, 2023), as a plug-in around any loss.
 
 ``L = (1 - alpha) L_base + alpha (L_IUR + L_ICL)`` (eq. 9). The loss keeps, per training sample,
 its last prediction and whether it was right, and per class a soft label built from last epoch's
@@ -14,10 +15,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from longtail.functional import (ikl_alpha, ikl_class_medians, ikl_correlation_labels, ikl_correlation_labels_topk,
-                                 ikl_keep_smallest_keys, ikl_uncertainty_loss, soft_target_cross_entropy,
-                                 topk_with_even_rest)
-from longtail.losses.basic import checked_counts
+from longtail.functional import (checked_class_counts, ikl_alpha, ikl_class_medians, ikl_correlation_labels,
+                                 ikl_correlation_labels_topk, ikl_keep_smallest_keys, ikl_uncertainty_loss,
+                                 soft_target_cross_entropy, topk_with_even_rest)
 from longtail.losses.terms import as_terms
 from longtail.registry import LOSSES
 from longtail.types import Batch, LossTerms, ModelOutput
@@ -44,10 +44,10 @@ class IKLLoss(nn.Module):
       over the selected samples.
     - ICL (eq. 6-8): cross-entropy of the current (unsoftened) prediction against
       ``ikl_correlation_labels`` of last epoch's class-median features. ``icl_logits="raw"`` (the
-      seed's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
+      paper's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
       logits the base loss trains (its ``adjust_logits``: + log n_y for balanced softmax, + tau log
       prior for logit adjustment, the target margin and scale for LDAM), so that ICL keeps the base's
-      re-balancing (the seed does not say how ICL meets such a base).
+      re-balancing (the paper does not say how ICL meets such a base).
     - alpha: ``max_alpha * ikl_alpha(epoch, total_epochs, alpha_schedule)``, 0 in the first epoch
       (no previous predictions yet), so that epoch trains with the base loss only.
 
@@ -83,7 +83,7 @@ class IKLLoss(nn.Module):
                  label_topk: int | None = None, median_cap: int | None = 64, median_dim: int | None = None,
                  seed: int = 0, icl_logits: str = "raw") -> None:
         super().__init__()
-        checked_counts(class_counts, num_classes)
+        checked_class_counts(class_counts, num_classes)
         if num_samples is None or num_samples < 1:
             raise ValueError("ikl keeps one prediction per training sample and needs num_samples (the number "
                              "of training images); the trainer passes it, or give LOSSES.build(..., num_samples=N)")

@@ -3,7 +3,7 @@
 A registered loss returns either a per-sample tensor (B,) or ``LossTerms`` (a total and its weighted
 parts). ``batch_loss`` takes the batch mean of both and mixes the two label sets of a mixed batch
 (mixup, Remix, BBN's paired batches); ``ExpertSum`` applies one loss to every expert's logits and
-sums them (SHIKE's stage 2, seed 003_c38ed24e8c8e66ce.txt eq. 11).
+sums them (SHIKE's stage 2, Jin et al., CVPR 2023, eq. 11).
 """
 from __future__ import annotations
 

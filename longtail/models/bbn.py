@@ -1,4 +1,4 @@
-"""BBN, the Bilateral-Branch Network with cumulative learning (Zhou et al. CVPR 2020; seed 000 slides,
+"""BBN, the Bilateral-Branch Network with cumulative learning (Zhou et al., CVPR 2020,
 Fig. 3; code Megvii-Nanjing/BBN).
 
 A ResNet-32 whose stages 1-2 and all but the last block of stage 3 are shared; the last block is
@@ -6,7 +6,7 @@ duplicated into a conventional branch (fed by the uniform sampler) and a re-bala
 by the reversed sampler). One linear classifier reads both branches' pooled features side by side,
 so the two "heads" W_c, W_r are the halves of its weight, as in BBN's code.
 
-How the trainer feeds it (``data.pair_sampler: reversed``; ``data.loaders.PairedLoader``):
+How the trainer feeds it (``data.pair_sampler: reversed``; ``longtail.data.bbn.PairedLoader``):
 
 - training: ``forward`` takes the uniform batch and the reversed batch concatenated along the batch
   axis, ``[x_uniform; x_reversed]`` (2B images). The shared stages run on both halves ("Batch

@@ -1,11 +1,11 @@
 """Multi-expert models: shared early stages, M experts that each own a fresh copy of the last
 stage(s) and a head; the model's logits are the sum or mean of the expert logits.
 
-- SHIKE (seed 003_c38ed24e8c8e66ce.txt, sec. 3.1-3.2; code jinyan-06/SHIKE ``networks.py``): only
+- SHIKE (Jin et al., CVPR 2023, Sec. 3.1-3.2; code jinyan-06/SHIKE ``networks.py``): only
   the last stage is exclusive, and Depth-wise Knowledge Fusion (eq. 3) multiplies each expert's
   deep map by an aligned intermediate map of the shared stages; cosine heads with scale 30; the
   logits are summed.
-- RIDE (Wang et al. ICLR 2021, seed 000 slides; code frank-xwang/RIDE-LongTailRecognition):
+- RIDE (Wang et al., ICLR 2021; code frank-xwang/RIDE-LongTailRecognition):
   plain experts, optionally at 3/4 width (``reduce_dimension``), cosine heads with scale 30, the
   logits averaged. Its code shares only stage 1 of the CIFAR ResNet-32 (stages 2-3 per expert) and
   layers 1-2 of ResNet-50 (layers 3-4 per expert); those are our defaults. The router is not built.
@@ -44,7 +44,7 @@ def dkf_alignment(channels: Sequence[int]) -> nn.Sequential:
 
 
 class DepthwiseKnowledgeFusion(nn.Module):
-    """SHIKE's DKF (seed 003, eq. 3): expert m's deep map f^m_{S+1} is fused with the map f_s of the
+    """SHIKE's DKF (Jin et al. 2023, eq. 3): expert m's deep map f^m_{S+1} is fused with the map f_s of the
     shared stage assigned to it, aligned to the same shape: ``align_m(f_s) * f^m_{S+1}`` (Hadamard
     product), which the model then pools and classifies, ``z^m = phi^m(f_hat_s (x) f^m_{S+1})``.
 

@@ -3,6 +3,7 @@ numbers where the setting matches, plots; written as report.md and a self-contai
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -11,9 +12,9 @@ import yaml
 from longtail.engine.rundir import write_output
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
-from longtail.report.papers import load_paper_numbers, paper_entry_for
-from longtail.report.records import learning_curve, records
+from longtail.report.papers import PAPER_NUMBERS_ENV, PaperNumbersNotFound, load_paper_numbers, paper_entry_for
 from longtail.report.plots import accuracy_by_class_size, calibration_bars, learning_curves, shot_group_bars
+from longtail.report.records import learning_curve, records
 
 __all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
 
@@ -250,7 +251,14 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
         groups = group_rows(rows)
     except ValueError as error:
         raise FileNotFoundError(str(error)) from None
-    entries = load_paper_numbers(papers) if split == "test" else None
+    entries, papers_missing = None, ""
+    if split == "test":
+        try:
+            entries = load_paper_numbers(papers)
+        except PaperNumbersNotFound as error:
+            if papers is not None or os.environ.get(PAPER_NUMBERS_ENV):
+                raise  # a file the user named is missing
+            entries, papers_missing = [], f" No paper numbers were read: {error}."  # an installed package
     paired = pairwise_rows(groups, baselines, split)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(groups, entries)
@@ -271,8 +279,8 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
                         "stages are included)."] if partial else []),
                      *([f"{len(untrained)} study runs are not trained yet."] if untrained else [])])
     papers_line = ("Paper values are shown only where dataset, imbalance factor, backbone, schedule length and method "
-                   "match the run's config (benchmarks/paper_numbers.yaml)." if entries is not None else
-                   "No paper column: the papers report the test set.")
+                   "match the run's config (benchmarks/paper_numbers.yaml)." + papers_missing
+                   if entries is not None else "No paper column: the papers report the test set.")
     text = ["# longtail report", "",
             f"{len(runs)} runs in {len(groups)} groups (recipe · stage); mean ± sample std over the seeds, n = runs. "
             + note, "", "## Recipes", "", markdown(*summary), "", papers_line, "",

@@ -1,8 +1,15 @@
-"""The seeds' published numbers (benchmarks/paper_numbers.yaml) beside ours, only where the setting
-is the same: dataset, imbalance factor, backbone, schedule length and the method's own keys all
-have to match the run's config, or no paper value is shown."""
+"""The reproduced papers' published numbers beside ours, only where the setting is the same:
+dataset, imbalance factor, backbone, schedule length and the method's own keys all have to match
+the run's config, or no paper value is shown.
+
+Where the numbers are read from (``paper_numbers_path``): the ``path`` argument (``longtail report
+--papers``), else the file named by ``$LONGTAIL_PAPER_NUMBERS``, else the file of record,
+``benchmarks/paper_numbers.yaml`` of the source checkout this package was imported from
+(``REPOSITORY_PAPER_NUMBERS``). An installed wheel carries no ``benchmarks/``: there the default is
+missing and ``PaperNumbersNotFound`` says how to point at a copy."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,21 +17,43 @@ import yaml
 
 from longtail.report.aggregate import config_value
 
-__all__ = ["DEFAULT_PAPERS", "load_paper_numbers", "paper_entry_for"]
+__all__ = ["PAPER_NUMBERS_ENV", "REPOSITORY_PAPER_NUMBERS", "DEFAULT_PAPERS", "PaperNumbersNotFound",
+           "paper_numbers_path", "load_paper_numbers", "paper_entry_for"]
 
-DEFAULT_PAPERS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_numbers.yaml"
+PAPER_NUMBERS_ENV = "LONGTAIL_PAPER_NUMBERS"
+# The file of record in a source checkout: <checkout>/benchmarks/paper_numbers.yaml beside <checkout>/longtail/.
+REPOSITORY_PAPER_NUMBERS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_numbers.yaml"
+DEFAULT_PAPERS = REPOSITORY_PAPER_NUMBERS  # the older name
 REQUIRED = ("paper", "seed_file", "table", "row", "selection", "setting", "method", "metrics")
 SETTING_KEYS = ("data.dataset", "data.imbalance_factor", "model.name", "train.epochs")
 
 
+class PaperNumbersNotFound(FileNotFoundError):
+    """The paper numbers file to read does not exist; the message names where it was looked for."""
+
+
+def paper_numbers_path(path: str | Path | None = None) -> Path:
+    """The paper numbers file to read: ``path`` if given, else ``$LONGTAIL_PAPER_NUMBERS`` if set, else
+    ``REPOSITORY_PAPER_NUMBERS``. Raises ``PaperNumbersNotFound`` when the chosen file is missing."""
+    if path is not None:
+        chosen, source = Path(path), "the given path"
+    elif os.environ.get(PAPER_NUMBERS_ENV):
+        chosen, source = Path(os.environ[PAPER_NUMBERS_ENV]), f"${PAPER_NUMBERS_ENV}"
+    else:
+        chosen, source = REPOSITORY_PAPER_NUMBERS, "the default, benchmarks/paper_numbers.yaml of a source checkout"
+    if not chosen.is_file():
+        hint = ("" if path is not None or os.environ.get(PAPER_NUMBERS_ENV) else
+                f"; this longtail is not run from a source checkout (an installed package carries no benchmarks/): "
+                f"pass --papers FILE or set ${PAPER_NUMBERS_ENV} to a copy of the repository's "
+                "benchmarks/paper_numbers.yaml")
+        raise PaperNumbersNotFound(f"paper numbers file {chosen} ({source}) does not exist{hint}")
+    return chosen
+
+
 def load_paper_numbers(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """The entries of ``path`` (default: the repo's benchmarks/paper_numbers.yaml; none when it is
-    absent, e.g. in an installed wheel), each checked for the fields a reader needs to trace it."""
-    if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"paper numbers file {path} does not exist (default: {DEFAULT_PAPERS})")
-    path = Path(path) if path is not None else DEFAULT_PAPERS
-    if not path.is_file():
-        return []
+    """The entries of the paper numbers file (``paper_numbers_path(path)``; ``PaperNumbersNotFound`` when
+    it is missing), each checked for the fields a reader needs to trace it."""
+    path = paper_numbers_path(path)
     entries = (yaml.safe_load(path.read_text()) or {}).get("entries", [])
     for number, entry in enumerate(entries):
         missing = [key for key in REQUIRED if key not in entry]

@@ -1,4 +1,4 @@
-"""The decoupled classifier stage (docs/ARCHITECTURE.md; DESIGN.md "stage2/"): cRT, LWS, tau-norm,
+"""The decoupled classifier stage (docs/ARCHITECTURE.md): cRT, LWS, tau-norm,
 NCM, MiSLAS and LADC on a frozen stage-1 backbone, trained by the engine's Trainer. Importing the
 package registers the methods (``longtail.registry.STAGE2``), its head kinds (``HEADS``) and LADC's
 sampler (``SAMPLERS["ladc"]``); ``run_stage2`` runs one."""

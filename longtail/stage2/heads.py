@@ -17,7 +17,7 @@ __all__ = ["LWSPlusHead", "NCMHead", "NCM_NORMS"]
 
 @register_head
 class LWSPlusHead(LWSHead):
-    """LADC's LWS-Plus (seed 002_6b2bba2c1b62b163.txt, eq. 14): ``f_i * Phi_i(x) + g_i``, learnable
+    """LADC's LWS-Plus (Wang et al., AAAI 2022, eq. 14): ``f_i * Phi_i(x) + g_i``, learnable
     per-class scale f (from 1) and bias g (from 0) on the frozen stage-1 head Phi."""
 
     kind = "lws_plus"

@@ -1,5 +1,5 @@
 """LADC's feature bank: Gaussians of the head classes and, for every tail instance, its calibrated
-Gaussian (seed 002_6b2bba2c1b62b163.txt, eq. 1-12), from which stage 2 draws tail features.
+Gaussian (Wang et al., AAAI 2022, eq. 1-12), from which stage 2 draws tail features.
 
 Storing each head class's covariance as a D x D matrix takes H * D^2 floats (ResNet-50 features:
 16 MiB a class). The covariance is kept as ``Sigma = F F^T + diag(v)``:

@@ -7,8 +7,8 @@ of a model whose backbone stage 1 trained and stage 2 keeps frozen.
   is one (Kang et al. 2020);
 - ``ncm``: nearest class mean of centred, L2-normalised features (Kang et al. 2020);
 - ``mislas``: label-aware smoothing, shift learning on BN and the enhanced classifier
-  ``z = diag(s)(rW + dW)^T x`` (seed 001_9389938eb33d47c2.txt), on backbone passes over augmented images;
-- ``ladc``: LADC's calibrated tail features and LWS-Plus (seed 002_6b2bba2c1b62b163.txt), on cached features.
+  ``z = diag(s)(rW + dW)^T x`` (Zhong et al., CVPR 2021), on backbone passes over augmented images;
+- ``ladc``: LADC's calibrated tail features and LWS-Plus (Wang et al., AAAI 2022), on cached features.
 
 A method's constructor takes its ``stage2.params``; ``run(ctx)`` replaces ``ctx.model.heads``, trains
 them with ``ctx.train`` (the engine's Trainer) and returns what metrics.json should record about it.
@@ -17,7 +17,8 @@ schedule and feature mode (``stage2.features``, see ``longtail.stage2.training``
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +60,36 @@ def _replace_heads(model: nn.Module, heads: Sequence[nn.Module]) -> list[nn.Para
     return [p for head in heads for p in head.parameters() if p.requires_grad]
 
 
+# The classifiers a method's ``head`` option can put in place of each stage-1 head (MiSLAS and LADC
+# each allow a subset): a fresh head (cRT), learnt per-class scales on the frozen head (LWS), scales
+# and biases (LADC's LWS-Plus), or scales with the stage-1 head fine-tuned (MiSLAS's "enhanced").
+STAGE2_HEADS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "crt": fresh_like,
+    "lws": LWSHead,
+    "lws_plus": LWSPlusHead,
+    "enhanced": partial(LWSHead, train_base=True),
+}
+
+
+def _check_head(method: str, head: str, allowed: Sequence[str]) -> None:
+    if head not in allowed:
+        raise ValueError(f"unknown {method} head {head!r}; allowed: {', '.join(allowed)}")
+
+
+def _stage2_heads(model: nn.Module, head: str, base_lr_factor: float = 1.0) -> list[tuple[list[nn.Parameter], float]]:
+    """Replace each of ``model.heads`` by ``STAGE2_HEADS[head]`` of it; the optimiser's parameter
+    groups ``(parameters, lr factor)``: the new heads' own parameters at lr, and the wrapped stage-1
+    heads' weights, where they are trained (``enhanced``), at ``base_lr_factor`` x lr."""
+    heads = [STAGE2_HEADS[head](old) for old in model.heads]
+    params = _replace_heads(model, heads)
+    bases = [p for h in heads if isinstance(getattr(h, "base", None), nn.Module)
+             for p in h.base.parameters() if p.requires_grad]
+    if not bases:
+        return [(params, 1.0)]
+    trained = {id(p) for p in bases}
+    return [([p for p in params if id(p) not in trained], 1.0), (bases, base_lr_factor)]
+
+
 def _ce(ctx: Stage2Context) -> nn.Module:
     return ctx.loss(CrossEntropy(ctx.counts, ctx.num_classes))
 
@@ -70,8 +101,7 @@ class CRT(Stage2Method):
     the backbone with BN in train mode, as Kang et al.'s code."""
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        params = _replace_heads(ctx.model, [fresh_like(head) for head in ctx.model.heads])
-        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
+        return {"history": ctx.train(_stage2_heads(ctx.model, "crt"), _ce(ctx))}
 
 
 @STAGE2.register("lws")
@@ -79,8 +109,7 @@ class LWS(Stage2Method):
     """Learnable weight scaling: the stage-1 heads stay fixed, one scale per class is learnt."""
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        params = _replace_heads(ctx.model, [LWSHead(head) for head in ctx.model.heads])
-        return {"history": ctx.train([(params, 1.0)], _ce(ctx))}
+        return {"history": ctx.train(_stage2_heads(ctx.model, "lws"), _ce(ctx))}
 
 
 @STAGE2.register("tau_norm")
@@ -148,7 +177,7 @@ class LabelAwareSmoothingLoss(nn.Module):
                  shape: str = "concave", spread: str = "all") -> None:
         super().__init__()
         if spread not in ("all", "others"):
-            raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the slides)")
+            raise ValueError(f"unknown spread {spread!r}; allowed: all (MiSLAS's code), others (the paper's formula)")
         self.spread = spread
         self.register_buffer("epsilons", label_aware_epsilons(class_counts, eps_head, eps_tail, shape))
 
@@ -162,7 +191,7 @@ MISLAS_HEADS = ("enhanced", "lws", "crt")
 
 @STAGE2.register("mislas")
 class MiSLAS(Stage2Method):
-    """MiSLAS's stage 2 (seed 001; its public code in docs/FIDELITY.md, MiSLAS rows).
+    """MiSLAS's stage 2 (Zhong et al., CVPR 2021; its public code in docs/FIDELITY.md, MiSLAS rows).
 
     - loss: label-aware smoothing (``eps_head``, ``eps_tail``, ``shape``, ``spread``), unless
       ``stage2.loss`` names another;
@@ -171,7 +200,7 @@ class MiSLAS(Stage2Method):
       the features are therefore recomputed from the augmented training images every step (no cache;
       with ``bn_shift: false`` the backbone runs in eval mode, as MiSLAS's CIFAR-10 configs);
     - ``head``: ``enhanced`` (the code's default) fine-tunes the stage-1 head at ``lr_factor`` x lr and
-      learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the slides' ``diag(s)(rW + dW)^T x``
+      learns per-class scales at lr, ``z = diag(s)(W + dW)^T x`` (the paper's ``diag(s)(rW + dW)^T x``
       with r = 1: the code starts dW at 0 and does not learn r); ``lws`` learns the scales only;
       ``crt`` retrains a fresh head at lr.
     """
@@ -181,24 +210,14 @@ class MiSLAS(Stage2Method):
     def __init__(self, class_counts: Sequence[int], eps_head: float = 0.4, eps_tail: float = 0.1,
                  shape: str = "concave", spread: str = "all", bn_shift: bool = True, lr_factor: float = 0.2,
                  head: str = "enhanced") -> None:
-        if head not in MISLAS_HEADS:
-            raise ValueError(f"unknown mislas head {head!r}; allowed: {', '.join(MISLAS_HEADS)}")
+        _check_head("mislas", head, MISLAS_HEADS)
         if lr_factor < 0:
             raise ValueError(f"lr_factor must be >= 0, got {lr_factor}")
         self.smoothing = LabelAwareSmoothingLoss(class_counts, eps_head, eps_tail, shape, spread)
         self.bn_shift, self.lr_factor, self.head = bn_shift, lr_factor, head
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        old = list(ctx.model.heads)
-        if self.head == "crt":
-            groups = [(_replace_heads(ctx.model, [fresh_like(h) for h in old]), 1.0)]
-        elif self.head == "lws":
-            groups = [(_replace_heads(ctx.model, [LWSHead(h) for h in old]), 1.0)]
-        else:
-            heads = [LWSHead(h, train_base=True) for h in old]
-            _replace_heads(ctx.model, heads)
-            bases = [p for h in heads for p in h.base.parameters()]
-            groups = [([h.scales for h in heads], 1.0), (bases, self.lr_factor)]
+        groups = _stage2_heads(ctx.model, self.head, self.lr_factor)
         return {"history": ctx.train(groups, ctx.loss(self.smoothing), bn_train=self.bn_shift)}
 
 
@@ -207,7 +226,7 @@ LADC_HEADS = ("lws_plus", "lws", "crt")
 
 @STAGE2.register("ladc")
 class LADC(Stage2Method):
-    """LADC's stage 2 (seed 002, "Label-Aware Distribution Calibration" and "Sampling strategy").
+    """LADC's stage 2 (Wang et al., AAAI 2022, "Label-Aware Distribution Calibration" and "Sampling strategy").
 
     Head classes are the most frequent ones covering ``coverage`` of the training images. On the
     cached features of each expert, each head class gets a Gaussian (eq. 1-3) and each tail instance
@@ -227,8 +246,7 @@ class LADC(Stage2Method):
                  alpha: float = 0.1, beta: float = 1.0, weighting: str = "inverse", head: str = "lws_plus",
                  covariance: str = "auto", covariance_rank: int = 64,
                  covariance_memory_gb: float | None = None) -> None:
-        if head not in LADC_HEADS:
-            raise ValueError(f"unknown ladc head {head!r}; allowed: {', '.join(LADC_HEADS)}")
+        _check_head("ladc", head, LADC_HEADS)
         if covariance_rank < 1:
             raise ValueError(f"covariance_rank must be >= 1, got {covariance_rank}")
         self.head_classes = ladc_head_classes(class_counts, coverage)
@@ -262,9 +280,5 @@ class LADC(Stage2Method):
                 features[expert, tail] = bank.sample(indices[tail], generator)
             return features
 
-        old = list(ctx.model.heads)
-        wrapper = {"lws_plus": LWSPlusHead, "lws": LWSHead, "crt": None}[self.head]
-        heads = [fresh_like(h) if wrapper is None else wrapper(h) for h in old]
-        params = _replace_heads(ctx.model, heads)
-        history = ctx.train([(params, 1.0)], _ce(ctx), transform=calibrate)
+        history = ctx.train(_stage2_heads(ctx.model, self.head), _ce(ctx), transform=calibrate)
         return {"history": history, "head_classes": len(self.head_classes), "covariance": kind}

@@ -14,7 +14,7 @@ __all__ = ["LADCSampler"]
 
 @SAMPLERS.register("ladc")
 class LADCSampler(ClassWeightedSampler):
-    """Class probability ``P_i`` proportional to ``n_i^-tau`` (seed 002_6b2bba2c1b62b163.txt, eq. 13,
+    """Class probability ``P_i`` proportional to ``n_i^-tau`` (Wang et al., AAAI 2022, eq. 13,
     ``ladc_sampling_probs``), then an image of the class uniformly; sharded over ranks like every
     registered sampler. tau = 0 is class-balanced; the paper uses 1.2-1.3."""
 

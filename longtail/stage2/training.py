@@ -10,8 +10,8 @@ Two feature modes (``stage2.features``; each method says which it supports, its 
 - ``cached``: one pass of the frozen backbone over the un-augmented training images, BN frozen; the
   heads then train on those features in seconds (LADC, which samples features, needs it).
 
-Each expert's head is trained on its own logits and the losses are summed (SHIKE's stage 2, seed
-003_c38ed24e8c8e66ce.txt eq. 11; one term for a single model).
+Each expert's head is trained on its own logits and the losses are summed (SHIKE's stage 2, Jin
+et al., CVPR 2023, eq. 11; one term for a single model).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ FeatureTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch
 def set_bn_shift(model: nn.Module, enabled: bool) -> None:
     """Eval mode, except BatchNorm layers in train mode when ``enabled``: their running statistics
     follow the stage-2 (re-sampled) batches while their affine weights stay frozen (MiSLAS's shift
-    learning on BN, seed 001_9389938eb33d47c2.txt; cRT's backbone in train mode)."""
+    learning on BN, Zhong et al. 2021; cRT's backbone in train mode)."""
     model.eval()
     if enabled:
         for module in model.modules():
