@@ -87,3 +87,24 @@ def test_cache_features_is_a_linear_only_setting():
     from longtail.models.finetune import FINETUNE_MODES
     assert FINETUNE_MODES["linear"] == {"cache_features": "auto"}
     assert "cache_features" not in FINETUNE_MODES["lora"]
+
+
+def test_a_stopped_cached_run_resumes_to_the_same_head(tmp_path):
+    """The cache is extracted lazily, after --resume has loaded the checkpoint: the resumed run ends
+    where the uninterrupted one does."""
+    import timm
+    from longtail.cli import main
+    from longtail.engine.checkpoint import load_checkpoint
+    torch.manual_seed(123)  # weights a resumed run's freshly built (seeded) backbone does not have
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=8, patch_size=4, depth=2,
+                               embed_dim=32, num_heads=2)
+    torch.save(source.state_dict(), tmp_path / "vit.pt")
+    common = ["train", *DIGITS_VIT, "model.finetune_params.cache_features=true", f"model.weights={tmp_path / 'vit.pt'}"]
+    assert main([*common, f"output_dir={tmp_path / 'whole'}"]) == 0
+    assert main([*common, f"output_dir={tmp_path / 'parts'}", "train.stop_at_epoch=1"]) == 0
+    (run,) = [p for p in (tmp_path / "parts").iterdir() if p.is_dir()]
+    assert main(["train", "--resume", str(run)]) == 0
+    (whole,) = [p for p in (tmp_path / "whole").iterdir() if p.is_dir()]
+    heads = [load_checkpoint(r / "checkpoints" / "last.pt", torch.device("cpu"))["model"] for r in (whole, run)]
+    for key in [k for k in heads[0] if k.startswith("heads.")]:
+        torch.testing.assert_close(heads[1][key], heads[0][key], atol=1e-6, rtol=1e-5)
