@@ -3,7 +3,7 @@
 A linear probe's backbone is frozen, so each training image's features are the same every epoch as
 long as the image is: one pass of the backbone over the training set, then the head trains on the
 stored features in seconds per epoch (as stage 2's ``stage2.features=cached`` does for cRT and
-friends; the same ``FeatureLoader`` and ``extract_features``).
+friends; written here again in a few lines, since the engine does not import stage 2).
 
 ``model.finetune_params.cache_features`` (linear only):
 
@@ -23,7 +23,7 @@ Evaluation is unchanged: it runs the whole model on the evaluation images.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from longtail.config import AugmentConfig, Config
 from longtail.engine.distributed import DistInfo
 from longtail.engine.logging import LOG
 from longtail.registry import ConfigError
-from longtail.types import ModelOutput
+from longtail.types import Batch, ModelOutput
 
 __all__ = ["CACHE_SETTINGS", "random_augmentations", "cache_decision", "use_cached_features", "CachedFeatureLoader",
            "HeadsOnFeatures"]
@@ -120,49 +120,56 @@ class HeadsOnFeatures(nn.Module):
 
 class CachedFeatureLoader:
     """The training loader of a cached stage 1: at the first ``set_epoch`` the frozen model's features
-    of the un-augmented training images are extracted (one pass), then batches come from stage 2's
-    ``FeatureLoader`` with the stage's own sampler, batch size, ``drop_last`` and seed, so the epochs'
-    index order is the uncached loader's."""
+    of the un-augmented training images are extracted (one pass, ``engine.predict``: eval mode, gathered
+    over ranks), then each epoch's batches are the rows of the stage's own sampler's indices, cut as
+    ``TrainLoader`` cuts them (``batch_bounds``, ``drop_last``): the uncached loader's batches.
+    ``Batch.images`` holds the features (1, B, D)."""
 
     def __init__(self, config: Config, bundle: Any, dist_info: DistInfo, model: nn.Module, sampler: Any,
                  batch_size: int, seed: int, drop_last: bool) -> None:
         self.config, self.bundle, self.dist, self.model = config, bundle, dist_info, model
         self.sampler, self.batch_size, self.seed, self.drop_last = sampler, batch_size, seed, drop_last
-        self.inner: Any = None
+        self.features: torch.Tensor | None = None  # (N, D) float32 on the training device
+        self.targets: torch.Tensor | None = None
+        self.order: torch.Tensor | None = None
         self.extractions = 0  # how many times the training set was passed through the backbone
 
-    def _build(self) -> Any:
+    def _extract(self) -> None:
         from longtail.engine import builders
-        from longtail.stage2.features import extract_features
-        from longtail.stage2.training import FeatureLoader
+        from longtail.engine.predict import predict
         imageset = self.bundle.train
         loader = builders.eval_loader(self.config, imageset, builders.build_augment(self.config, self.bundle).normalize,
                                       self.dist)
         LOG.info(f"stage 1: caching the features of {len(imageset.targets)} training images (model.finetune=linear)")
-        cached = extract_features(self.model, loader, self.dist, len(imageset.targets),
-                                  builders.amp_dtype(self.config, self.dist.device))
+        outputs = predict(self.model, loader, self.dist, len(imageset.targets),
+                          builders.amp_dtype(self.config, self.dist.device), keep_features=True)
+        self.features = outputs["features"].to(self.dist.device)
+        self.targets = outputs["targets"].long().to(self.dist.device)
         self.extractions += 1
-        return FeatureLoader(cached, self.sampler, self.batch_size, self.seed, drop_last=self.drop_last)
 
     def set_epoch(self, epoch: int, total_epochs: int) -> None:
-        if self.inner is None:
-            self.inner = self._build()
-        self.inner.set_epoch(epoch, total_epochs)
+        if self.features is None:
+            self._extract()
+        self.order = self.sampler.epoch_indices(epoch, total_epochs).to(self.dist.device)
+
+    def _bounds(self, total: int) -> list[tuple[int, int]]:
+        from longtail.data.loaders import batch_bounds
+        return batch_bounds(total, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
-        from longtail.data.loaders import batch_bounds
-        return len(batch_bounds(len(self.sampler), self.batch_size, self.drop_last))
+        return len(self._bounds(len(self.sampler)))
 
     @property
     def samples_per_epoch(self) -> int:
-        from longtail.data.loaders import batch_bounds
-        bounds = batch_bounds(len(self.sampler), self.batch_size, self.drop_last)
+        bounds = self._bounds(len(self.sampler))
         return bounds[-1][1] if bounds else 0
 
-    def __iter__(self) -> Any:
-        if self.inner is None:
+    def __iter__(self) -> Iterator[Batch]:
+        if self.order is None or self.features is None or self.targets is None:
             raise RuntimeError("call CachedFeatureLoader.set_epoch(epoch, total_epochs) before iterating")
-        return iter(self.inner)
+        for start, end in self._bounds(len(self.order)):
+            index = self.order[start:end]
+            yield Batch(images=self.features[index].unsqueeze(0), targets=self.targets[index], indices=index)
 
 
 def use_cached_features(config: Config, bundle: Any, dist_info: DistInfo, job: Any) -> Any:
@@ -175,6 +182,9 @@ def use_cached_features(config: Config, bundle: Any, dist_info: DistInfo, job: A
     if not cache:
         return job
     model = job.model
+    if len(getattr(model, "heads", ())) != 1:
+        raise ConfigError("cached features are for one-head models (timm/open_clip); "
+                          "set model.finetune_params.cache_features=false")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad and not name.startswith("heads.")]
     if trainable:  # linear freezes every backbone parameter; anything else would be silently left untrained
         raise ConfigError(f"cached features need a frozen backbone, but {trainable[0]} trains; "
