@@ -35,7 +35,12 @@ class AugmentConfig(Section):
     """Augmentation applied batched on the training device (see longtail.data.augment)."""
 
     crop_padding: int = Field(0, ge=0, description="random crop after zero padding (CIFAR recipes: 4); 0 disables")
-    random_resized_crop: bool = Field(False, description="ImageNet-style crop, done when decoding file datasets")
+    random_resized_crop: bool = Field(
+        False, description="ImageNet-style crop (scale 0.08-1, ratio 3/4-4/3): file datasets when decoding, "
+                           "in-memory ones batched on the device (bilinear) to random_resized_crop_size")
+    random_resized_crop_size: int | None = Field(
+        None, ge=1, description="in-memory sets: the side the resized crops get (LIFT's CIFAR: 224); None: the "
+                                "images' own side. File sets crop to data.image_size")
     flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
     autoaugment_fill: int = Field(

@@ -4,7 +4,8 @@ device as one uint8 tensor and are augmented there in batches, not image by imag
 Every image draws its own random parameters; the work is done by batched tensor ops, never by a
 Python loop over images. Order, as the authors' pipelines (SHIKE, MiSLAS, LADC):
 
-1. uint8: random crop from the zero-padded image, horizontal flip, AutoAugment (its geometric ops fill
+1. uint8: random crop from the zero-padded image or a RandomResizedCrop (in-memory sets: LIFT's CIFAR
+   pipeline crops the 32 x 32 images and resizes the crops to 224), horizontal flip, AutoAugment (its geometric ops fill
    with ``autoaugment_fill``, 128 as the ``CIFAR10Policy(fillcolor=(128, 128, 128))`` of SHIKE's and
    BALMS's code) or RandAugment;
 2. Cutout (DeVries & Taylor 2017), ``cutout_fill="black"`` (default): the hole is set to 0 before
@@ -18,8 +19,11 @@ torchvision's ``make_params``/``transform``) so a batch can be replayed and chec
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
+
+import math
 
 import torch
 from scipy.special import betaincinv
@@ -33,6 +37,10 @@ __all__ = ["AugmentParams", "BatchAugment"]
 _AUTOAUGMENT_POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 _AUTOAUGMENT_BINS = 10  # torchvision's AutoAugment indexes its magnitude tables with 10 bins
 _RANDAUGMENT_BINS = 31  # and RandAugment with 31 (magnitude 0..30)
+# RandomResizedCrop's ranges (torchvision's defaults, Inception's; the file sets' decoder uses the same)
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+_RRC_TRIES = 10  # torchvision's attempts before its centre-crop fallback
 
 
 @dataclass
@@ -40,6 +48,7 @@ class AugmentParams:
     """Every random draw for one batch, one entry per image (None where the op is off).
 
     crop_top / crop_left: (B,) corner of the crop window in the zero-padded image, in [0, 2 * padding].
+    rrc_box: (B, 4) RandomResizedCrop's (top, left, height, width) of each image's crop.
     flip: (B,) bool, mirror left-right.
     policy_choice: (B, K) AutoAugment sub-policy (the same for its K = 2 steps) or RandAugment op index
         (one per step, K = randaugment_ops).
@@ -51,6 +60,7 @@ class AugmentParams:
 
     crop_top: torch.Tensor | None = None
     crop_left: torch.Tensor | None = None
+    rrc_box: torch.Tensor | None = None
     flip: torch.Tensor | None = None
     policy_choice: torch.Tensor | None = None
     policy_applied: torch.Tensor | None = None
@@ -77,6 +87,70 @@ def _pad_crop(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch
     cols = left[:, None] + torch.arange(width, device=images.device)
     padded = padded.gather(2, rows[:, None, :, None].expand(batch, channels, height, width + 2 * padding))
     return padded.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
+
+
+def sample_resized_crop_boxes(batch: int, height: int, width: int, generator: torch.Generator,
+                              scale: tuple[float, float] = RRC_SCALE,
+                              ratio: tuple[float, float] = RRC_RATIO) -> torch.Tensor:
+    """(B, 4) int64 (top, left, height, width): torchvision's ``RandomResizedCrop`` draw for every image
+    at once. Each image tries 10 (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)) pairs and
+    keeps the first whose rounded box fits, at a uniform position; an image with none fitting gets
+    torchvision's fallback, the largest centred box within ``ratio``."""
+    device = generator.device
+    area = height * width
+    fraction = torch.empty(batch, _RRC_TRIES, device=device).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(batch, _RRC_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                         generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(area * fraction * aspect)).long()
+    h = torch.round(torch.sqrt(area * fraction / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (0 when none does)
+    found = fits.any(1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    position = torch.rand(batch, 2, device=device, generator=generator)
+    top = torch.floor(position[:, 0] * (height - h + 1).clamp(min=1)).long()
+    left = torch.floor(position[:, 1] * (width - w + 1).clamp(min=1)).long()
+    in_ratio = width / height  # torchvision's fallback: a centred crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    top = torch.where(found, top, torch.full_like(top, (height - fallback_h) // 2))
+    left = torch.where(found, left, torch.full_like(left, (width - fallback_w) // 2))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _bilinear_matrix(start: torch.Tensor, length: torch.Tensor, size: int, full: int) -> torch.Tensor:
+    """(B, size, full) weights that resize each image's [start, start + length) to ``size`` samples as
+    ``F.interpolate(mode='bilinear', align_corners=False)`` does on the cut-out crop (source positions
+    clamped to the crop, so no pixel outside it leaks in)."""
+    batch = start.shape[0]
+    step = length.double() / size
+    source = ((torch.arange(size, device=start.device, dtype=torch.float64)[None] + 0.5) * step[:, None] - 0.5)
+    source = source.clamp(min=0)
+    low = source.floor().long().minimum(length[:, None] - 1)
+    high = (low + 1).minimum(length[:, None] - 1)
+    weight_high = (source - low).float()
+    matrix = torch.zeros(batch, size, full, device=start.device)
+    matrix.scatter_add_(2, (start[:, None] + low)[..., None], (1 - weight_high)[..., None])
+    matrix.scatter_add_(2, (start[:, None] + high)[..., None], weight_high[..., None])
+    return matrix
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Each image's box (top, left, height, width) resized to ``size`` (side, or (H, W)) (bilinear, as
+    torchvision's ``resized_crop`` without antialiasing: the same when the crops are enlarged, as CIFAR's
+    to 224), by two batched matrix products; float images in, float out."""
+    _, _, height, width = images.shape
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    rows = _bilinear_matrix(boxes[:, 0], boxes[:, 2], out_h, height)  # (B, out_h, H)
+    cols = _bilinear_matrix(boxes[:, 1], boxes[:, 3], out_w, width)  # (B, out_w, W)
+    return rows[:, None] @ images @ cols.transpose(1, 2)[:, None]
 
 
 def _cutout(images: torch.Tensor, size: int, centre_y: torch.Tensor, centre_x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +270,9 @@ class BatchAugment:
     """The training augmentation of ``AugmentConfig``, batched on the images' device.
 
     ``class_counts`` (training images per class) is needed by Remix only.
-    ``cfg.random_resized_crop`` is not done here: it happens when file datasets are decoded.
+    ``cfg.random_resized_crop`` is done here for in-memory images (resized to
+    ``cfg.random_resized_crop_size``, else kept at their size); file datasets do it when they decode,
+    so their loader uses ``without_resized_crop()``.
     """
 
     def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float],
@@ -208,6 +284,9 @@ class BatchAugment:
         if cfg.autoaugment != "none" and cfg.randaugment:
             raise ValueError("augment.autoaugment and augment.randaugment are both on; choose one "
                              "(set autoaugment: none or randaugment: false)")
+        if cfg.random_resized_crop and cfg.crop_padding > 0:
+            raise ValueError("augment.random_resized_crop and augment.crop_padding are both on; choose one crop "
+                             "(set crop_padding: 0 for the resized crop)")
         if cfg.remix and cfg.mixup_alpha <= 0:
             raise ValueError("augment.remix mixes images with lam ~ Beta(mixup_alpha, mixup_alpha); "
                              "set augment.mixup_alpha > 0 (e.g. 1.0)")
@@ -223,6 +302,14 @@ class BatchAugment:
             self.policy = _BatchedPolicy.autoaugment(cfg.autoaugment, cfg.autoaugment_fill)
         elif cfg.randaugment:
             self.policy = _BatchedPolicy.randaugment(cfg.randaugment_ops, cfg.randaugment_magnitude)
+
+    def without_resized_crop(self) -> "BatchAugment":
+        """This augmentation without the RandomResizedCrop (for images a decoder has already cropped)."""
+        if not self.cfg.random_resized_crop:
+            return self
+        other = copy.copy(self)
+        other.cfg = self.cfg.model_copy(update={"random_resized_crop": False})
+        return other
 
     def mixes(self, epoch: int) -> bool:
         """Whether batches of this epoch are mixed (mixup or Remix)."""
@@ -246,6 +333,10 @@ class BatchAugment:
         device = generator.device
         params = AugmentParams()
         padding = self.cfg.crop_padding
+        if self.cfg.random_resized_crop:
+            params.rrc_box = sample_resized_crop_boxes(batch, height, width, generator)
+            if self.cfg.random_resized_crop_size:
+                height = width = self.cfg.random_resized_crop_size
         if padding > 0:
             params.crop_top = torch.randint(2 * padding + 1, (batch,), generator=generator, device=device)
             params.crop_left = torch.randint(2 * padding + 1, (batch,), generator=generator, device=device)
@@ -264,6 +355,10 @@ class BatchAugment:
     def augment_pixels(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """The uint8 stage: crop, flip, AutoAugment/RandAugment, a black Cutout hole."""
         _check_uint8(images)
+        if params.rrc_box is not None:
+            side = self.cfg.random_resized_crop_size
+            size = (side, side) if side else (images.shape[-2], images.shape[-1])
+            images = resized_crops(images.float(), params.rrc_box, size).round_().clamp_(0, 255).to(torch.uint8)
         if params.crop_top is not None and params.crop_left is not None:
             images = _pad_crop(images, self.cfg.crop_padding, params.crop_top, params.crop_left)
         if params.flip is not None:

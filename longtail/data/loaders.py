@@ -157,6 +157,8 @@ class TrainLoader:
         if random_resized_crop is None:
             random_resized_crop = bool(getattr(getattr(augment, "cfg", None), "random_resized_crop", False))
         self.random_resized_crop = random_resized_crop
+        if imageset.images is None and hasattr(augment, "without_resized_crop"):
+            self.augment = augment.without_resized_crop()  # the decoder cuts file images' crops
         if imageset.images is not None:
             self.images = imageset.images.to(self.device)
             self.targets = imageset.targets.to(self.device)

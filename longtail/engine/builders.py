@@ -173,7 +173,9 @@ def stage1_job(config: Config, bundle: Any, dist_info: DistInfo, resuming: bool 
     optimizer = build_optimizer(parameters, config.optim, device)
     scheduler = build_scheduler(optimizer, config.schedule, len(loader), config.train.epochs)
     train = config.train
-    return TrainingJob(label="stage 1", model=model, net=model, loss_fn=loss_fn, loader=loader, optimizer=optimizer,
-                       scheduler=scheduler, epochs=train.epochs, stop_at_epoch=train.stop_at_epoch,
-                       select=train.select, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
-                       hooked=[model, loss_fn, *samplers])
+    job = TrainingJob(label="stage 1", model=model, net=model, loss_fn=loss_fn, loader=loader, optimizer=optimizer,
+                      scheduler=scheduler, epochs=train.epochs, stop_at_epoch=train.stop_at_epoch,
+                      select=train.select, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
+                      hooked=[model, loss_fn, *samplers])
+    from longtail.engine.cached_features import use_cached_features  # a linear probe trains on cached features
+    return use_cached_features(config, bundle, dist_info, job)

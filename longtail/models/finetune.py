@@ -1,7 +1,8 @@
 """What of a pretrained backbone trains: ``model.finetune`` and its ``model.finetune_params``.
 
 - ``full``: everything (``layer_decay``: block i of L trains at lr x decay^(L - i), the embeddings at
-  decay^(L + 1), the final norm and head at lr);  ``linear``: only the head;  ``partial``: the last ``blocks`` transformer
+  decay^(L + 1), the final norm and head at lr);  ``linear``: only the head (``cache_features``: auto, true,
+  false: train it on one pass's cached features, ``longtail/engine/cached_features.py``);  ``partial``: the last ``blocks`` transformer
   blocks and the norm after them;  ``bitfit``: the backbone's biases;
 - ``lora``: low-rank updates of ``target_modules`` through ``peft`` (merged into the weights for export);
 - ``adaptformer``: a bottleneck adapter beside every block's MLP (Chen et al. 2022; LIFT's choice);
@@ -36,7 +37,7 @@ __all__ = ["FINETUNE_MODES", "apply_finetune", "layerwise_groups", "parameter_co
 # every mode with its parameters and their defaults (None: worked out from the model)
 FINETUNE_MODES: dict[str, dict[str, Any]] = {
     "full": {"layer_decay": None},
-    "linear": {},
+    "linear": {"cache_features": "auto"},  # engine/cached_features.py
     "partial": {"blocks": 1},
     "bitfit": {},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None},
