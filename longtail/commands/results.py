@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from longtail.calibration.diagrams import reliability_diagram, reliability_diagrams_by_group
-from longtail.engine.rundir import write_output
+from longtail.engine.rundir import PLOTS_DIR, metrics_file, write_output
 from longtail.report.plots import per_class_accuracy_plot
 
 __all__ = ["write_results"]
@@ -19,8 +19,8 @@ def write_results(out_dir: Path, results: dict[str, Any], outputs: dict[str, tor
     """metrics.json plus per-class accuracy against class size and reliability diagrams (overall and
     per shot group) of the test predictions ``outputs``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_output(out_dir / "metrics.json", json.dumps(results, indent=2), exist="replace")
-    plots = out_dir / "plots"
+    write_output(metrics_file(out_dir), json.dumps(results, indent=2), exist="replace")
+    plots = out_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     per_class_accuracy_plot(metrics["per_class_top1"], train_counts, plots / "per_class_accuracy.png",
                             title=f"per-class top-1 (overall {100 * metrics['top1']:.2f}%)")

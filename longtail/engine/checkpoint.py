@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from longtail.engine.rundir import last_checkpoint
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and what to do."""
@@ -38,7 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = last_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give a run directory (with checkpoints/last.pt) "
                               "or a .pt file written by `longtail train`")

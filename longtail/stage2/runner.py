@@ -22,9 +22,10 @@ from longtail.config import Config
 from longtail.engine import builders
 from longtail.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, barrier
-from longtail.engine.predict import predict
 from longtail.engine.logging import LOG
-from longtail.metrics import compute_metrics, summary
+from longtail.engine.rundir import checkpoint_path, last_checkpoint
+from longtail.engine.evaluation import evaluate
+from longtail.metrics import summary
 from longtail.models.heads import fold_head, head_spec
 from longtail.registry import STAGE2, ConfigError, load_all
 from longtail.stage2.training import BATCH_NORMS, Stage2Context, Stage2Stopped
@@ -34,7 +35,7 @@ __all__ = ["run_stage2", "Stage2Result", "stage1_checkpoint", "backbone_state", 
 
 def stage1_checkpoint(run_dir: Path, choice: str) -> Path:
     """The checkpoint ``stage2.from_checkpoint`` names: ``last``/``best`` of the run, or a file."""
-    path = run_dir / "checkpoints" / f"{choice}.pt" if choice in ("last", "best") else Path(choice)
+    path = checkpoint_path(run_dir, choice) if choice in ("last", "best") else Path(choice)
     if not path.is_file():
         hint = " ('best' exists only when stage 1 ran with train.select=val or test)" if choice == "best" else ""
         raise CheckpointError(f"stage 2 cannot find its stage-1 checkpoint {path}{hint}; set stage2.from_checkpoint "
@@ -136,26 +137,25 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
     for i, head in enumerate(list(model.heads)):
         model.heads[i] = fold_head(head)
 
-    def evaluate(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        imageset = getattr(bundle, split)
-        loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
-        outputs = predict(model, loader, dist_info, len(imageset), ctx.amp_dtype)
-        return compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
-                               outputs.get("expert_logits")), outputs
+    def scores(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        result = evaluate(model, getattr(bundle, split), ctx.evaluation, dist_info, bundle.train_counts,
+                          test_time_augment=False)
+        assert result.metrics is not None
+        return result.metrics, result.outputs
 
     epochs = 0 if method.post_hoc else cfg.epochs
-    test_metrics, test_outputs = evaluate("test")
+    test_metrics, test_outputs = scores("test")
     results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
                                "features": None if method.post_hoc else mode, "train_seconds": train_seconds,
                                **info, "last": {"epoch": epochs, "test": test_metrics}}
     if bundle.val is not None:
-        results["last"]["val"] = evaluate("val")[0]
+        results["last"]["val"] = scores("val")[0]
     results["seconds"] = time.perf_counter() - started
     if dist_info.is_main:
         save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
                          "config": config.model_dump(mode="json"), "epoch": epochs - 1, "finished": True,
                          "stage2": {"method": cfg.method, "from_checkpoint": str(checkpoint)}},
-                        out_dir / "checkpoints" / "last.pt")
+                        last_checkpoint(out_dir))
         LOG.info(f"stage 2 ({cfg.method}, {results['seconds']:.1f} s): {summary(test_metrics)}")
     barrier()
     return Stage2Result(results=results, test_outputs=test_outputs, train_counts=bundle.train_counts)
