@@ -21,7 +21,8 @@ from longtail.runs import LoadedRun, fitted_calibrators, split_of
 __all__ = ["evaluate_shifts", "shift_rows", "markdown_table"]
 
 
-def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[int], variants: dict[str, Calibrator | None],
+def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[int],
+               variants: dict[str, Calibrator | None],
                factors: list[float], seed: int, model_prior: str = "train", oracle: bool = True
                ) -> list[dict[str, Any]]:
     """One row per (test set, variant, correction). ``variants``: name -> None (the raw model) or a

@@ -37,9 +37,9 @@ from tqdm import tqdm
 from longtail.commands.common import UserError
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
-from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint, lock_holder,
-                                    recipe_stage2_dir, release, stage2_dir_name, study_file, study_marker, try_claim,
-                                    write_output)
+from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
+                                    lock_holder, recipe_stage2_dir, release, stage2_dir_name, study_file,
+                                    study_marker, try_claim, write_output)
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]

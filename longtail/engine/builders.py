@@ -96,7 +96,8 @@ def init_head(config: Config, model: torch.nn.Module, bundle: DataBundle, dist_i
     init_head_from_class_means(model, outputs["features"], outputs["targets"].long())
 
 
-def load_trained_model(config: Config, bundle: DataBundle, state: dict[str, Any], device: torch.device) -> torch.nn.Module:
+def load_trained_model(config: Config, bundle: DataBundle, state: dict[str, Any],
+                       device: torch.device) -> torch.nn.Module:
     """The model of a saved checkpoint; a stage-2 checkpoint's re-built heads (cRT, LWS, NCM...) are
     restored from their specs first so its weights fit."""
     model = build_model(config, bundle, device, load_weights=False)

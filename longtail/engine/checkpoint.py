@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from longtail.config import Config
 from longtail.engine.rundir import last_checkpoint
 
 
@@ -57,6 +58,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 RUN_CHECKPOINT_KEYS = ("model", "config", "epoch")
+
+
+def run_checkpoint(model: torch.nn.Module, config: Config, epoch: int, **extra: Any) -> dict[str, Any]:
+    """The one schema of a run's checkpoint: the epoch it ends (0-based), the model's weights and the
+    config it was trained with (``RUN_CHECKPOINT_KEYS``), plus what its writer adds (the trainer: optimiser,
+    schedule, scaler, loss state, history, best; stage 2: the head specs; a finished stage 2: ``finished``)."""
+    return {"epoch": epoch, "model": model.state_dict(), "config": config.model_dump(mode="json"), **extra}
 
 
 def load_run_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -15,18 +15,18 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from longtail.data.datasets import ImageSet
+from longtail.data.datasets import DataBundle, ImageSet
 from longtail.data.loaders import DecodeSetting, EvalLoader
 from longtail.engine.distributed import DistInfo
 from longtail.engine.predict import predict
 from longtail.metrics import compute_metrics
 from longtail.models.tta import TestTimeEnsemble
 
-__all__ = ["EvalSettings", "Evaluation", "LogitCalibrator", "evaluate"]
+__all__ = ["EvalSettings", "Evaluation", "LogitCalibrator", "evaluate", "final_scores"]
 
 
 class LogitCalibrator(Protocol):
-    """What evaluation needs of a fitted calibrator (``longtail.calibration.Calibrator``)."""
+    """What evaluation needs of a fitted calibrator (any ``Calibrator`` of the calibration package)."""
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor: ...
 
@@ -103,3 +103,16 @@ def evaluate(model: nn.Module, imageset: ImageSet, settings: EvalSettings, dist_
             raise ValueError("evaluate(metrics=True) needs the training class counts (the shot groups)")
         scores = compute_metrics(outputs["logits"], outputs["targets"], train_counts, outputs.get("expert_logits"))
     return Evaluation(scores, outputs)
+
+
+def final_scores(model: nn.Module, bundle: DataBundle, settings: EvalSettings, dist_info: DistInfo, epoch: int,
+                 test_time_augment: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What a finished stage reports under ``"last"`` in its metrics.json — ``{"epoch": epoch, "test":
+    metrics, "val": metrics}`` (``val`` when the run has a validation split) — and the test outputs (for
+    the plots). Stage 1 (``Trainer.finish``) and stage 2 (``run_stage2``) both write it."""
+    test = evaluate(model, bundle.test, settings, dist_info, bundle.train_counts, test_time_augment=test_time_augment)
+    scores: dict[str, Any] = {"epoch": epoch, "test": test.metrics}
+    if bundle.val is not None:
+        scores["val"] = evaluate(model, bundle.val, settings, dist_info, bundle.train_counts,
+                                 test_time_augment=test_time_augment).metrics
+    return scores, test.outputs

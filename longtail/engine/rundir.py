@@ -44,6 +44,7 @@ CONFIG_HISTORY_FILE = "config_history.jsonl"
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
+RELIABILITY_PLOT = "reliability.png"  # in plots/: the test predictions' reliability diagram
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
@@ -83,7 +84,8 @@ def is_checkpoint_file(path: Path) -> bool:
 
 
 def folder_of_checkpoint(file: Path) -> Path:
-    """The run (or stage-2) folder of a checkpoint file: ``RUN`` for ``RUN/checkpoints/x.pt``, else the file's folder."""
+    """The run (or stage-2) folder of a checkpoint file: ``RUN`` for ``RUN/checkpoints/x.pt``, else the
+    file's folder."""
     return file.parent.parent if file.parent.name == CHECKPOINTS_DIR else file.parent
 
 

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from longtail.config import Config
 from longtail.data import DataBundle
-from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
+from longtail.engine.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, all_reduce_sum, barrier
-from longtail.engine.evaluation import EvalSettings, evaluate
+from longtail.engine.evaluation import EvalSettings, evaluate, final_scores
 from longtail.engine.logging import LOG, RunLogger
 from longtail.engine.precision import Precision
 from longtail.engine.rundir import best_checkpoint, last_checkpoint
@@ -151,10 +151,10 @@ class Trainer:
     # ------------------------------------------------------------- checkpoint
     def _state(self, epoch: int) -> dict[str, Any]:
         job = self.job
-        return {"epoch": epoch, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
-                "scheduler": job.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "loss": job.loss_fn.state_dict(), "config": self.config.model_dump(mode="json"),
-                "history": self.history, "best": self.best, **job.checkpoint_extra()}
+        return run_checkpoint(job.model, self.config, epoch, optimizer=job.optimizer.state_dict(),
+                              scheduler=job.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                              loss=job.loss_fn.state_dict(), history=self.history, best=self.best,
+                              **job.checkpoint_extra())
 
     def _load_state(self, state: dict[str, Any]) -> None:
         job = self.job
@@ -318,10 +318,8 @@ class Trainer:
         if job.select == "test":
             results["warning"] = ("'best' was selected on the test set (the seeds' practice); "
                                   "its test numbers are optimistic. Compare 'last' for an unbiased estimate.")
-        last_metrics, last_outputs = self.evaluate("test")
-        results["last"] = {"epoch": job.epochs, "test": last_metrics}
-        if self.bundle.val is not None:
-            results["last"]["val"] = self.evaluate("val")[0]
+        results["last"], last_outputs = final_scores(job.model, self.bundle, job.evaluation, self.dist, job.epochs)
+        last_metrics = results["last"]["test"]
         if self.best:
             if self.best_weights is None:  # resumed after the best epoch: its weights are on disk
                 self.best_weights = load_checkpoint(best_checkpoint(self.run_dir), self.device)["model"]

@@ -8,8 +8,9 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from longtail.engine.rundir import (STUDY_MARKER, calibration_records, config_file, is_finished, metrics_file,
-                                    stage2_dirs, stage2_label, study_file, study_marker, write_output)
+from longtail.engine.rundir import (PLOTS_DIR, RELIABILITY_PLOT, STUDY_MARKER, calibration_records, config_file,
+                                    is_finished, metrics_file, stage2_dirs, stage2_label, study_file, study_marker,
+                                    write_output)
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
 from longtail.report.papers import load_paper_numbers, paper_entry_for
@@ -257,7 +258,7 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
              "accuracy against class size (mean over seeds)": accuracy_by_class_size(groups, out / "class_size.png")}
     if any(g.calibrators() for g in groups):
         plots["ECE before and after each calibrator"] = calibration_bars(groups, out / "calibration.png")
-    reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
+    reliability = {g.label: g.rows[0]["folder"] / PLOTS_DIR / RELIABILITY_PLOT for g in groups}
     reliability = {label: path for label, path in reliability.items() if path.is_file() and split == "test"}
     note = " ".join([f"Metrics of the {'test set' if split == 'test' else 'validation split (for selection)'}.",
                      *([f"{len(partial)} study runs still have stage-2 or calibration steps to run (their finished "

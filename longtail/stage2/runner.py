@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from longtail.config import Config
+from longtail.config import AugmentConfig, Config
 from longtail.engine import builders
-from longtail.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from longtail.engine.checkpoint import CheckpointError, load_checkpoint, run_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, barrier
+from longtail.engine.evaluation import final_scores
 from longtail.engine.logging import LOG
 from longtail.engine.rundir import checkpoint_path, last_checkpoint
-from longtail.engine.evaluation import evaluate
 from longtail.metrics import summary
 from longtail.models.heads import fold_head, head_spec
 from longtail.registry import STAGE2, ConfigError, load_all
@@ -66,7 +66,7 @@ def check_backbone(model: nn.Module, before: dict[str, torch.Tensor], bn_statist
                            "this is a bug in the stage-2 method")
 
 
-def _stage2_augment(config: Config) -> Any:
+def _stage2_augment(config: Config) -> AugmentConfig:
     """``stage2.augment``, else stage 1's augmentation without mixing (MiSLAS's stage 2 turns mixup off)."""
     stage2 = config.stage2
     if stage2.augment is not None:
@@ -137,25 +137,17 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
     for i, head in enumerate(list(model.heads)):
         model.heads[i] = fold_head(head)
 
-    def scores(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        result = evaluate(model, getattr(bundle, split), ctx.evaluation, dist_info, bundle.train_counts,
-                          test_time_augment=False)
-        assert result.metrics is not None
-        return result.metrics, result.outputs
-
     epochs = 0 if method.post_hoc else cfg.epochs
-    test_metrics, test_outputs = scores("test")
+    last, test_outputs = final_scores(model, bundle, ctx.evaluation, dist_info, epochs, test_time_augment=False)
+    test_metrics = last["test"]
     results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
                                "features": None if method.post_hoc else mode, "train_seconds": train_seconds,
-                               **info, "last": {"epoch": epochs, "test": test_metrics}}
-    if bundle.val is not None:
-        results["last"]["val"] = scores("val")[0]
+                               **info, "last": last}
     results["seconds"] = time.perf_counter() - started
     if dist_info.is_main:
-        save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
-                         "config": config.model_dump(mode="json"), "epoch": epochs - 1, "finished": True,
-                         "stage2": {"method": cfg.method, "from_checkpoint": str(checkpoint)}},
-                        last_checkpoint(out_dir))
+        stage2 = {"method": cfg.method, "from_checkpoint": str(checkpoint)}
+        save_checkpoint(run_checkpoint(model, config, epochs - 1, heads=[head_spec(h) for h in model.heads],
+                                       finished=True, stage2=stage2), last_checkpoint(out_dir))
         LOG.info(f"stage 2 ({cfg.method}, {results['seconds']:.1f} s): {summary(test_metrics)}")
     barrier()
     return Stage2Result(results=results, test_outputs=test_outputs, train_counts=bundle.train_counts)
