@@ -38,8 +38,9 @@ from longtail.commands.common import UserError
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
 from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
-                                    lock_holder, recipe_stage2_dir, release, stage2_dir_name, study_file,
-                                    study_marker, try_claim, write_output)
+                                    lock_holder, recipe_stage2_dir, release, stage2_dir_name)
+from longtail.engine.rundir import study_file as study_record  # study_file names the study's YAML below
+from longtail.engine.rundir import study_marker, try_claim, write_output
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
@@ -436,7 +437,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
     study_dir.mkdir(parents=True, exist_ok=True)
-    write_output(study_file(study_dir), yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
+    write_output(study_record(study_dir), yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
                  exist="replace")
     try:
         ran, held = run_study(study, runs, args.run_command, args.max_runs, resume)
