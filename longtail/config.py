@@ -233,7 +233,14 @@ class Stage2Config(Section):
     from_checkpoint: Literal["last", "best"] | str = "last"
     sampler: str | None = "class_balanced"
     sampler_params: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int | None = None
+    # what the stage-2 training job runs with; unset (None), each is stage 1's value, as before these keys existed
+    batch_size: int | None = Field(None, description="per process; None (or 0): data.batch_size")
+    grad_clip: float | None = Field(None, ge=0, description="None: train.grad_clip; 0: no clipping")
+    compile: bool | None = Field(None, description="torch.compile the stage-2 step; None: train.compile")
+    log_interval: int | None = Field(None, ge=1, description="steps between log lines / device syncs; "
+                                                              "None: train.log_interval")
+    amp: Literal["auto", "none", "bf16", "fp16"] | None = Field(
+        None, description="stage 2's precision (its steps, feature caching and evaluation); None: train.amp")
     loss: LossConfig | None = None
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.1, weight_decay=5e-4))
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

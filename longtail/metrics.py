@@ -13,7 +13,10 @@ import torch
 
 from longtail.functional import adaptive_ece, brier, ece, mce, nll, per_class_ece, shot_groups
 
-__all__ = ["calibration_report", "compute_metrics", "per_class_accuracy", "topk_correct", "summary"]
+__all__ = ["calibration_report", "calibration_row", "compute_metrics", "per_class_accuracy", "shift_scores",
+           "topk_correct", "summary"]
+
+GROUPS = ("many", "medium", "few")
 
 
 def _top_label_metrics(logits: torch.Tensor, targets: torch.Tensor, n_bins: int) -> dict[str, float]:
@@ -93,6 +96,29 @@ def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, train_counts: S
     metrics["per_class_top1"] = [None if torch.isnan(a) else float(a) for a in class_acc]
     metrics["train_counts"] = list(map(int, train_counts))
     return metrics
+
+
+def shift_scores(logits: torch.Tensor, targets: torch.Tensor, groups: dict[str, list[int]]) -> dict[str, Any]:
+    """What ``eval --shifts`` reports of one (re-weighted) test set: top-1, ECE and each shot group's
+    top-1 (``groups``: ``functional.shot_groups`` of the training counts), in float64 means."""
+    correct = logits.argmax(1) == targets
+    scores: dict[str, Any] = {"top1": float(correct.double().mean()), "ece": float(ece(logits, targets))}
+    for group, classes in groups.items():
+        mask = torch.isin(targets, torch.tensor(classes, dtype=torch.long))
+        scores[f"{group}_top1"] = float(correct[mask].double().mean()) if bool(mask.any()) else None
+    return scores
+
+
+def calibration_row(report: dict[str, Any], logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """One row of ``longtail calibrate``'s table: top-1 of ``logits`` and the calibration numbers of its
+    ``calibration_report``, with each shot group's ECE."""
+    row = {"top1": float((logits.argmax(1) == targets).float().mean()),
+           **{k: report[k] for k in ("ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier",
+                                     "confidence_minus_accuracy")}}
+    for group in GROUPS:
+        if group in report.get("groups", {}):
+            row[f"{group}_ece"] = report["groups"][group]["ece"]
+    return row
 
 
 def summary(metrics: dict[str, Any]) -> str:

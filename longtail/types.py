@@ -39,6 +39,12 @@ class ModelOutput:
                            intermediate=self.intermediate, extras={k: up(v) for k, v in self.extras.items()})
 
 
+def expert_features_of(output: ModelOutput) -> torch.Tensor:
+    """(M, B, D) features that ``model.logits_from_features`` takes: the experts' own, or the single
+    model's features as one expert."""
+    return output.expert_features if output.expert_features is not None else output.features.unsqueeze(0)
+
+
 @dataclass
 class Batch:
     """One training batch after augmentation, on the training device.

@@ -12,7 +12,7 @@ from PIL import Image
 
 from longtail.calibration import load_calibrator
 from longtail.cli import main
-from longtail.commands.evaluate import load_run
+from longtail.runs import load_run
 from longtail.engine import builders
 from longtail.engine.predict import predict
 

@@ -15,7 +15,7 @@ pytest.importorskip("peft", reason="the foundation extra (peft) is not installed
 
 import longtail.models  # noqa: E402,F401  (registers the models)
 from longtail.cli import main  # noqa: E402
-from longtail.commands.evaluate import load_run  # noqa: E402
+from longtail.runs import load_run  # noqa: E402
 from longtail.config import load_config  # noqa: E402
 from longtail.engine import builders  # noqa: E402
 from longtail.engine.distributed import DistInfo  # noqa: E402

@@ -147,3 +147,21 @@ def test_stage2_from_checkpoint_starts_from_the_named_checkpoint(tmp_path, choic
     for key, tensor in backbone(other["model"]).items():  # cached features: the backbone is not touched
         assert torch.equal(trained[key], tensor), key
     assert any(not torch.equal(trained[k], v) for k, v in backbone(last["model"]).items())
+
+
+def test_stage2_job_settings_default_to_stage_1s_and_can_be_set_apart(tmp_path):
+    """What stage 2's TrainingJob runs with: stage2.* when set, else stage 1's data.batch_size/train.*."""
+    from longtail.stage2.training import Stage2Context
+
+    def context(*overrides: str) -> Stage2Context:
+        config = load_config(None, ["device=cpu", "train.grad_clip=2.0", "train.log_interval=7", "train.amp=bf16",
+                                    "data.batch_size=16", "stage2.method=crt", *overrides])
+        return Stage2Context(config, torch.nn.Linear(1, 1), None, init_distributed("cpu"), None, "cached", tmp_path)
+
+    inherited = context()
+    assert (inherited.batch_size, inherited.grad_clip, inherited.compile, inherited.log_interval) == (16, 2.0, False, 7)
+    assert inherited.precision.amp_dtype == torch.bfloat16
+    own = context("stage2.batch_size=64", "stage2.grad_clip=0", "stage2.log_interval=3", "stage2.amp=none",
+                  "stage2.compile=true")
+    assert (own.batch_size, own.grad_clip, own.compile, own.log_interval) == (64, 0, True, 3)
+    assert own.precision.amp_dtype is None

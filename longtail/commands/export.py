@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from longtail.calibration.calibrators import TemperatureScaling, VectorScaling
-from longtail.commands.calibrate import find_calibrator
+from longtail.calibration.calibrators import Calibrator, TemperatureScaling, VectorScaling
 from longtail.commands.common import UserError
-from longtail.commands.evaluate import LoadedRun, load_run
 from longtail.data.sources import EVAL_CROP_FRACTION
 from longtail.engine.rundir import Exists, atomic_output, check_output
 from longtail.models.finetune import merged_for_export
+from longtail.runs import LoadedRun, find_calibrator, load_run
 
 __all__ = ["cmd_export", "Deployable", "export_run", "load_export", "run_export", "metadata"]
 
@@ -47,7 +46,7 @@ class Deployable(nn.Module):
         return logits * self.logit_scale + self.logit_bias
 
 
-def _folded(calibrator: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(calibrator: Calibrator, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, bias) of a calibrator that is an affine map of the logits; others cannot be folded."""
     if isinstance(calibrator, TemperatureScaling):  # also KT-TS, a temperature fitted differently
         return torch.tensor([1.0 / calibrator.temperature]), torch.zeros(1)
@@ -125,7 +124,7 @@ def load_export(path: Path) -> tuple[Any, dict[str, Any]]:
     return (lambda images: module(images).detach()), json.loads(files[METADATA_KEY])
 
 
-def run_export(run: LoadedRun, images: torch.Tensor, calibrator: Any = None) -> torch.Tensor:
+def run_export(run: LoadedRun, images: torch.Tensor, calibrator: Calibrator | None = None) -> torch.Tensor:
     """The run's own (calibrated) logits of uint8 ``images``, as the exported file should give them."""
     with torch.no_grad():
         logits = run.model(run.augment.normalize(images.to(run.dist_info.device))).logits.float().cpu()

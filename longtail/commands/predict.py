@@ -17,13 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from longtail.commands.calibrate import find_calibrator
-from longtail.commands.common import UserError, run_dir_of
-from longtail.commands.evaluate import LoadedRun, load_run
-from longtail.data import DataError
+from longtail.calibration.calibrators import Calibrator
+from longtail.commands.common import UserError
+from longtail.data import DataError, ImageSet
 from longtail.data.sources import read_image_file, resize_center_crop
-from longtail.engine import builders
 from longtail.engine.rundir import Exists, check_output, write_output
+from longtail.runs import LoadedRun, find_calibrator, load_run, run_dir_of
 
 __all__ = ["cmd_predict", "collect_inputs", "eval_view", "predict_files", "Prediction"]
 
@@ -115,13 +114,14 @@ def _keep_all(items: list[Any]) -> list[Any]:
     return items
 
 
-def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: Any = None,
+def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: Calibrator | None = None,
                   num_workers: int = 0, progress: bool = True) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """(predictions, skipped (path, reason)) of ``run``'s model on image files, batched on its device."""
-    config, bundle, device = run.config, run.bundle, run.dist_info.device
+    """(predictions, skipped (path, reason)) of ``run``'s model on image files, batched on its device:
+    each batch of readable images is scored by the run's evaluation (``LoadedRun.evaluate``), with the
+    calibrator's probabilities when one is given."""
+    config, bundle = run.config, run.bundle
     loader = DataLoader(_Files(paths, bundle.channels, bundle.image_size),
                         batch_size=config.data.eval_batch_size, num_workers=num_workers, collate_fn=_keep_all)
-    amp_dtype = builders.amp_dtype(config, device)
     k = min(top_k, bundle.num_classes)
     predictions: list[Prediction] = []
     skipped: list[tuple[str, str]] = []
@@ -132,10 +132,10 @@ def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: 
             bar.update(len(batch))
             if not good:
                 continue
-            images = run.augment.normalize(torch.stack([image for _, image in good]).to(device))
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = run.model(images).logits.float()
-            probs = calibrator.predict_proba(logits.cpu()) if calibrator is not None else logits.softmax(1).cpu()
+            images = ImageSet(targets=torch.zeros(len(good), dtype=torch.int64), num_classes=bundle.num_classes,
+                              class_names=list(bundle.class_names), images=torch.stack([image for _, image in good]))
+            probs = run.evaluate(images, calibrator=calibrator, probabilities=True, test_time_augment=False,
+                                 metrics=False).outputs["probabilities"]
             values, indices = probs.topk(k, dim=1)
             predictions += [Prediction(paths[index], [bundle.class_names[c] for c in row_idx.tolist()], row.tolist())
                             for (index, _), row, row_idx in zip(good, values, indices)]

@@ -10,29 +10,19 @@ from typing import Any
 
 import torch
 
-from longtail.calibration.calibrators import load_calibrator
-from longtail.commands.calibrate import fitted_calibrators
-from longtail.commands.evaluate import LoadedRun, split_of
+from longtail.calibration.calibrators import Calibrator, load_calibrator
 from longtail.data.shifts import shifted_test_indices
-from longtail.engine import builders
-from longtail.engine.predict import predict
-from longtail.engine.rundir import new_run_dir, write_output
-from longtail.functional import ece, em_label_shift, prior_corrected_logits, shot_groups
+from longtail.engine.rundir import SHIFTS_PREFIX, evals_dir, new_run_dir, write_output
+from longtail.functional import em_label_shift, prior_corrected_logits, shot_groups
+from longtail.metrics import shift_scores
 from longtail.report.shifts import label_shift_plot, shift_position
+from longtail.runs import LoadedRun, fitted_calibrators, split_of
 
 __all__ = ["evaluate_shifts", "shift_rows", "markdown_table"]
 
 
-def _scores(logits: torch.Tensor, targets: torch.Tensor, groups: dict[str, list[int]]) -> dict[str, Any]:
-    correct = logits.argmax(1) == targets
-    scores: dict[str, Any] = {"top1": float(correct.double().mean()), "ece": float(ece(logits, targets))}
-    for group, classes in groups.items():
-        mask = torch.isin(targets, torch.tensor(classes, dtype=torch.long))
-        scores[f"{group}_top1"] = float(correct[mask].double().mean()) if bool(mask.any()) else None
-    return scores
-
-
-def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[int], variants: dict[str, Any],
+def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[int],
+               variants: dict[str, Calibrator | None],
                factors: list[float], seed: int, model_prior: str = "train", oracle: bool = True
                ) -> list[dict[str, Any]]:
     """One row per (test set, variant, correction). ``variants``: name -> None (the raw model) or a
@@ -56,7 +46,7 @@ def shift_rows(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[i
                 corrected[f"{name} + true prior"] = prior_corrected_logits(base, prior, true_prior / true_prior.sum())
             for variant, variant_logits in corrected.items():
                 row = {"direction": direction, "imbalance_factor": factor, "variant": variant,
-                       "num_samples": len(index), **_scores(variant_logits.float(), set_targets, groups)}
+                       "num_samples": len(index), **shift_scores(variant_logits.float(), set_targets, groups)}
                 if variant.endswith("EM prior"):
                     row["estimated_prior"] = estimate.tolist()
                 rows.append(row)
@@ -83,16 +73,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_shifts(run: LoadedRun, split: str = "test") -> Path:
     """Write ``RUN/evals/shifts_<checkpoint>/``: shifts.json, table.md and shifts.png."""
-    config, bundle, dist_info = run.config, run.bundle, run.dist_info
-    imageset = split_of(run, split)
-    loader = builders.eval_loader(config, imageset, run.augment.normalize, dist_info)
-    outputs = predict(run.model, loader, dist_info, len(imageset), builders.amp_dtype(config, dist_info.device))
-    variants: dict[str, Any] = {"raw": None}
+    config, bundle = run.config, run.bundle
+    outputs = run.evaluate(split_of(run, split), test_time_augment=False, metrics=False).outputs
+    variants: dict[str, Calibrator | None] = {"raw": None}
     variants.update({name: load_calibrator(file) for name, file in fitted_calibrators(run.run_dir).items()})
     shifts = config.shifts
     rows = shift_rows(outputs["logits"], outputs["targets"], bundle.train_counts, variants,
                       shifts.imbalance_factors, shifts.seed, shifts.model_prior, shifts.oracle)
-    out = new_run_dir(run.run_dir / "evals", f"shifts_{run.file.stem}")
+    out = new_run_dir(evals_dir(run.run_dir), SHIFTS_PREFIX + run.file.stem)
     table = markdown_table(rows)
     write_output(out / "shifts.json", json.dumps({"checkpoint": str(run.file), "shifts": shifts.model_dump(),
                                                   "rows": rows}, indent=2))

@@ -15,7 +15,8 @@ from longtail.commands.train import train_stage2
 from longtail.config import apply_overrides, check_epochs, config_from_dict, dump_config, load_config, read_recipe
 from longtail.engine import distributed
 from longtail.engine.logging import LOG, setup_text_log
-from longtail.engine.rundir import discard_if_unstarted, new_run_dir, run_lock
+from longtail.engine.rundir import (config_file, discard_if_unstarted, is_finished, last_checkpoint, new_run_dir,
+                                    run_lock, stage2_dir_name)
 
 __all__ = ["cmd_stage2"]
 
@@ -24,10 +25,10 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(Path(args.run), args.items)
     run_dir = run_dir_of(Path(args.run))
-    recorded = run_dir / "config.yaml"
+    recorded = config_file(run_dir)
     if not recorded.is_file():
         raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
-    if not (run_dir / "metrics.json").is_file() and not args.allow_incomplete:
+    if not is_finished(run_dir) and not args.allow_incomplete:
         raise UserError(f"stage 1 of {run_dir} is not finished (no metrics.json): its last checkpoint is an "
                         f"intermediate epoch. Finish it with `longtail train --resume {run_dir}`, or pass "
                         "--allow-incomplete to run stage 2 on it anyway")
@@ -43,7 +44,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
     if config.stage2 is None:
         raise UserError("no stage-2 method: give a stage-2 recipe or stage2.method=NAME (see `longtail list`)")
     check_epochs(config, ("stage2",), can_scale=False)
-    folder = f"stage2_{folder_name(args.name, '--name') if args.name else config.stage2.method}"
+    folder = stage2_dir_name(folder_name(args.name, '--name') if args.name else config.stage2.method)
     dist_info = distributed.init_distributed(config.device)
     out_dir = None
     try:
@@ -51,7 +52,7 @@ def cmd_stage2(args: argparse.Namespace) -> int:
         out_dir = distributed.broadcast_object(out_dir)
         setup_text_log(out_dir, dist_info.is_main)
         if dist_info.is_main:
-            (out_dir / "config.yaml").write_text(dump_config(config))
+            config_file(out_dir).write_text(dump_config(config))
         results = train_stage2(config, run_dir, dist_info, out_dir)
         if "stopped_at_epoch" in results:
             LOG.info(f"continue with `longtail stage2 --resume {out_dir}`")
@@ -67,13 +68,13 @@ def cmd_stage2(args: argparse.Namespace) -> int:
 
 
 def _resume(out_dir: Path, overrides: list[str]) -> int:
-    if not (out_dir / "config.yaml").is_file() or not (out_dir / "checkpoints" / "last.pt").is_file():
+    if not config_file(out_dir).is_file() or not last_checkpoint(out_dir).is_file():
         raise UserError(f"{out_dir} is not a stage-2 directory with a checkpoint (RUN/stage2_<method>/checkpoints/"
                         "last.pt); give the folder `longtail stage2` printed")
-    if (out_dir / "metrics.json").is_file():
+    if is_finished(out_dir):
         raise UserError(f"stage 2 in {out_dir} is already finished (metrics.json); start a new one with "
                         f"`longtail stage2 {out_dir.parent} ...`")
-    config = as_trained(load_config(out_dir / "config.yaml", overrides, check_epochs=False))
+    config = as_trained(load_config(config_file(out_dir), overrides, check_epochs=False))
     if not any(o.startswith("stage2.stop_at_epoch=") for o in overrides):
         config.stage2.stop_at_epoch = None
     dist_info = distributed.init_distributed(config.device)

@@ -37,11 +37,15 @@ from tqdm import tqdm
 from longtail.commands.common import UserError
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
-from longtail.engine.rundir import lock_holder, release, try_claim, write_output
+from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
+                                    lock_holder, recipe_stage2_dir, release, stage2_dir_name)
+from longtail.engine.rundir import study_file as study_record  # study_file names the study's YAML below
+from longtail.engine.rundir import study_marker, try_claim, write_output
 from longtail.registry import CALIBRATORS, ConfigError, load_all
-from longtail.report.compare import STUDY_MARKER as MARKER
 
 __all__ = ["Study", "StudyRun", "load_study", "plan_runs", "run_study", "cmd_study", "MARKER"]
+
+MARKER = STUDY_MARKER  # the name tests and older code know it by
 
 
 
@@ -124,7 +128,7 @@ class Step:
     config: Config | None = None  # the training step's resolved config
 
     def done(self) -> bool:
-        return (self.output / "metrics.json").is_file()
+        return is_finished(self.output)
 
 
 @dataclass
@@ -171,7 +175,7 @@ class StudyRun:
     def _config_signature(self) -> str | None:
         """A run started outside the study (e.g. from --print-commands): compare its recorded config.
         Stop points are left out: the study resumes past them."""
-        recorded = self.run_dir / "config.yaml"
+        recorded = config_file(self.run_dir)
         if not recorded.is_file() or self.steps[0].config is None:
             return None
         planned = self.steps[0].config.model_copy(deep=True)
@@ -257,10 +261,10 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
 
 def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Config, run_dir: Path,
            base: Path) -> list[Step]:
-    final = run_dir / "stage2" if config.stage2 is not None else run_dir
+    final = recipe_stage2_dir(run_dir) if config.stage2 is not None else run_dir
     train = Step(["train", str(config_path), *overrides], final,
                  resume_argv=["train", "--resume", str(run_dir)],
-                 can_resume=lambda: (run_dir / "checkpoints" / "last.pt").is_file(), config=config)
+                 can_resume=lambda: last_checkpoint(run_dir).is_file(), config=config)
     steps = [train]
     names = [step.name or _stage2_method(step, base, config) for step in recipe.stage2]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -268,11 +272,11 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
         raise ConfigError(f"recipe {recipe.name}: two stage2 steps land in the same folder (stage2_{twice[0]}); "
                           "give the second a `name:` of its own (e.g. crt-cached)")
     for step, name in zip(recipe.stage2, names):
-        out = run_dir / f"stage2_{name}"
+        out = run_dir / stage2_dir_name(name)
         argv = ["stage2", str(run_dir), *([str(_shown(base / step.recipe))] if step.recipe else []), *step.overrides,
                 *(["--name", step.name] if step.name else [])]
         steps.append(Step(argv, out, resume_argv=["stage2", "--resume", str(out)],
-                          can_resume=lambda out=out: (out / "checkpoints" / "last.pt").is_file()))
+                          can_resume=lambda out=out: last_checkpoint(out).is_file()))
     load_all()
     for calibration in recipe.calibrate:  # a bad method or parameter fails here, before anything trains
         CALIBRATORS.build(calibration.method, calibration.params,
@@ -280,7 +284,7 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
         params = [item for key, value in calibration.params.items()
                   for item in ("--param", f"{key}={json.dumps(value)}")]
         steps.append(Step(["calibrate", str(final), "--method", calibration.method, *params],
-                          final / "calibration" / calibration.method))
+                          calibration_dir(final) / calibration.method))
     return steps
 
 
@@ -325,7 +329,7 @@ def _mark_finished(run: StudyRun, study: Study) -> None:
     record = {"study": study.name, "cell": run.cell, "recipe": run.recipe, "grid": run.grid, "seed": run.seed,
               "selection_seed": run.selection_seed, "signature": run.signature, "steps": [step.argv for step in run.steps],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_output(run.run_dir / MARKER, json.dumps(record, indent=2), exist="replace")
+    write_output(study_marker(run.run_dir), json.dumps(record, indent=2), exist="replace")
 
 
 class StudyInterrupted(Exception):
@@ -433,7 +437,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
     study_dir.mkdir(parents=True, exist_ok=True)
-    write_output(study_dir / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
+    write_output(study_record(study_dir), yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
                  exist="replace")
     try:
         ran, held = run_study(study, runs, args.run_command, args.max_runs, resume)

@@ -19,8 +19,9 @@ from longtail.config import Config, check_epochs, config_notes, dump_config, loa
 from longtail.engine import builders, distributed
 from longtail.engine.distributed import DistInfo
 from longtail.engine.logging import LOG, setup_text_log
-from longtail.engine.rundir import (discard_if_unstarted, new_run_dir, record_config_change, run_lock,
-                                    write_output, write_run_record)
+from longtail.engine.rundir import (config_file, discard_if_unstarted, is_finished, last_checkpoint, metrics_file,
+                                    new_run_dir, recipe_stage2_dir, record_config_change, run_lock, write_output,
+                                    write_run_record)
 from longtail.engine.trainer import Trainer, seed_everything
 from longtail.models.finetune import parameter_counts
 from longtail.stage2 import run_stage2
@@ -59,7 +60,7 @@ def _record_image_size(config: Config, image_size: int, run_dir: Path, dist_info
     """The size the data chose (``data.image_size`` unset) goes into the config and the run's config.yaml,
     so eval, predict, export and --resume decode at that size even if the images change."""
     config.data.image_size = image_size
-    recorded = run_dir / "config.yaml"
+    recorded = config_file(run_dir)
     if dist_info.is_main and recorded.is_file():
         write_output(recorded, dump_config(config), exist="replace")
 
@@ -77,14 +78,10 @@ def train_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Pa
     return result.results
 
 
-def _finished(folder: Path) -> bool:
-    return (folder / "metrics.json").is_file()
-
-
 def _resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, dict[str, tuple[Any, Any]]]:
     """The run's config with the overrides ``--resume`` allows (RESUMABLE_KEYS) and what they change;
     any other override is refused: the checkpoint's optimiser and schedule state would silently win."""
-    recorded = run_dir / "config.yaml"
+    recorded = config_file(run_dir)
     if not recorded.is_file():
         raise UserError(f"{run_dir} has no config.yaml; give a run directory written by `longtail train`")
     before = as_trained(load_config(recorded, check_epochs=False))  # a run is continued as it was trained
@@ -116,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--resume continues a run with its own config.yaml; give overrides only")
         config, changes = _resume_config(run_dir, overrides)
         if resume_from.is_dir():
-            resume_from = run_dir / "checkpoints" / "last.pt"
+            resume_from = last_checkpoint(run_dir)
     else:
         config = load_config(config_path, overrides)
     dist_info = distributed.init_distributed(config.device)
@@ -158,17 +155,17 @@ def _report_interrupt(run_dir: Path, created: bool) -> None:
 def _train_steps(args: argparse.Namespace, config: Config, run_dir: Path, dist_info: DistInfo,
                  resume_from: Path | None) -> int:
     """Stage 1, then the recipe's stage 2 and calibration, each skipped when already finished."""
-    if args.resume and _finished(run_dir):
+    if args.resume and is_finished(run_dir):
         LOG.info(f"stage 1 of {run_dir} is finished; continuing with the steps after it")
-        results = json.loads((run_dir / "metrics.json").read_text())
+        results = json.loads(metrics_file(run_dir).read_text())
     else:
         results = train_stage1(config, run_dir, dist_info, resume_from)
         if "stopped_at_epoch" in results:
             return 0
     final = run_dir
     if config.stage2 is not None:
-        final = run_dir / "stage2"
-        if not _finished(final):
+        final = recipe_stage2_dir(run_dir)
+        if not is_finished(final):
             stage2 = train_stage2(config, run_dir, dist_info, final, resume=bool(args.resume))
             if "stopped_at_epoch" in stage2:
                 return 0

@@ -33,7 +33,6 @@ CROP_STREAM = 102
 DecodeSetting = Literal["auto", "yes", "no"]
 # Names that moved out of this module, for imports written before the move: method-specific loaders
 # live beside their method (BBN's paired batches in ``longtail.data.bbn``).
-_MOVED = {"PairedLoader": "longtail.data.bbn"}
 Augment = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int],
                    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
@@ -246,12 +245,3 @@ class EvalLoader:
             return
         for images, targets, _ in self.files:
             yield self.normalize(images), targets
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve a name listed in ``_MOVED`` from its new module (``from longtail.data.loaders import
-    PairedLoader`` keeps working); anything else is the usual AttributeError."""
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,8 +29,12 @@ import torch
 from torch import nn
 
 from longtail.config import AugmentConfig, Config
+from longtail.data.datasets import DataBundle
+from longtail.data.loaders import batch_bounds
 from longtail.engine.distributed import DistInfo
+from longtail.engine.evaluation import EvalSettings, evaluate
 from longtail.engine.logging import LOG
+from longtail.engine.trainer import TrainingJob
 from longtail.registry import ConfigError
 from longtail.types import Batch, ModelOutput
 
@@ -120,14 +124,14 @@ class HeadsOnFeatures(nn.Module):
 
 class CachedFeatureLoader:
     """The training loader of a cached stage 1: at the first ``set_epoch`` the frozen model's features
-    of the un-augmented training images are extracted (one pass, ``engine.predict``: eval mode, gathered
+    of the un-augmented training images are extracted (one pass of ``engine.evaluation.evaluate``: eval mode, gathered
     over ranks), then each epoch's batches are the rows of the stage's own sampler's indices, cut as
     ``TrainLoader`` cuts them (``batch_bounds``, ``drop_last``): the uncached loader's batches.
     ``Batch.images`` holds the features (1, B, D)."""
 
-    def __init__(self, config: Config, bundle: Any, dist_info: DistInfo, model: nn.Module, sampler: Any,
-                 batch_size: int, seed: int, drop_last: bool) -> None:
-        self.config, self.bundle, self.dist, self.model = config, bundle, dist_info, model
+    def __init__(self, bundle: DataBundle, settings: EvalSettings, dist_info: DistInfo, model: nn.Module,
+                 sampler: Any, batch_size: int, seed: int, drop_last: bool) -> None:
+        self.bundle, self.settings, self.dist, self.model = bundle, settings, dist_info, model
         self.sampler, self.batch_size, self.seed, self.drop_last = sampler, batch_size, seed, drop_last
         self.features: torch.Tensor | None = None  # (N, D) float32 on the training device
         self.targets: torch.Tensor | None = None
@@ -135,14 +139,10 @@ class CachedFeatureLoader:
         self.extractions = 0  # how many times the training set was passed through the backbone
 
     def _extract(self) -> None:
-        from longtail.engine import builders
-        from longtail.engine.predict import predict
         imageset = self.bundle.train
-        loader = builders.eval_loader(self.config, imageset, builders.build_augment(self.config, self.bundle).normalize,
-                                      self.dist)
         LOG.info(f"stage 1: caching the features of {len(imageset.targets)} training images (model.finetune=linear)")
-        outputs = predict(self.model, loader, self.dist, len(imageset.targets),
-                          builders.amp_dtype(self.config, self.dist.device), keep_features=True)
+        outputs = evaluate(self.model, imageset, self.settings, self.dist, keep_features=True,
+                           test_time_augment=False, metrics=False).outputs
         self.features = outputs["features"].to(self.dist.device)
         self.targets = outputs["targets"].long().to(self.dist.device)
         self.extractions += 1
@@ -153,7 +153,6 @@ class CachedFeatureLoader:
         self.order = self.sampler.epoch_indices(epoch, total_epochs).to(self.dist.device)
 
     def _bounds(self, total: int) -> list[tuple[int, int]]:
-        from longtail.data.loaders import batch_bounds
         return batch_bounds(total, self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -172,7 +171,7 @@ class CachedFeatureLoader:
             yield Batch(images=self.features[index].unsqueeze(0), targets=self.targets[index], indices=index)
 
 
-def use_cached_features(config: Config, bundle: Any, dist_info: DistInfo, job: Any) -> Any:
+def use_cached_features(config: Config, bundle: DataBundle, dist_info: DistInfo, job: TrainingJob) -> TrainingJob:
     """``job`` (stage 1) trained on cached features when ``cache_decision`` says so (its net becomes
     ``HeadsOnFeatures``, its loader a ``CachedFeatureLoader``); else ``job`` unchanged. Logs the
     decision (the run header)."""
@@ -190,7 +189,7 @@ def use_cached_features(config: Config, bundle: Any, dist_info: DistInfo, job: A
         raise ConfigError(f"cached features need a frozen backbone, but {trainable[0]} trains; "
                           "set model.finetune_params.cache_features=false")
     loader = job.loader
-    job.loader = CachedFeatureLoader(config, bundle, dist_info, model, loader.sampler, loader.batch_size,
+    job.loader = CachedFeatureLoader(bundle, job.evaluation, dist_info, model, loader.sampler, loader.batch_size,
                                      loader.seed, loader.drop_last)
     job.net = HeadsOnFeatures(model)
     return job

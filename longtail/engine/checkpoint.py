@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from longtail.config import Config
+from longtail.engine.rundir import last_checkpoint
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and what to do."""
@@ -38,7 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = last_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give a run directory (with checkpoints/last.pt) "
                               "or a .pt file written by `longtail train`")
@@ -55,6 +58,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 RUN_CHECKPOINT_KEYS = ("model", "config", "epoch")
+
+
+def run_checkpoint(model: torch.nn.Module, config: Config, epoch: int, **extra: Any) -> dict[str, Any]:
+    """The one schema of a run's checkpoint: the epoch it ends (0-based), the model's weights and the
+    config it was trained with (``RUN_CHECKPOINT_KEYS``), plus what its writer adds (the trainer: optimiser,
+    schedule, scaler, loss state, history, best; stage 2: the head specs; a finished stage 2: ``finished``)."""
+    return {"epoch": epoch, "model": model.state_dict(), "config": config.model_dump(mode="json"), **extra}
 
 
 def load_run_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -26,6 +26,132 @@ from longtail.config import Config, dump_config
 from longtail.engine.precision import resolve_precision
 
 
+# ----------------------------------------------------------------------------- the layout of a run
+# Every file and folder name of a run is spelled here and nowhere else; the commands, the trainer,
+# stage 2, calibration, the report and the study ask these names and functions.
+#
+#   RUN/config.yaml env.json config_history.jsonl .lock    what produced the run (write_run_record)
+#   RUN/metrics.json plots/                                a finished stage (write_results)
+#   RUN/checkpoints/last.pt best.pt                        the trainer's checkpoints
+#   RUN/stage2/                                            a recipe's stage 2 (a run folder of its own)
+#   RUN/stage2_<name>[-N]/                                 `longtail stage2` (likewise)
+#   RUN[/stage2...]/calibration/<method>[-N]/calibrator.pt metrics.json table.md  `longtail calibrate`
+#   RUN[/stage2...]/evals/<checkpoint>_<split>[-N]/ shifts_<checkpoint>[-N]/       `longtail eval`
+#   RUN/study_run.json                                     `longtail study`: every step of the run is done
+CONFIG_FILE = "config.yaml"
+ENV_FILE = "env.json"
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.json"
+PLOTS_DIR = "plots"
+RELIABILITY_PLOT = "reliability.png"  # in plots/: the test predictions' reliability diagram
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+CHECKPOINT_SUFFIX = ".pt"
+RECIPE_STAGE2_DIR = "stage2"
+STAGE2_PREFIX = "stage2_"
+CALIBRATION_DIR = "calibration"
+CALIBRATOR_FILE = "calibrator.pt"
+EVALS_DIR = "evals"
+SHIFTS_PREFIX = "shifts_"
+STUDY_MARKER = "study_run.json"
+# a study folder: STUDY/study.yaml (the study as run), STUDY/<cell>/seed<k>/ (its runs)
+STUDY_FILE = "study.yaml"
+
+
+def checkpoints_dir(folder: Path) -> Path:
+    return folder / CHECKPOINTS_DIR
+
+
+def checkpoint_path(folder: Path, name: str = "last") -> Path:
+    """``folder/checkpoints/<name>.pt``: ``last``, ``best`` or a file name (``.pt`` optional)."""
+    file = {"last": LAST_CHECKPOINT, "best": BEST_CHECKPOINT}.get(name, name)
+    return checkpoints_dir(folder) / (file if file.endswith(CHECKPOINT_SUFFIX) else file + CHECKPOINT_SUFFIX)
+
+
+def last_checkpoint(folder: Path) -> Path:
+    return checkpoints_dir(folder) / LAST_CHECKPOINT
+
+
+def best_checkpoint(folder: Path) -> Path:
+    return checkpoints_dir(folder) / BEST_CHECKPOINT
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """A checkpoint inside a run folder (``RUN/checkpoints/*.pt``)."""
+    return path.suffix == CHECKPOINT_SUFFIX and path.parent.name == CHECKPOINTS_DIR
+
+
+def folder_of_checkpoint(file: Path) -> Path:
+    """The run (or stage-2) folder of a checkpoint file: ``RUN`` for ``RUN/checkpoints/x.pt``, else the
+    file's folder."""
+    return file.parent.parent if file.parent.name == CHECKPOINTS_DIR else file.parent
+
+
+def config_file(folder: Path) -> Path:
+    return folder / CONFIG_FILE
+
+
+def metrics_file(folder: Path) -> Path:
+    return folder / METRICS_FILE
+
+
+def is_finished(folder: Path) -> bool:
+    """A stage (stage 1 in a run folder, stage 2 in its folder) that wrote its metrics.json."""
+    return metrics_file(folder).is_file()
+
+
+def recipe_stage2_dir(run_dir: Path) -> Path:
+    """Where a recipe's ``stage2`` section trains (``longtail train``)."""
+    return run_dir / RECIPE_STAGE2_DIR
+
+
+def stage2_dir_name(name: str) -> str:
+    """The folder name (before numbering) of ``longtail stage2 --name NAME`` (or the method)."""
+    return STAGE2_PREFIX + name
+
+
+def stage2_label(folder: Path) -> str | None:
+    """The name a stage-2 folder was given (``stage2_<name>``), None for the recipe's ``stage2``."""
+    return None if folder.name == RECIPE_STAGE2_DIR else folder.name.removeprefix(STAGE2_PREFIX)
+
+
+def stage2_dirs(run_dir: Path) -> list[Path]:
+    """Every stage-2 folder of a run: the recipe's, then those of ``longtail stage2`` by name."""
+    return [recipe_stage2_dir(run_dir), *sorted(run_dir.glob(STAGE2_PREFIX + "*"))]
+
+
+def calibration_dir(folder: Path) -> Path:
+    return folder / CALIBRATION_DIR
+
+
+def calibrator_file(calibration_folder: Path) -> Path:
+    return calibration_folder / CALIBRATOR_FILE
+
+
+def calibrator_files(folder: Path) -> list[Path]:
+    """``folder/calibration/*/calibrator.pt``, oldest first."""
+    return sorted(calibration_dir(folder).glob(f"*/{CALIBRATOR_FILE}"), key=lambda f: f.stat().st_mtime)
+
+
+def calibration_records(folder: Path) -> list[Path]:
+    """``folder/calibration/*/metrics.json``, by folder name."""
+    return sorted(calibration_dir(folder).glob(f"*/{METRICS_FILE}"))
+
+
+def evals_dir(folder: Path) -> Path:
+    return folder / EVALS_DIR
+
+
+def study_marker(run_dir: Path) -> Path:
+    return run_dir / STUDY_MARKER
+
+
+def study_file(study_dir: Path) -> Path:
+    return study_dir / STUDY_FILE
+
+
 class RunDirError(RuntimeError):
     """A run directory cannot be used (another process holds it); the message says what to do."""
 
@@ -52,7 +178,7 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
 def discard_if_unstarted(run_dir: Path) -> bool:
     """Remove a run directory a failed command created before anything was trained in it (it holds
     only the run record), so failures leave no empty ``NAME-N`` folders. Returns whether it did."""
-    if not run_dir.is_dir() or (run_dir / "checkpoints").exists() or (run_dir / "metrics.json").exists():
+    if not run_dir.is_dir() or checkpoints_dir(run_dir).exists() or metrics_file(run_dir).exists():
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return True
@@ -62,9 +188,9 @@ def discard_if_unstarted(run_dir: Path) -> bool:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` (an advisory ``flock``, released by the kernel even on ``kill -9``) while
     a command works in the run, so two processes never train or resume one run at once."""
-    handle = try_claim(run_dir / ".lock")
+    handle = try_claim(run_dir / LOCK_FILE)
     if handle is None:
-        holder = lock_holder(run_dir / ".lock") or "another process"
+        holder = lock_holder(run_dir / LOCK_FILE) or "another process"
         raise RunDirError(f"{run_dir} is in use by {holder}; wait for it to finish (or stop it) before "
                           "resuming or training in this run")
     try:
@@ -122,11 +248,11 @@ def record_config_change(run_dir: Path, config: Config, changes: dict[str, tuple
     by which command) to ``config_history.jsonl``."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
              "changed": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}
-    with open(run_dir / "config_history.jsonl", "a") as handle:
+    with open(run_dir / CONFIG_HISTORY_FILE, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
     tmp.write_text(dump_config(config))
-    os.replace(tmp, run_dir / "config.yaml")
+    os.replace(tmp, config_file(run_dir))
 
 
 def git_commit() -> dict[str, object]:
@@ -157,7 +283,7 @@ def device_name(device: torch.device) -> str:
 
 def write_run_record(run_dir: Path, config: Config, device: torch.device, world_size: int) -> None:
     """The resolved config, the code version and the environment, beside the results."""
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    config_file(run_dir).write_text(dump_config(config))
     env = {
         "git": git_commit(),
         "argv": sys.argv,
@@ -171,7 +297,7 @@ def write_run_record(run_dir: Path, config: Config, device: torch.device, world_
         "world_size": world_size,
         "precision": resolve_precision(config.train.amp, config.train.channels_last, device).label,
     }
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    (run_dir / ENV_FILE).write_text(json.dumps(env, indent=2))
 
 
 # ----------------------------------------------------------------------------- output files

@@ -26,13 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from longtail.config import Config
-from longtail.engine import builders
-from longtail.engine.checkpoint import load_checkpoint, save_checkpoint
+from longtail.data import DataBundle
+from longtail.engine.checkpoint import load_checkpoint, run_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, all_reduce_sum, barrier
+from longtail.engine.evaluation import EvalSettings, evaluate, final_scores
 from longtail.engine.logging import LOG, RunLogger
-from longtail.engine.predict import predict
+from longtail.engine.precision import Precision
+from longtail.engine.rundir import best_checkpoint, last_checkpoint
 from longtail.losses.terms import batch_loss
-from longtail.metrics import compute_metrics, summary
+from longtail.metrics import summary
 from longtail.types import Batch, ModelOutput
 
 __all__ = ["NonFiniteLossError", "TrainingJob", "Trainer", "FitResult", "seed_everything", "call_hook"]
@@ -71,14 +73,19 @@ def call_hook(components: Iterable[Any], hook: str, *args: Any) -> None:
 
 @dataclass
 class TrainingJob:
-    """One stage to train.
+    """One stage to train, with every setting the trainer uses: whoever builds the job decides them
+    (``builders.stage1_job`` from ``train.*``/``data.*``, ``Stage2Context.train`` from ``stage2.*``); the
+    trainer reads no config.
 
     ``model`` is what is checkpointed and evaluated; ``net`` is the module a step calls on
     ``batch.images`` (the model itself in stage 1; in stage 2 a view that runs the frozen backbone, or
-    reads cached features, and the trainable heads). ``checkpoint_extra`` adds what a checkpoint needs
-    to be rebuilt (stage 2: the head specs). ``label`` names the stage in logs and progress bars.
-    ``evaluate_at_end=False`` leaves the final evaluation to the caller (stage 2 evaluates after
-    folding its heads)."""
+    reads cached features, and the trainable heads). ``precision``: autocast dtype and memory format of
+    the steps; ``evaluation``: how the model is scored (``engine.evaluation``); ``batch_size``: per process
+    (counts the images of an epoch when the loader does not say); ``grad_clip`` (None or 0: off),
+    ``compile`` (``torch.compile`` of ``net``), ``log_interval`` (steps between device syncs and log
+    updates). ``checkpoint_extra`` adds what a checkpoint needs to be rebuilt (stage 2: the head specs).
+    ``label`` names the stage in logs and progress bars. ``evaluate_at_end=False`` leaves the final
+    evaluation to the caller (stage 2 evaluates after folding its heads)."""
 
     label: str
     model: nn.Module
@@ -86,8 +93,14 @@ class TrainingJob:
     loss_fn: nn.Module
     loader: BatchLoader
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     epochs: int
+    precision: Precision
+    evaluation: EvalSettings
+    batch_size: int
+    grad_clip: float | None = None
+    compile: bool = False
+    log_interval: int = 50
     stop_at_epoch: int | None = None
     select: str = "last"
     eval_every: int = 1
@@ -109,19 +122,20 @@ class FitResult:
 
 
 class Trainer:
-    """Runs a ``TrainingJob`` in ``run_dir`` (checkpoints, metrics.csv, TensorBoard) on ``bundle``."""
+    """Runs a ``TrainingJob`` in ``run_dir`` (checkpoints, metrics.csv, TensorBoard) on ``bundle``.
+    ``config`` is only recorded in the checkpoints (what the run was trained with); every setting of
+    the training comes from the job."""
 
-    def __init__(self, config: Config, job: TrainingJob, bundle: Any, run_dir: Path, dist_info: DistInfo,
+    def __init__(self, config: Config, job: TrainingJob, bundle: DataBundle, run_dir: Path, dist_info: DistInfo,
                  resume_from: Path | None = None) -> None:
         self.config, self.job, self.bundle = config, job, bundle
         self.run_dir, self.dist, self.device = run_dir, dist_info, dist_info.device
         self.counts = bundle.train_counts
-        self.precision = builders.precision(config, self.device)
+        self.precision = job.precision
         self.amp_dtype, self.channels_last = self.precision.amp_dtype, self.precision.channels_last
-        self.normalize = builders.build_augment(config, bundle).normalize
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.net = job.net
-        if config.train.compile:
+        if job.compile:
             self.net = torch.compile(self.net)
         if dist_info.distributed:
             self.net = DistributedDataParallel(self.net, broadcast_buffers=job.broadcast_buffers,
@@ -137,10 +151,10 @@ class Trainer:
     # ------------------------------------------------------------- checkpoint
     def _state(self, epoch: int) -> dict[str, Any]:
         job = self.job
-        return {"epoch": epoch, "model": job.model.state_dict(), "optimizer": job.optimizer.state_dict(),
-                "scheduler": job.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "loss": job.loss_fn.state_dict(), "config": self.config.model_dump(mode="json"),
-                "history": self.history, "best": self.best, **job.checkpoint_extra()}
+        return run_checkpoint(job.model, self.config, epoch, optimizer=job.optimizer.state_dict(),
+                              scheduler=job.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                              loss=job.loss_fn.state_dict(), history=self.history, best=self.best,
+                              **job.checkpoint_extra())
 
     def _load_state(self, state: dict[str, Any]) -> None:
         job = self.job
@@ -157,15 +171,14 @@ class Trainer:
     def _save(self, epoch: int, is_best: bool) -> None:
         if not self.dist.is_main:
             return
-        folder = self.run_dir / "checkpoints"
         state = self._state(epoch)
-        save_checkpoint(state, folder / "last.pt")
+        save_checkpoint(state, last_checkpoint(self.run_dir))
         if is_best:
-            save_checkpoint(state, folder / "best.pt")
+            save_checkpoint(state, best_checkpoint(self.run_dir))
 
     # ------------------------------------------------------------------ loop
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        job, train_cfg = self.job, self.config.train
+        job = self.job
         self.net.train()
         call_hook(job.hooked, "on_epoch_start", epoch, job.epochs)
         job.loader.set_epoch(epoch, job.epochs)
@@ -193,9 +206,9 @@ class Trainer:
             loss, terms = batch_loss(job.loss_fn, output, batch)
             job.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            if train_cfg.grad_clip:
+            if job.grad_clip:
                 self.scaler.unscale_(job.optimizer)
-                torch.nn.utils.clip_grad_norm_(job.model.parameters(), train_cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.grad_clip)
             self.scaler.step(job.optimizer)
             self.scaler.update()
             job.scheduler.step()
@@ -207,7 +220,7 @@ class Trainer:
             step_images = len(batch.targets) * world
             images_seen += step_images
             bar.update(step_images)
-            if (step + 1) % train_cfg.log_interval == 0 or step + 1 == steps:
+            if (step + 1) % job.log_interval == 0 or step + 1 == steps:
                 mean_loss = float(loss_sum) / (step + 1)
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(self._nan_message(mean_loss, epoch, step))
@@ -224,22 +237,21 @@ class Trainer:
                 "images_per_second": images_seen / max(elapsed, 1e-9)}
 
     def _images_per_step(self) -> int:
-        batch_size = getattr(self.job.loader, "batch_size", self.config.data.batch_size)
+        batch_size = getattr(self.job.loader, "batch_size", self.job.batch_size)
         return batch_size * self.dist.world_size
 
     def _nan_message(self, value: float, epoch: int, step: int) -> str:
-        last = self.run_dir / "checkpoints" / "last.pt"
+        last = last_checkpoint(self.run_dir)
         kept = (f"The last good checkpoint is {last} (end of epoch {epoch})." if last.exists()
                 else "No checkpoint was written yet (it failed in the first epoch).")
         return (f"{self.job.label}: loss became {value} at epoch {epoch + 1}, step {step + 1}; stopped. {kept} "
                 "Lower the learning rate, enable train.grad_clip, or use train.amp=none/bf16 instead of fp16.")
 
     def evaluate(self, split: str, keep_features: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        imageset = getattr(self.bundle, split)
-        loader = builders.eval_loader(self.config, imageset, self.normalize, self.dist)
-        outputs = predict(builders.evaluation_model(self.config, self.job.model), loader, self.dist, len(imageset.targets), self.amp_dtype, keep_features)
-        metrics = compute_metrics(outputs["logits"], outputs["targets"], self.counts, outputs.get("expert_logits"))
-        return metrics, outputs
+        result = evaluate(self.job.model, getattr(self.bundle, split), self.job.evaluation, self.dist, self.counts,
+                          keep_features=keep_features)
+        assert result.metrics is not None
+        return result.metrics, result.outputs
 
     def _epoch_scores(self, epoch: int) -> dict[str, Any]:
         job = self.job
@@ -306,13 +318,11 @@ class Trainer:
         if job.select == "test":
             results["warning"] = ("'best' was selected on the test set (the seeds' practice); "
                                   "its test numbers are optimistic. Compare 'last' for an unbiased estimate.")
-        last_metrics, last_outputs = self.evaluate("test")
-        results["last"] = {"epoch": job.epochs, "test": last_metrics}
-        if self.bundle.val is not None:
-            results["last"]["val"] = self.evaluate("val")[0]
+        results["last"], last_outputs = final_scores(job.model, self.bundle, job.evaluation, self.dist, job.epochs)
+        last_metrics = results["last"]["test"]
         if self.best:
             if self.best_weights is None:  # resumed after the best epoch: its weights are on disk
-                self.best_weights = load_checkpoint(self.run_dir / "checkpoints" / "best.pt", self.device)["model"]
+                self.best_weights = load_checkpoint(best_checkpoint(self.run_dir), self.device)["model"]
             current = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
             job.model.load_state_dict(self.best_weights)
             results["best"] = {"epoch": self.best["epoch"] + 1, "selected_on": self.best["selected_on"],

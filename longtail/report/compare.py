@@ -9,7 +9,9 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from longtail.engine.rundir import write_output
+from longtail.engine.rundir import (PLOTS_DIR, RELIABILITY_PLOT, STUDY_MARKER, calibration_records, config_file,
+                                    is_finished, metrics_file, stage2_dirs, stage2_label, study_file, study_marker,
+                                    write_output)
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
 from longtail.report.papers import PAPER_NUMBERS_ENV, PaperNumbersNotFound, load_paper_numbers, paper_entry_for
@@ -18,7 +20,6 @@ from longtail.report.records import learning_curve, records
 
 __all__ = ["STUDY_MARKER", "expand_runs", "load_run", "rows_for", "write_report"]
 
-STUDY_MARKER = "study_run.json"  # written by `longtail study` when every step of a run is done
 # the paired comparisons: top-1 on the (balanced) test set; on a long-tailed validation split top-1
 # rewards the head bias, so selection there compares class-averaged accuracy
 PAIRED_METRICS = {"test": ("top1", "ece"), "val": ("class_avg_top1", "ece")}
@@ -34,16 +35,16 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Pat
     partial: list[Path] = []
     untrained: list[Path] = []
     for path in _distinct(map(Path, paths)):
-        if (path / "metrics.json").is_file():
+        if is_finished(path):
             runs.append(path)
             continue
-        if not (path / "study.yaml").is_file():
+        if not study_file(path).is_file():
             raise FileNotFoundError(f"{path} is neither a finished run (metrics.json) nor a study folder (study.yaml, "
                                     "written by `longtail study`); give finished `longtail train` runs or a study")
-        for cell in sorted(p for p in path.glob("*/*") if (p / "config.yaml").is_file()):
-            if (cell / STUDY_MARKER).is_file():
+        for cell in sorted(p for p in path.glob("*/*") if config_file(p).is_file()):
+            if study_marker(cell).is_file():
                 runs.append(cell)
-            elif (cell / "metrics.json").is_file():
+            elif is_finished(cell):
                 runs.append(cell)
                 partial.append(cell)
             else:
@@ -74,14 +75,13 @@ def read_json(path: Path) -> Any:
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
+    path = metrics_file(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json; is it a finished `longtail train` run?")
     results = _checked(read_json(path), path)
     # stage 2 of the recipe (RUN/stage2) and those of `longtail stage2` (RUN/stage2_<method>[-N])
-    folders = [run_dir / "stage2", *sorted(run_dir.glob("stage2_*"))]
-    results["stage2"] = {folder.name: _checked(read_json(folder / "metrics.json"), folder / "metrics.json")
-                         for folder in folders if (folder / "metrics.json").is_file()}
+    results["stage2"] = {folder.name: _checked(read_json(metrics_file(folder)), metrics_file(folder))
+                         for folder in stage2_dirs(run_dir) if is_finished(folder)}
     return results
 
 
@@ -102,7 +102,7 @@ def _checked(results: Any, path: Path) -> dict[str, Any]:
 def _calibration(folder: Path) -> dict[str, float]:
     """Test ECE after each calibrator fitted on this model (RUN[/stage2...]/calibration/<method>)."""
     out = {}
-    for path in sorted(folder.glob("calibration/*/metrics.json")):
+    for path in calibration_records(folder):
         record = read_json(path)
         try:
             out[path.parent.name] = float(record["after"]["ece"])
@@ -112,7 +112,7 @@ def _calibration(folder: Path) -> dict[str, float]:
 
 
 def _config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.yaml"
+    path = config_file(folder)
     if not path.is_file():
         return {}
     try:
@@ -141,10 +141,10 @@ def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
     ``split="val"`` reads the validation metrics (for choosing between readings without the test set)."""
     results = load_run(run_dir)
     config = _config(run_dir)
-    marker = run_dir / STUDY_MARKER
+    marker = study_marker(run_dir)
     if marker.is_file():
         recipe = read_json(marker).get("cell") or run_dir.parent.name
-    elif (run_dir.parent.parent / "study.yaml").is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
+    elif study_file(run_dir.parent.parent).is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
         recipe = run_dir.parent.name
     else:
         recipe = config.get("name", run_dir.name)
@@ -158,8 +158,8 @@ def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
                          "folder": run_dir,
                          "calibrators": _calibration(run_dir) if key == "last" and split == "test" else {}})
     for name, stage2 in results["stage2"].items():
-        label = stage2.get("method", "?") if name == "stage2" else name.removeprefix("stage2_")
         folder = run_dir / name
+        label = stage2_label(folder) or stage2.get("method", "?")
         rows.append({**_metrics(stage2["last"], split, folder), **base, "stage": f"stage 2 ({label})",
                      "label": f"{recipe} · {label}", "config": _config(folder) or config, "folder": folder,
                      "calibrators": _calibration(folder) if split == "test" else {}})
@@ -272,7 +272,7 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
     curve_plot = learning_curves(curves, out / "learning_curves.png", split)
     if curve_plot is not None:
         plots["learning curves (evaluated every train.eval_every epochs)"] = curve_plot
-    reliability = {g.label: g.rows[0]["folder"] / "plots" / "reliability.png" for g in groups}
+    reliability = {g.label: g.rows[0]["folder"] / PLOTS_DIR / RELIABILITY_PLOT for g in groups}
     reliability = {label: path for label, path in reliability.items() if path.is_file() and split == "test"}
     note = " ".join([f"Metrics of the {'test set' if split == 'test' else 'validation split (for selection)'}.",
                      *([f"{len(partial)} study runs still have stage-2 or calibration steps to run (their finished "

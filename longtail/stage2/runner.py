@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from longtail.config import Config
+from longtail.config import AugmentConfig, Config
 from longtail.engine import builders
-from longtail.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from longtail.engine.checkpoint import CheckpointError, load_checkpoint, run_checkpoint, save_checkpoint
 from longtail.engine.distributed import DistInfo, barrier
-from longtail.engine.predict import predict
+from longtail.engine.evaluation import final_scores
 from longtail.engine.logging import LOG
-from longtail.metrics import compute_metrics, summary
+from longtail.engine.rundir import checkpoint_path, last_checkpoint
+from longtail.metrics import summary
 from longtail.models.heads import fold_head, head_spec
 from longtail.registry import STAGE2, ConfigError, load_all
 from longtail.stage2.training import BATCH_NORMS, Stage2Context, Stage2Stopped
@@ -34,7 +35,7 @@ __all__ = ["run_stage2", "Stage2Result", "stage1_checkpoint", "backbone_state", 
 
 def stage1_checkpoint(run_dir: Path, choice: str) -> Path:
     """The checkpoint ``stage2.from_checkpoint`` names: ``last``/``best`` of the run, or a file."""
-    path = run_dir / "checkpoints" / f"{choice}.pt" if choice in ("last", "best") else Path(choice)
+    path = checkpoint_path(run_dir, choice) if choice in ("last", "best") else Path(choice)
     if not path.is_file():
         hint = " ('best' exists only when stage 1 ran with train.select=val or test)" if choice == "best" else ""
         raise CheckpointError(f"stage 2 cannot find its stage-1 checkpoint {path}{hint}; set stage2.from_checkpoint "
@@ -65,7 +66,7 @@ def check_backbone(model: nn.Module, before: dict[str, torch.Tensor], bn_statist
                            "this is a bug in the stage-2 method")
 
 
-def _stage2_augment(config: Config) -> Any:
+def _stage2_augment(config: Config) -> AugmentConfig:
     """``stage2.augment``, else stage 1's augmentation without mixing (MiSLAS's stage 2 turns mixup off)."""
     stage2 = config.stage2
     if stage2.augment is not None:
@@ -136,26 +137,17 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
     for i, head in enumerate(list(model.heads)):
         model.heads[i] = fold_head(head)
 
-    def evaluate(split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        imageset = getattr(bundle, split)
-        loader = builders.eval_loader(config, imageset, augment.normalize, dist_info)
-        outputs = predict(model, loader, dist_info, len(imageset), ctx.amp_dtype)
-        return compute_metrics(outputs["logits"], outputs["targets"], bundle.train_counts,
-                               outputs.get("expert_logits")), outputs
-
     epochs = 0 if method.post_hoc else cfg.epochs
-    test_metrics, test_outputs = evaluate("test")
+    last, test_outputs = final_scores(model, bundle, ctx.evaluation, dist_info, epochs, test_time_augment=False)
+    test_metrics = last["test"]
     results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
                                "features": None if method.post_hoc else mode, "train_seconds": train_seconds,
-                               **info, "last": {"epoch": epochs, "test": test_metrics}}
-    if bundle.val is not None:
-        results["last"]["val"] = evaluate("val")[0]
+                               **info, "last": last}
     results["seconds"] = time.perf_counter() - started
     if dist_info.is_main:
-        save_checkpoint({"model": model.state_dict(), "heads": [head_spec(h) for h in model.heads],
-                         "config": config.model_dump(mode="json"), "epoch": epochs - 1, "finished": True,
-                         "stage2": {"method": cfg.method, "from_checkpoint": str(checkpoint)}},
-                        out_dir / "checkpoints" / "last.pt")
+        stage2 = {"method": cfg.method, "from_checkpoint": str(checkpoint)}
+        save_checkpoint(run_checkpoint(model, config, epochs - 1, heads=[head_spec(h) for h in model.heads],
+                                       finished=True, stage2=stage2), last_checkpoint(out_dir))
         LOG.info(f"stage 2 ({cfg.method}, {results['seconds']:.1f} s): {summary(test_metrics)}")
     barrier()
     return Stage2Result(results=results, test_outputs=test_outputs, train_counts=bundle.train_counts)

@@ -23,17 +23,22 @@ import torch
 from torch import nn
 
 from longtail.config import Config
+from longtail.data import DataBundle, Sampler
+from longtail.data.augment import BatchAugment
 from longtail.data.loaders import batch_bounds
 from longtail.data.samplers import epoch_seed
 from longtail.engine import builders
 from longtail.engine.distributed import DistInfo, all_reduce_sum
+from longtail.engine.evaluation import EvalSettings, evaluate
 from longtail.engine.logging import LOG
 from longtail.engine.optim import build_optimizer, build_scheduler
+from longtail.engine.precision import Precision, resolve_precision
+from longtail.engine.rundir import last_checkpoint
 from longtail.engine.trainer import Trainer, TrainingJob
 from longtail.losses.terms import ExpertSum
 from longtail.models.heads import head_spec
 from longtail.registry import LOSSES, ConfigError
-from longtail.stage2.features import FeatureSet, expert_features, extract_features
+from longtail.stage2.features import FeatureSet, expert_features
 from longtail.types import Batch, ModelOutput
 
 __all__ = ["BATCH_NORMS", "FEATURE_MODES", "Stage2Context", "FeatureView", "ImageView", "FeatureLoader",
@@ -118,7 +123,7 @@ class FeatureLoader:
     epoch) (LADC replaces tail features by draws from their calibrated Gaussians). ``Batch.images``
     holds the features (M, B, D)."""
 
-    def __init__(self, cached: FeatureSet, sampler: Any, batch_size: int, seed: int,
+    def __init__(self, cached: FeatureSet, sampler: Sampler, batch_size: int, seed: int,
                  transform: FeatureTransform | None = None, drop_last: bool = True) -> None:
         if len(sampler) < batch_size:
             raise ConfigError(f"stage-2 batch size {batch_size} is larger than the {len(sampler)} samples this rank "
@@ -156,13 +161,16 @@ class FeatureLoader:
 class Stage2Context:
     """Everything a stage-2 method works with. ``model`` holds the stage-1 weights with its backbone
     frozen; a method replaces ``model.heads[i]`` and trains them with ``train``. ``out_dir`` receives
-    the checkpoints; ``resume`` continues from its ``checkpoints/last.pt``."""
+    the checkpoints; ``resume`` continues from its ``checkpoints/last.pt``.
+
+    The settings of stage 2's training job are ``stage2.*``; each one left unset is stage 1's
+    (``batch_size``: ``data.batch_size``; ``grad_clip``, ``compile``, ``log_interval``, ``amp``: ``train.*``)."""
 
     config: Config
     model: nn.Module
-    bundle: Any
+    bundle: DataBundle
     dist: DistInfo
-    augment: Any
+    augment: BatchAugment
     feature_mode: str
     out_dir: Path
     resume: bool = False
@@ -174,8 +182,19 @@ class Stage2Context:
         return self.dist.device
 
     @property
+    def precision(self) -> Precision:
+        """``stage2.amp`` (else ``train.amp``) with ``train.channels_last``, resolved for the device."""
+        amp = self.config.stage2.amp or self.config.train.amp
+        return resolve_precision(amp, self.config.train.channels_last, self.device)
+
+    @property
     def amp_dtype(self) -> torch.dtype | None:
-        return builders.amp_dtype(self.config, self.device)
+        return self.precision.amp_dtype
+
+    @property
+    def evaluation(self) -> EvalSettings:
+        """How stage 2 scores its model and extracts features: the run's evaluation view at stage 2's precision."""
+        return builders.eval_settings(self.config, self.bundle, self.precision)
 
     @property
     def counts(self) -> list[int]:
@@ -190,6 +209,20 @@ class Stage2Context:
         return self.config.stage2.batch_size or self.config.data.batch_size
 
     @property
+    def grad_clip(self) -> float | None:
+        clip = self.config.stage2.grad_clip
+        return self.config.train.grad_clip if clip is None else clip
+
+    @property
+    def compile(self) -> bool:
+        compiled = self.config.stage2.compile
+        return self.config.train.compile if compiled is None else compiled
+
+    @property
+    def log_interval(self) -> int:
+        return self.config.stage2.log_interval or self.config.train.log_interval
+
+    @property
     def seed(self) -> int:
         return self.config.seed + SAMPLER_SEED_OFFSET
 
@@ -199,12 +232,14 @@ class Stage2Context:
             imageset = getattr(self.bundle, split)
             if imageset is None:
                 raise ValueError(f"the run has no {split} split")
-            loader = builders.eval_loader(self.config, imageset, self.augment.normalize, self.dist)
             LOG.info(f"stage 2: caching {split} features of {len(imageset)} images")
-            self.cached[split] = extract_features(self.model, loader, self.dist, len(imageset), self.amp_dtype)
+            outputs = evaluate(self.model, imageset, self.evaluation, self.dist, expert_features=True,
+                               test_time_augment=False, metrics=False).outputs
+            self.cached[split] = FeatureSet(outputs["expert_features"].to(self.device),
+                                            outputs["targets"].to(self.device))
         return self.cached[split]
 
-    def sampler(self) -> Any:
+    def sampler(self) -> Sampler:
         cfg = self.config.stage2
         return builders.build_sampler(self.config, self.bundle, self.dist, cfg.sampler or "instance",
                                       cfg.sampler_params, "stage2.sampler_params", self.seed,
@@ -255,12 +290,14 @@ class Stage2Context:
         loss = ExpertSum(loss_fn)
         job = TrainingJob(
             label=f"stage 2 ({cfg.method})", model=self.model, net=net, loss_fn=loss, loader=loader,
-            optimizer=optimizer, scheduler=scheduler, epochs=cfg.epochs, stop_at_epoch=cfg.stop_at_epoch,
+            optimizer=optimizer, scheduler=scheduler, epochs=cfg.epochs, precision=self.precision,
+            evaluation=self.evaluation, batch_size=self.batch_size, grad_clip=self.grad_clip, compile=self.compile,
+            log_interval=self.log_interval, stop_at_epoch=cfg.stop_at_epoch,
             select="last", eval_every=0, evaluate_at_end=False, hooked=[sampler, loss_fn],
             checkpoint_extra=lambda: {"heads": [head_spec(h) for h in self.model.heads],
                                       "stage2": {"method": cfg.method, "features": self.feature_mode}},
             broadcast_buffers=False)  # each rank shifts BN on its own batches; averaged at the end
-        last = self.out_dir / "checkpoints" / "last.pt"
+        last = last_checkpoint(self.out_dir)
         resume_from = last if self.resume and last.is_file() else None
         result = Trainer(self.config, job, self.bundle, self.out_dir, self.dist, resume_from).fit()
         if result.stopped_at_epoch is not None:
