@@ -12,6 +12,7 @@ from longtail.engine import builders  # noqa: E402
 from longtail.engine.cached_features import CachedFeatureLoader, cache_decision, random_augmentations  # noqa: E402
 from longtail.engine.distributed import DistInfo  # noqa: E402
 from longtail.engine.trainer import Trainer, seed_everything  # noqa: E402
+from longtail.engine import trainer as trainer_module  # noqa: E402
 from longtail.registry import ConfigError  # noqa: E402
 
 # Digits-LT (8 x 8 grey, no augmentation by default) on a 2-block timm ViT (no dropout: train and eval
@@ -33,16 +34,18 @@ def _fit(tmp_path, cache: str, monkeypatch):
     seen, evaluating = [0], [False]
     job.model.backbone.register_forward_hook(
         lambda module, inputs, output: None if evaluating[0] else seen.__setitem__(0, seen[0] + inputs[0].shape[0]))
-    evaluate = Trainer.evaluate
+    def counted(evaluation):
+        def wrapper(*args, **kwargs):
+            evaluating[0] = True
+            try:
+                return evaluation(*args, **kwargs)
+            finally:
+                evaluating[0] = False
+        return wrapper
 
-    def counted_evaluate(self, *args, **kwargs):
-        evaluating[0] = True
-        try:
-            return evaluate(self, *args, **kwargs)
-        finally:
-            evaluating[0] = False
-
-    monkeypatch.setattr(Trainer, "evaluate", counted_evaluate)
+    # the epochs' evaluations and the final scores are evaluation; the cache's extraction is not
+    monkeypatch.setattr(Trainer, "evaluate", counted(Trainer.evaluate))
+    monkeypatch.setattr(trainer_module, "final_scores", counted(trainer_module.final_scores))
     fit = Trainer(config, job, bundle, tmp_path / cache, dist).fit()
     return job.model, fit.results, seen[0], job, bundle
 

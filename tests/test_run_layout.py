@@ -13,7 +13,8 @@ OWNER = PACKAGE / "engine" / "rundir.py"
 # keys, parser names and metric keys, so they are not searched for)
 NAMES = (rundir.CONFIG_FILE, rundir.ENV_FILE, rundir.CONFIG_HISTORY_FILE, rundir.METRICS_FILE, rundir.CHECKPOINTS_DIR,
          rundir.LAST_CHECKPOINT, rundir.BEST_CHECKPOINT, rundir.STAGE2_PREFIX, rundir.CALIBRATOR_FILE, rundir.EVALS_DIR,
-         rundir.SHIFTS_PREFIX, rundir.STUDY_MARKER, rundir.STUDY_FILE, rundir.RELIABILITY_PLOT)
+         rundir.SHIFTS_PREFIX, rundir.STUDY_MARKER, rundir.STUDY_FILE, rundir.RELIABILITY_PLOT, rundir.METRICS_CSV,
+         rundir.LOG_FILE)
 
 
 def spelled(path: Path) -> list[tuple[int, str]]:

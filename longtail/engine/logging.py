@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+from longtail.engine.rundir import LOG_FILE, METRICS_CSV
 
 LOG = logging.getLogger("longtail")
 
@@ -34,7 +35,7 @@ def setup_text_log(run_dir: Path | None, is_main: bool) -> None:
             if isinstance(handler, logging.FileHandler):
                 LOG.removeHandler(handler)
                 handler.close()
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler = logging.FileHandler(run_dir / LOG_FILE)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         LOG.addHandler(file_handler)
 
@@ -44,7 +45,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.csv_path = run_dir / "metrics.csv"
+        self.csv_path = run_dir / METRICS_CSV
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter

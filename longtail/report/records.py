@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+from longtail.engine.rundir import ENV_FILE, LOG_FILE, METRICS_CSV
 from longtail.report.aggregate import config_value
 from longtail.report.papers import paper_entry_for
 
@@ -50,7 +51,7 @@ def wall_hours(log: Path, part: str = "all") -> float | None:
 
 def finished_at(folder: Path) -> str | None:
     """The date (UTC, ISO) of the folder's last log line."""
-    log = folder / "train.log"
+    log = folder / LOG_FILE
     lines = _log_lines(log) if log.is_file() else []
     return lines[-1][0].date().isoformat() if lines else None
 
@@ -58,7 +59,7 @@ def finished_at(folder: Path) -> str | None:
 def learning_curve(folder: Path, split: str = "test") -> dict[str, list[float]]:
     """Epoch and the per-epoch ``split`` metrics of a run's metrics.csv (percent), only the epochs
     that were evaluated (``train.eval_every``): {"epoch": [...], "top1": [...], "many_top1": [...], ...}."""
-    path = folder / "metrics.csv"
+    path = folder / METRICS_CSV
     curve: dict[str, list[float]] = {"epoch": []}
     if not path.is_file():
         return curve
@@ -77,7 +78,7 @@ def learning_curve(folder: Path, split: str = "test") -> dict[str, list[float]]:
 def _commit(folder: Path) -> str | None:
     """The commit that trained the run (env.json), with ``-dirty`` when the tree had changes."""
     for candidate in (folder, folder.parent):
-        path = candidate / "env.json"
+        path = candidate / ENV_FILE
         if path.is_file():
             git = json.loads(path.read_text(encoding="utf-8")).get("git") or {}
             if git.get("commit"):
@@ -96,11 +97,11 @@ def record_for(row: dict[str, Any], entries: Sequence[dict[str, Any]] | None) ->
     entry = paper_entry_for(row, entries) if entries else None
     metrics = entry["metrics"] if entry else {}
     top1 = _pct(row.get("top1"))
-    run_log = row["path"] / "train.log"
+    run_log = row["path"] / LOG_FILE
     stage1_hours = wall_hours(run_log, "stage 1")
     own_hours = None
     if stage2:  # a stage-2 command logs in its own folder; a recipe's own stage 2 in the run's log
-        own_log = row["folder"] / "train.log"
+        own_log = row["folder"] / LOG_FILE
         own_hours = wall_hours(own_log) if own_log.is_file() else wall_hours(run_log, "stage 2")
     hours = None if stage1_hours is None else stage1_hours + (own_hours or 0.0)
     return {
