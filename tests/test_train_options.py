@@ -74,8 +74,10 @@ def test_amp_runs_the_forward_in_its_dtype_and_scales_fp16_losses(tmp_path, amp,
 
 @pytest.mark.slow
 def test_compile_trains_the_same_weights_as_eager(tmp_path):
-    compiled = fit(tmp_path / "compiled", "train.compile=true")
-    eager = fit(tmp_path / "eager")
+    # float32: a compiled graph fuses bfloat16 casts differently, so bf16 autocast (the CPU default where
+    # the hardware has it) rounds differently from eager and two epochs drift past any tight tolerance
+    compiled = fit(tmp_path / "compiled", "train.compile=true", "train.amp=none")
+    eager = fit(tmp_path / "eager", "train.amp=none")
     assert isinstance(compiled.net, torch._dynamo.eval_frame.OptimizedModule)
     for key, tensor in eager.job.model.state_dict().items():
         torch.testing.assert_close(compiled.job.model.state_dict()[key], tensor, rtol=1e-4, atol=1e-5)
