@@ -1,18 +1,18 @@
 """The seeds' rows reproduced by training: our numbers beside the papers', kept in the repository.
 
     python benchmarks/reproduction.py runs/studies/cifar100_lt_if100_full_cpu
-    python benchmarks/reproduction.py STUDY_DIR --name cifar100_lt_if100 --results benchmarks/results
+    python benchmarks/reproduction.py STUDY_DIR --name precision_parity_cifar10_lt --results benchmarks/results
 
 Reads every finished stage of the study (stage 1, each stage 2, each calibrator), matches each row to
 the published number of the same setting (benchmarks/paper_numbers.yaml, as ``longtail report``) and
 writes, under ``--results``:
 
-- ``reproduction_<name>.json``: one record per row (method, paper, paper_top1, top1, many, medium, few,
-  ece, ece_paper, ECE after each calibrator, epochs, seed, commit, date, hours; see
-  ``longtail.report.records``);
-- ``reproduction_<name>/<recipe>/seed<k>/``: each run's metrics.csv, metrics.json, config.yaml, env.json
+- ``<name>.json`` (default ``reproduction_cifar100_lt_if100.json``): one record per row (method, paper,
+  paper_top1, top1, many, medium, few, ece, ece_paper, ECE after each calibrator, epochs, seed, commit,
+  date, hours; see ``longtail.report.records``);
+- ``<name>/<recipe>/seed<k>/``: each run's metrics.csv, metrics.json, config.yaml, env.json
   and train.log (and the same for each stage-2 folder and calibrator);
-- ``reproduction_<name>/learning_curves.png``: test top-1 overall and per shot group against epoch,
+- ``<name>/learning_curves.png``: test top-1 overall and per shot group against epoch,
   every run on one figure;
 
 and prints the markdown table for RESULTS.md "Full schedules on CPU". Rerun it as runs finish: the
@@ -83,7 +83,7 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="a study folder (runs/studies/<name>)")
-    parser.add_argument("--name", default="cifar100_lt_if100", help="results file name: reproduction_<name>.json")
+    parser.add_argument("--name", default="reproduction_cifar100_lt_if100", help="results file name: <name>.json")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="where the results go (default benchmarks/results)")
     parser.add_argument("--papers", type=Path, help="published numbers (default benchmarks/paper_numbers.yaml)")
@@ -98,9 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result in results:  # paths relative to the study: the results do not name this machine's folders
         result["run"] = os.path.relpath(result["run"], args.study)
     args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"reproduction_{args.name}.json"
+    path = args.results / f"{args.name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    folder = args.results / f"reproduction_{args.name}"
+    folder = args.results / args.name
     copied = [file for run in runs for file in keep_run_files(run, args.study, folder)]
     curves = {f"{row['recipe']} (seed {row['pair'][0]})": learning_curve(row["folder"]) for row in rows
               if row["stage"] == "last"}

@@ -73,7 +73,7 @@ def reproduced(tmp_path_factory, one_thread):
                     "model.name": config["model"]["name"], "train.epochs": 3},
         "method": {"loss.name": "ce", "stage2.method": None}, "metrics": {"top1": 80.0, "ece": 5.0}}]}))
     results = root / "results"
-    assert _reproduction_script().main([str(out), "--name", "t", "--results", str(results), "--papers", str(papers)]) == 0
+    assert _reproduction_script().main([str(out), "--name", "reproduction_t", "--results", str(results), "--papers", str(papers)]) == 0
     records = json.loads((results / "reproduction_t.json").read_text())
     return out / "ce" / "seed0", records, results / "reproduction_t", papers
 
