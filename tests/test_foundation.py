@@ -391,3 +391,22 @@ def test_resume_does_not_read_the_weights_file_again(tmp_path):
     (tmp_path / "vit.pt").unlink()  # an offline machine that resumes elsewhere
     assert main(["train", "--resume", str(tmp_path / "digits_lt_ce")]) == 0
     assert json.loads((tmp_path / "digits_lt_ce" / "metrics.json").read_text())["last"]["epoch"] == 2
+
+
+def test_a_linear_probes_backbone_stays_in_eval_mode_and_its_batch_norm_statistics_do_not_move():
+    """model.finetune=linear freezes everything before the head: model.train() leaves the backbone
+    (batch norm, dropout) as evaluated, so a training forward does not move its running statistics;
+    a fine-tuned backbone (bitfit) trains as usual."""
+    probe = MODELS.build("timm", {"arch": "resnet10t", "create_kwargs": {"drop_rate": 0.5}}, where="model.params",
+                         num_classes=C, finetune="linear")
+    probe.train()
+    batch_norms = [m for m in probe.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batch_norms and not probe.backbone.training and all(not m.training for m in batch_norms)
+    assert all(head.training for head in probe.heads)
+    before = [m.running_mean.clone() for m in batch_norms]
+    probe(images(n=4))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, batch_norms))
+    tuned = MODELS.build("timm", {"arch": "resnet10t"}, where="model.params", num_classes=C, finetune="bitfit")
+    tuned.train()
+    assert tuned.backbone.training and all(m.training for m in tuned.backbone.modules()
+                                           if isinstance(m, torch.nn.BatchNorm2d))

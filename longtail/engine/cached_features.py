@@ -16,8 +16,9 @@ friends; written here again in a few lines, since the engine does not import sta
 - ``false``: never (every epoch passes the images through the frozen backbone).
 
 Cached features come from the backbone in eval mode (dropout off, batch norm on its running
-statistics), as stage 2's cached mode; a frozen ViT without dropout gives the same features in either
-mode, so a cached run equals an uncached one there (tests/test_foundation.py). They are extracted
+statistics), as stage 2's cached mode; a linear probe's backbone stays in eval mode when it trains
+on images too (``FoundationBackbone.train``), so a cached run equals an uncached one wherever
+nothing random is drawn per epoch (tests/test_linear_cache.py). They are extracted
 lazily, at the first epoch, so ``--resume`` extracts them from the checkpoint's weights.
 Evaluation is unchanged: it runs the whole model on the evaluation images.
 """

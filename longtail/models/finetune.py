@@ -170,6 +170,9 @@ def apply_finetune(model: nn.Module, mode: str, params: dict[str, Any], num_clas
         return
     backbone = model.backbone
     backbone.requires_grad_(False)
+    if mode == "linear":
+        backbone.frozen = True
+        backbone.eval()
     blocks = _blocks(model, mode) if mode in NEEDS_BLOCKS else None
     if mode == "partial":
         count = int(settings["blocks"])

@@ -66,6 +66,13 @@ class FoundationBackbone(nn.Module):
         self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.blocks = [blocks] if blocks is not None else []  # a plain list: not registered twice
         self.final_norm = [final_norm] if final_norm is not None else []
+        self.frozen = False  # set by model.finetune=linear (models/finetune.py)
+
+    def train(self, mode: bool = True) -> "FoundationBackbone":
+        """A frozen backbone (``model.finetune=linear``: nothing before the head trains) stays in eval
+        mode: training batches do not move its batch-norm statistics and dropout stays off, so the head
+        is trained on the features it is evaluated with (and on exactly the cached ones)."""
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
