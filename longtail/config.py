@@ -152,7 +152,8 @@ class EvalConfig(Section):
     tta: Literal["none", "flip", "five_crop", "ten_crop"] = Field(
         "none", description="test-time ensembling, logits averaged over views: flip (image + mirror), five_crop "
                             "(LIFT's: enlarge by tta_resize, four corner crops and the centre), ten_crop (those "
-                            "and their mirrors)")
+                            "and their mirrors); every scoring of the run uses it (training's evaluation, stage "
+                            "2's final scores, eval, calibrate, eval --shifts, predict), an exported file does not")
     tta_resize: float = Field(248 / 224, ge=1.0, description="five/ten_crop: the image is enlarged by this factor "
                               "before cropping (LIFT: 224 + 24 pixels)")
 

@@ -162,3 +162,33 @@ def test_predict_on_stage2_and_multi_expert_runs(run, test_images, tmp_path):
                  "train.amp=none", "train.scale_schedule=true"]) == 0
     (ride,) = [p for p in ride_root.iterdir() if p.is_dir()]
     _predict_matches_eval(ride, folder, tmp_path)
+
+
+def test_a_run_evaluated_with_tta_is_scored_with_it_everywhere(test_images, tmp_path):
+    """eval.tta=flip: calibrate's "before" numbers, stage 2's and predict's probabilities are those of
+    the flip-averaged logits that training's evaluation reported, not of the single view."""
+    folder, _ = test_images
+    root = tmp_path / "runs"
+    assert main(["train", f"output_dir={root}", "name=tta", "train.epochs=2", "data.val_fraction=0.2",
+                 "train.amp=none", "eval.tta=flip"]) == 0
+    run = root / "tta"
+    reported = json.loads((run / "metrics.json").read_text())["last"]["test"]
+    assert main(["calibrate", str(run), "--method", "ts"]) == 0
+    before = json.loads((run / "calibration" / "ts" / "metrics.json").read_text())["before"]
+    assert before["ece"] == pytest.approx(reported["ece"], abs=1e-9)
+
+    loaded = load_run(run)
+    flipped = loaded.evaluate(loaded.bundle.test, metrics=False).outputs["logits"]
+    single = loaded.evaluate(loaded.bundle.test, metrics=False, test_time_augment=False).outputs["logits"]
+    assert not torch.allclose(flipped, single, atol=1e-3)  # the views differ: the test can tell them apart
+    files = sorted(folder.rglob("*.png"))[::25]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), *map(str, files), "--out", str(out), "--top-k", "1", "--workers", "0"]) == 0
+    index = [int(f.stem) for f in files]
+    probs = [float(row["prob_1"]) for row in _read_csv(out)]
+    torch.testing.assert_close(torch.tensor(probs), flipped[index].softmax(1).max(1).values, atol=1e-5, rtol=0)
+
+    assert main(["stage2", str(run), "stage2.method=crt", "stage2.epochs=1"]) == 0
+    stage2 = json.loads((run / "stage2_crt" / "metrics.json").read_text())["last"]["test"]
+    evaluated = load_run(run / "stage2_crt").evaluate(load_run(run).bundle.test).metrics
+    assert stage2["top1"] == evaluated["top1"] and stage2["ece"] == pytest.approx(evaluated["ece"], abs=1e-9)

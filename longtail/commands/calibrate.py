@@ -52,7 +52,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
     needs_features = calibrator.needs_features
 
     def outputs(imageset: ImageSet, features: bool) -> dict[str, torch.Tensor]:
-        return run.evaluate(imageset, keep_features=features, test_time_augment=False, metrics=False).outputs
+        return run.evaluate(imageset, keep_features=features, metrics=False).outputs
 
     val = outputs(bundle.val, needs_features)
     test = outputs(bundle.test, False)

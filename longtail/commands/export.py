@@ -69,6 +69,9 @@ def metadata(run: LoadedRun, calibrator: str | None, fmt: str) -> dict[str, Any]
         "mean": list(bundle.mean), "std": list(bundle.std),
         "output": "logits (N, num_classes); softmax gives probabilities",
         "calibrator": calibrator,
+        "test_time_augmentation": (f"none in this file: the run is evaluated with eval.tta={run.config.eval.tta} "
+                                   "(longtail eval/predict average the views); average this model's logits over the "
+                                   "same views to match" if run.config.eval.tta != "none" else "none"),
     }
 
 

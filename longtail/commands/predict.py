@@ -1,5 +1,5 @@
 """``longtail predict``: top-k class names and probabilities of a trained run on new image files, with
-the run's evaluation transform and, when asked, its fitted calibrator. Unreadable files are reported
+the run's evaluation transform (and its ``eval.tta`` views) and, when asked, its fitted calibrator. Unreadable files are reported
 and skipped; the rest of the batch goes on."""
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def predict_files(run: LoadedRun, paths: list[str], top_k: int = 5, calibrator: 
                 continue
             images = ImageSet(targets=torch.zeros(len(good), dtype=torch.int64), num_classes=bundle.num_classes,
                               class_names=list(bundle.class_names), images=torch.stack([image for _, image in good]))
-            probs = run.evaluate(images, calibrator=calibrator, probabilities=True, test_time_augment=False,
+            probs = run.evaluate(images, calibrator=calibrator, probabilities=True,
                                  metrics=False).outputs["probabilities"]
             values, indices = probs.topk(k, dim=1)
             predictions += [Prediction(paths[index], [bundle.class_names[c] for c in row_idx.tolist()], row.tolist())

@@ -74,7 +74,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def evaluate_shifts(run: LoadedRun, split: str = "test") -> Path:
     """Write ``RUN/evals/shifts_<checkpoint>/``: shifts.json, table.md and shifts.png."""
     config, bundle = run.config, run.bundle
-    outputs = run.evaluate(split_of(run, split), test_time_augment=False, metrics=False).outputs
+    outputs = run.evaluate(split_of(run, split), metrics=False).outputs
     variants: dict[str, Calibrator | None] = {"raw": None}
     variants.update({name: load_calibrator(file) for name, file in fitted_calibrators(run.run_dir).items()})
     shifts = config.shifts

@@ -138,7 +138,7 @@ def run_stage2(config: Config, run_dir: Path, dist_info: DistInfo, out_dir: Path
         model.heads[i] = fold_head(head)
 
     epochs = 0 if method.post_hoc else cfg.epochs
-    last, test_outputs = final_scores(model, bundle, ctx.evaluation, dist_info, epochs, test_time_augment=False)
+    last, test_outputs = final_scores(model, bundle, ctx.evaluation, dist_info, epochs)
     test_metrics = last["test"]
     results: dict[str, Any] = {"method": cfg.method, "params": cfg.params, "from_checkpoint": str(checkpoint),
                                "features": None if method.post_hoc else mode, "train_seconds": train_seconds,
