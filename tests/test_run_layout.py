@@ -14,7 +14,8 @@ OWNER = PACKAGE / "engine" / "rundir.py"
 NAMES = (rundir.CONFIG_FILE, rundir.ENV_FILE, rundir.CONFIG_HISTORY_FILE, rundir.METRICS_FILE, rundir.CHECKPOINTS_DIR,
          rundir.LAST_CHECKPOINT, rundir.BEST_CHECKPOINT, rundir.STAGE2_PREFIX, rundir.CALIBRATOR_FILE, rundir.EVALS_DIR,
          rundir.SHIFTS_PREFIX, rundir.STUDY_MARKER, rundir.STUDY_FILE, rundir.RELIABILITY_PLOT, rundir.METRICS_CSV,
-         rundir.LOG_FILE)
+         rundir.LOG_FILE, rundir.RELIABILITY_BY_GROUP_PLOT, rundir.PER_CLASS_PLOT,
+         rundir.TENSORBOARD_DIR, rundir.SUMMARY_FILE, rundir.TABLE_FILE, rundir.SHIFTS_FILE)  # not EXPORT_DIR: also a command name
 
 
 def spelled(path: Path) -> list[tuple[int, str]]:

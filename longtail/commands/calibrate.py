@@ -14,7 +14,7 @@ from longtail.commands.common import run_dir_of
 from longtail.config import parse_value
 from longtail.data import ImageSet
 from longtail.engine.distributed import DistInfo
-from longtail.engine.rundir import calibration_dir, calibrator_file, metrics_file, new_run_dir, write_output
+from longtail.engine.rundir import TABLE_FILE, calibration_dir, calibrator_file, metrics_file, new_run_dir, write_output
 from longtail.metrics import GROUPS, calibration_report, calibration_row
 from longtail.registry import CALIBRATORS, ConfigError, load_all
 from longtail.runs import find_calibrator, fitted_calibrators, load_run, resolve_checkpoint
@@ -77,7 +77,7 @@ def calibrate_run(run_dir: Path, method: str, params: dict[str, Any] | None = No
         "fitted_on": f"validation split ({len(val['targets'])} images)",
         "evaluated_on": f"test split ({len(test['targets'])} images)",
         "rows": rows, "before": before, "after": after}, indent=2))
-    write_output(out / "table.md", markdown_table(rows) + "\n")
+    write_output(out / TABLE_FILE, markdown_table(rows) + "\n")
     reliability_diagrams_by_group(test["logits"], test["targets"], counts, out / "reliability_before.png")
     reliability_diagrams_by_group(calibrated, test["targets"], counts, out / "reliability_after.png")
     print(markdown_table(rows))

@@ -11,7 +11,7 @@ from longtail.config import dump_config, load_config
 from longtail.engine import builders
 from longtail.engine.distributed import init_distributed
 from longtail.engine.evaluation import evaluate
-from longtail.engine.rundir import config_file, evals_dir, new_run_dir, write_output
+from longtail.engine.rundir import SUMMARY_FILE, config_file, evals_dir, new_run_dir, write_output
 from longtail.metrics import summary
 from longtail.runs import load_run, split_of
 
@@ -28,7 +28,7 @@ def evaluate_checkpoint(path: Path, checkpoint: str = "last", split: str = "test
     write_results(out_dir, {"selection": "evaluated", "checkpoint": str(run.file),
                             "last": {"epoch": int(run.state["epoch"]) + 1, split: metrics}},
                   result.outputs, run.bundle.train_counts, metrics)
-    write_output(out_dir / "summary.txt", summary(metrics) + "\n")
+    write_output(out_dir / SUMMARY_FILE, summary(metrics) + "\n")
     print(summary(metrics))
     return out_dir
 

@@ -16,7 +16,7 @@ from torch import nn
 from longtail.calibration.calibrators import Calibrator, TemperatureScaling, VectorScaling
 from longtail.commands.common import UserError
 from longtail.data.sources import EVAL_CROP_FRACTION
-from longtail.engine.rundir import Exists, atomic_output, check_output
+from longtail.engine.rundir import EXPORT_DIR, Exists, atomic_output, check_output
 from longtail.models.finetune import merged_for_export
 from longtail.runs import LoadedRun, find_calibrator, load_run
 
@@ -147,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.calibrated or args.calibrator:
         calibrator_name = find_calibrator(run.run_dir, args.calibrator, run.file)[0]
     suffix = SUFFIXES[args.format][0]
-    out = Path(args.out) if args.out else run.run_dir / "export" / f"model{'_' + calibrator_name if calibrator_name else ''}{suffix}"
+    out = Path(args.out) if args.out else run.run_dir / EXPORT_DIR / f"model{'_' + calibrator_name if calibrator_name else ''}{suffix}"
     out = export_run(run, out, args.format, calibrator_name, exist)
     forward, _ = load_export(out)
     test = run.bundle.test

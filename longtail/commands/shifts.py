@@ -12,7 +12,7 @@ import torch
 
 from longtail.calibration.calibrators import Calibrator, load_calibrator
 from longtail.data.shifts import shifted_test_indices
-from longtail.engine.rundir import SHIFTS_PREFIX, evals_dir, new_run_dir, write_output
+from longtail.engine.rundir import SHIFTS_FILE, SHIFTS_PREFIX, TABLE_FILE, evals_dir, new_run_dir, write_output
 from longtail.functional import em_label_shift, prior_corrected_logits, shot_groups
 from longtail.metrics import shift_scores
 from longtail.report.shifts import label_shift_plot, shift_position
@@ -82,9 +82,9 @@ def evaluate_shifts(run: LoadedRun, split: str = "test") -> Path:
                       shifts.imbalance_factors, shifts.seed, shifts.model_prior, shifts.oracle)
     out = new_run_dir(evals_dir(run.run_dir), SHIFTS_PREFIX + run.file.stem)
     table = markdown_table(rows)
-    write_output(out / "shifts.json", json.dumps({"checkpoint": str(run.file), "shifts": shifts.model_dump(),
+    write_output(out / SHIFTS_FILE, json.dumps({"checkpoint": str(run.file), "shifts": shifts.model_dump(),
                                                   "rows": rows}, indent=2))
-    write_output(out / "table.md", table + "\n")
+    write_output(out / TABLE_FILE, table + "\n")
     label_shift_plot(rows, out / "shifts.png", f"{config.name}: label shift")
     print(table)
     return out

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
-from longtail.engine.rundir import LOG_FILE, METRICS_CSV
+from longtail.engine.rundir import LOG_FILE, METRICS_CSV, TENSORBOARD_DIR
 
 LOG = logging.getLogger("longtail")
 
@@ -49,7 +49,7 @@ class RunLogger:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
     def log_epoch(self, epoch: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
