@@ -28,12 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from longtail.engine.rundir import (CONFIG_FILE, ENV_FILE, LOG_FILE, METRICS_CSV, METRICS_FILE, calibration_records,
+                                    stage2_dirs)
 from longtail.report.compare import expand_runs, rows_for
 from longtail.report.papers import load_paper_numbers
 from longtail.report.plots import learning_curves
 from longtail.report.records import learning_curve, records
 
-KEPT_FILES = ("metrics.csv", "metrics.json", "config.yaml", "env.json", "train.log")
+KEPT_FILES = (METRICS_CSV, METRICS_FILE, CONFIG_FILE, ENV_FILE, LOG_FILE)
 GAP_FINDING = 1.5  # points of top-1 (or ECE) beyond which a gap is a finding to explain (issue 23)
 
 
@@ -66,7 +68,8 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
     """Copy the small files of a run, its stage-2 folders and its calibrations into ``into``, at the
     same relative path as in the study."""
     copied = []
-    folders = [run_dir, *sorted(run_dir.glob("stage2*")), *sorted(run_dir.glob("**/calibration/*"))]
+    stages = [run_dir, *stage2_dirs(run_dir)]
+    folders = [*stages, *(record.parent for stage in stages for record in calibration_records(stage))]
     for folder in folders:
         if not folder.is_dir():
             continue

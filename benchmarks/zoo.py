@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from longtail.engine.checkpoint import load_run_checkpoint, save_checkpoint
+from longtail.engine.rundir import CHECKPOINTS_DIR, CONFIG_FILE, ENV_FILE, LAST_CHECKPOINT, METRICS_FILE
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 MANIFEST = "zoo.json"
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT = Path(CHECKPOINTS_DIR) / LAST_CHECKPOINT
 KEPT_STATE = ("epoch", "model", "config", "heads", "finished", "stage2")  # what evaluation and stage 2 read
-KEPT_FILES = ("config.yaml", "metrics.json")
+KEPT_FILES = (CONFIG_FILE, METRICS_FILE)
 
 
 def sha256(path: Path) -> str:
@@ -46,7 +47,7 @@ def read_manifest(zoo: Path) -> dict[str, Any]:
 
 
 def _test_metrics(run: Path) -> dict[str, Any]:
-    results = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    results = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
     test = results["last"]["test"]
     return {key: test.get(key) for key in ("top1", "many_top1", "medium_top1", "few_top1", "ece")}
 
@@ -63,7 +64,7 @@ def add(run: Path, name: str, command: str, zoo: Path = ZOO) -> dict[str, Any]:
     save_checkpoint(slim, target / CHECKPOINT)
     for file in KEPT_FILES:
         shutil.copyfile(run / file, target / file)
-    env = run / "env.json" if (run / "env.json").is_file() else run.parent / "env.json"
+    env = run / ENV_FILE if (run / ENV_FILE).is_file() else run.parent / ENV_FILE
     git = json.loads(env.read_text(encoding="utf-8")).get("git", {}) if env.is_file() else {}
     entry = {"name": name, "path": f"{name}/{CHECKPOINT.as_posix()}", "sha256": sha256(target / CHECKPOINT),
              "bytes": (target / CHECKPOINT).stat().st_size, "dataset": config["data"]["dataset"],
