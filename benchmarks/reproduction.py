@@ -49,7 +49,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Paper against longtail, a line per row, with the gap, the shot groups, ECE before and after
     each calibrator and the wall time; a gap beyond GAP_FINDING points is marked."""
     calibrators = sorted({method for row in rows for method in row["ece_after"]})
-    header = ["method", "paper", "paper top-1", "top-1", "gap", "many", "medium", "few", "ECE", "paper ECE",
+    header = ["method", "seed", "paper", "paper top-1", "top-1", "gap", "many", "medium", "few", "ECE", "paper ECE",
               *(f"ECE after {m}" for m in calibrators), "epochs", "hours"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -57,7 +57,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         flag = " **(finding)**" if gap is not None and abs(gap) > GAP_FINDING else ""
         epochs = str(row["epochs"]) + (f" + {row['stage2_epochs']}" if row["stage2_epochs"] else "")
         lines.append("| " + " | ".join([
-            row["method"], (row["paper"] or "–").split(" (")[0], _cell(row["paper_top1"]), _cell(row["top1"]),
+            row["method"], str(row["seed"]), (row["paper"] or "–").split(" (")[0], _cell(row["paper_top1"]), _cell(row["top1"]),
             _cell(gap, sign=True) + flag, _cell(row["many"]), _cell(row["medium"]), _cell(row["few"]),
             _cell(row["ece"]), _cell(row["ece_paper"]),
             *(_cell(row["ece_after"].get(m)) for m in calibrators), epochs, _cell(row["hours"])]) + " |")
