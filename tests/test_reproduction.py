@@ -70,7 +70,8 @@ def reproduced(tmp_path_factory, one_thread):
     papers.write_text(yaml.safe_dump({"entries": [{
         "paper": "P (A et al., 2020)", "seed_file": None, "table": "T1", "row": "CE", "selection": "last epoch",
         "setting": {"data.dataset": config["data"]["dataset"], "data.imbalance_factor": config["data"]["imbalance_factor"],
-                    "model.name": config["model"]["name"], "train.epochs": 3},
+                    "model.name": config["model"]["name"], "train.epochs": 3,
+                    "data.val_fraction": 0.2},  # the run holds 20 % out, so must the entry
         "method": {"loss.name": "ce", "stage2.method": None}, "metrics": {"top1": 80.0, "ece": 5.0}}]}))
     results = root / "results"
     assert _reproduction_script().main([str(out), "--name", "reproduction_t", "--results", str(results), "--papers", str(papers)]) == 0

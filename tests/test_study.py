@@ -305,6 +305,13 @@ def test_paper_numbers_appear_only_where_the_setting_matches():
     crt = paper_entry_for(_row(("stage2.method=crt",), stage="stage 2 (crt)"), entries)
     assert crt is not None and crt["row"] == "cRT" and crt["metrics"]["top1"] == 73.02
     assert paper_entry_for(_row(("stage2.method=crt",)), entries) == ce
+    # the papers train on the whole training set: a run holding out 20 % is not their row
+    assert paper_entry_for(_row(("data.dataset=cifar100_lt", "data.val_fraction=0.2")), entries) is None
+    assert paper_entry_for(_row(("data.dataset=cifar100_lt", "data.val_fraction=0.0")), entries) == ce100
+    # two papers give MiSLAS's row: the one that also reports ECE comes first (its ECE is the one to meet)
+    mislas = paper_entry_for(_row(("data.dataset=cifar100_lt", "data.augment.mixup_alpha=1.0", "stage2.method=mislas"),
+                                  stage="stage 2 (mislas)"), entries)
+    assert (mislas["row"], mislas["metrics"]) == ("MiSLAS", {"top1": 47.0, "ece": 4.83}) and "LADC" in mislas["also"][0]
     seeds = REPO.parent / "shared" / "seeds"
     if seeds.is_dir():
         for entry in entries:  # a paper that is not a seed (LIFT) names its source instead

@@ -26,6 +26,9 @@ REPOSITORY_PAPER_NUMBERS = Path(__file__).resolve().parents[2] / "benchmarks" / 
 DEFAULT_PAPERS = REPOSITORY_PAPER_NUMBERS  # the older name
 REQUIRED = ("paper", "seed_file", "table", "row", "selection", "setting", "method", "metrics")
 SETTING_KEYS = ("data.dataset", "data.imbalance_factor", "model.name", "train.epochs")
+# Settings an entry may leave out, at the value the papers use: they train on the whole long-tailed
+# training set, so a run that holds out a validation split is compared only with an entry that says so.
+DEFAULT_SETTING = {"data.val_fraction": 0.0}
 
 
 class PaperNumbersNotFound(FileNotFoundError):
@@ -57,10 +60,10 @@ def load_paper_numbers(path: str | Path | None = None) -> list[dict[str, Any]]:
     entries = (yaml.safe_load(path.read_text()) or {}).get("entries", [])
     for number, entry in enumerate(entries):
         missing = [key for key in REQUIRED if key not in entry]
-        unknown_setting = set(entry.get("setting", {})) - set(SETTING_KEYS)
+        unknown_setting = set(entry.get("setting", {})) - set(SETTING_KEYS) - set(DEFAULT_SETTING)
         if missing or unknown_setting:
             raise ValueError(f"{path}: entry {number} ({entry.get('row')!r}) lacks {missing} or has setting keys "
-                             f"{sorted(unknown_setting)} outside {list(SETTING_KEYS)}")
+                             f"{sorted(unknown_setting)} outside {list(SETTING_KEYS) + list(DEFAULT_SETTING)}")
     return entries
 
 
@@ -71,14 +74,23 @@ def _stage_view(row: dict[str, Any], key: str) -> Any:
     return config_value(row["config"], key)
 
 
+def _value_or(row: dict[str, Any], key: str, default: Any) -> Any:
+    value = _stage_view(row, key)
+    return default if value is None else value
+
+
 def paper_entry_for(row: dict[str, Any], entries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The one entry whose setting (all of SETTING_KEYS) and method keys equal the row's config."""
+    """The entry whose setting (all of SETTING_KEYS, and DEFAULT_SETTING where the entry is silent) and
+    method keys equal the row's config. Where several papers report it, the one with the most metrics
+    (an ECE beside the top-1) comes first, then the file's order; the others are listed under "also"."""
     matches = [entry for entry in entries
                if all(key in entry["setting"] and _stage_view(row, key) == entry["setting"][key]
                       for key in SETTING_KEYS)
+               and all(_value_or(row, key, default) == entry["setting"].get(key, default)
+                       for key, default in DEFAULT_SETTING.items())
                and all(_stage_view(row, key) == value for key, value in entry["method"].items())]
+    matches.sort(key=lambda entry: -len(entry["metrics"]))  # stable: ties keep the file's order
     if len(matches) > 1:
-        # two papers report the same method and setting: show the first, the table names both
         return {**matches[0], "also": [f"{m['paper']}, {m['table']}, row {m['row']!r}: top-1 {m['metrics'].get('top1')}"
                                        for m in matches[1:]]}
     return matches[0] if matches else None
