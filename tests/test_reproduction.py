@@ -126,3 +126,28 @@ def test_report_writes_the_same_records(reproduced, tmp_path):
         record["run"] = str(Path(record["run"]).relative_to(study))
     assert reported == records
     assert (tmp_path / "report" / "learning_curves.png").is_file()
+
+
+def _parity_script():
+    spec = importlib.util.spec_from_file_location("precision_parity", REPO / "benchmarks" / "precision_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_precision_parity_pairs_each_bf16_row_with_its_fp32_row_of_the_same_stage_and_seed(capsys):
+    def record(method, seed, top1, ts=None):
+        return {"method": method, "seed": seed, "top1": top1, "many": None, "medium": None, "few": None,
+                "ece": 10.0, "ece_after": {"ts": ts} if ts is not None else {}}
+    records = [record("ce_bf16", 0, 30.0, ts=5.0), record("ce_fp32", 0, 29.0, ts=6.0),
+               record("ce_bf16", 1, 28.0, ts=5.5), record("ce_fp32", 1, 28.5, ts=6.0),
+               record("ce_bf16 · crt", 0, 40.0), record("ce_fp32 · crt", 0, 37.0),
+               record("ce_bf16 · crt", 1, 41.0), record("ce_fp32 · crt", 1, 38.0),
+               record("ce_fp32", 2, 99.0)]  # no bf16 partner: left out
+    rows = {(row[0], row[1]): row for row in _parity_script().parity_rows(records)}
+    assert rows[("ce", "top1")][2:4] == ["+1.00 -0.50", "+0.25"]        # bf16 − fp32, seed by seed
+    assert rows[("ce", "ece_after_ts")][2:4] == ["-1.00 -0.50", "-0.75"]
+    assert rows[("ce · crt", "top1")][3] == "+3.00" and rows[("ce · crt", "top1")][5] == "outside noise"
+    pooled = rows[("all paths (4 pairs)", "top1")]
+    assert pooled[3] == "+1.62" and pooled[5] == "within noise"        # (1 − 0.5 + 3 + 3) / 4
+    assert ("ce", "many") not in rows                                   # no value, no row
