@@ -26,7 +26,7 @@ from longtail.data.sources import file_image_view, read_image_file
 from longtail.registry import ConfigError
 from longtail.types import Batch
 
-__all__ = ["TrainLoader", "EvalLoader", "FileImages", "eval_shard", "batch_bounds"]
+__all__ = ["TrainLoader", "EvalLoader", "FileImages", "eval_shard", "batch_bounds", "samples_in_batches"]
 
 AUGMENT_STREAM = 101  # random streams of the loader, apart from the samplers'
 CROP_STREAM = 102
@@ -75,6 +75,12 @@ def batch_bounds(total: int, batch_size: int, drop_last: bool, merge_single: boo
         else:
             bounds.append((full * batch_size, total))
     return bounds
+
+
+def samples_in_batches(total: int, batch_size: int, drop_last: bool) -> int:
+    """How many of ``total`` samples the batches of ``batch_bounds`` hold (all, less a dropped last batch)."""
+    bounds = batch_bounds(total, batch_size, drop_last)
+    return bounds[-1][1] if bounds else 0
 
 
 class _KeyBatches:
@@ -185,8 +191,7 @@ class TrainLoader:
     @property
     def samples_per_epoch(self) -> int:
         """Samples this rank trains on per epoch (``len(sampler)``, less a dropped last batch)."""
-        bounds = batch_bounds(len(self.sampler), self.batch_size, self.drop_last)
-        return bounds[-1][1] if bounds else 0
+        return samples_in_batches(len(self.sampler), self.batch_size, self.drop_last)
 
     def _uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.imageset.in_memory:

@@ -25,7 +25,7 @@ from torch import nn
 from longtail.config import Config
 from longtail.data import DataBundle, Sampler
 from longtail.data.augment import BatchAugment
-from longtail.data.loaders import batch_bounds
+from longtail.data.loaders import batch_bounds, samples_in_batches
 from longtail.data.samplers import epoch_seed
 from longtail.engine import builders
 from longtail.engine.distributed import DistInfo, all_reduce_sum
@@ -144,8 +144,7 @@ class FeatureLoader:
 
     @property
     def samples_per_epoch(self) -> int:
-        bounds = batch_bounds(len(self.sampler), self.batch_size, self.drop_last)
-        return bounds[-1][1] if bounds else 0
+        return samples_in_batches(len(self.sampler), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch, FEATURE_DRAW_STREAM))
