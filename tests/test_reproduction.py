@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from longtail.cli import main
-from longtail.report.records import learning_curve, wall_hours
+from longtail.report.records import best_on_test, learning_curve, wall_hours
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"method", "paper", "paper_top1", "top1", "many", "medium", "few", "ece", "epochs", "seed", "commit",
@@ -104,6 +104,18 @@ def test_each_record_is_its_runs_numbers_in_percent_beside_the_matching_paper(re
     assert 0 < ce["hours"] < 1 and crt["stage2_hours"] > 0
     assert crt["hours"] == pytest.approx(ce["hours"] + crt["stage2_hours"], abs=2e-6)  # stage 1 + its stage 2
     assert crt["run"] == "ce/seed0/stage2_crt"
+    with (run / "metrics.csv").open() as handle:  # the best evaluated test epoch, beside (never instead of) the last
+        evaluated = [(100 * float(line["test_top1"]), int(line["epoch"])) for line in csv.DictReader(handle)
+                     if line.get("test_top1")]
+    best = max(evaluated, key=lambda pair: pair[0])
+    assert (ce["best_test_top1"], ce["best_test_epoch"]) == (pytest.approx(best[0], abs=1e-4), best[1])
+
+
+def test_best_on_test_is_the_highest_evaluated_epoch(tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,train_loss,test_top1,test_ece\n5,1.0,0.30,0.1\n6,0.9,,\n"
+                                          "10,0.8,0.50,0.1\n15,0.7,0.40,0.1\n")
+    assert best_on_test(tmp_path) == (50.0, 10)
+    assert best_on_test(tmp_path / "missing") == (None, None)
 
 
 def test_run_files_and_learning_curves_are_kept(reproduced):

@@ -14,7 +14,7 @@ from longtail.engine.rundir import ENV_FILE, LOG_FILE, METRICS_CSV
 from longtail.report.aggregate import config_value
 from longtail.report.papers import paper_entry_for
 
-__all__ = ["wall_hours", "learning_curve", "record_for", "records"]
+__all__ = ["wall_hours", "learning_curve", "best_on_test", "record_for", "records"]
 
 LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
 START_MARKERS = ("training images in", "stage 2: ")  # the first line each process writes to a train.log
@@ -86,6 +86,18 @@ def _commit(folder: Path) -> str | None:
     return None
 
 
+def best_on_test(folder: Path) -> tuple[float | None, int | None]:
+    """The highest test top-1 (percent) among the epochs a run evaluated, and that epoch: what the seeds'
+    code reports when it keeps the best test epoch (docs/FIDELITY.md, "model selection"). Never our
+    number (the field reports the last epoch); beside it, it sizes how much of a gap selection explains.
+    With ``train.eval_every`` > 1 it is a lower bound of the authors' per-epoch maximum."""
+    curve = learning_curve(folder)
+    if not curve["epoch"]:
+        return None, None
+    best = max(range(len(curve["epoch"])), key=lambda i: curve["top1"][i])
+    return round(curve["top1"][best], 4), curve["epoch"][best]
+
+
 def _pct(value: Any) -> float | None:
     return None if value is None else round(100 * float(value), 4)
 
@@ -104,6 +116,7 @@ def record_for(row: dict[str, Any], entries: Sequence[dict[str, Any]] | None) ->
         own_log = row["folder"] / LOG_FILE
         own_hours = wall_hours(own_log) if own_log.is_file() else wall_hours(run_log, "stage 2")
     hours = None if stage1_hours is None else stage1_hours + (own_hours or 0.0)
+    best_top1, best_epoch = best_on_test(row["folder"])
     return {
         "method": row["label"],
         "recipe": row["recipe"],
@@ -120,6 +133,8 @@ def record_for(row: dict[str, Any], entries: Sequence[dict[str, Any]] | None) ->
         "medium": _pct(row.get("medium_top1")),
         "few": _pct(row.get("few_top1")),
         "ece": _pct(row.get("ece")),
+        "best_test_top1": best_top1,  # test-set selection, as the seeds' code: for explaining gaps only
+        "best_test_epoch": best_epoch,
         "ece_after": {method: _pct(ece) for method, ece in row.get("calibrators", {}).items()},
         "epochs": config_value(row["config"], "train.epochs"),
         "stage2_epochs": config_value(row["config"], "stage2.epochs") if stage2 else None,
