@@ -106,7 +106,8 @@ def test_tiny_study_is_interrupted_resumed_without_retraining_and_reported(tmp_p
 
     # published numbers: one entry matches balanced softmax's setting, the CE one differs in schedule length
     source = {"paper": "P", "seed_file": "x.txt", "table": "T1", "row": "r", "selection": "last epoch"}
-    setting = {"data.dataset": "digits_lt", "data.imbalance_factor": 10, "model.name": "mlp", "train.epochs": 2}
+    setting = {"data.dataset": "digits_lt", "data.imbalance_factor": 10, "model.name": "mlp", "train.epochs": 2,
+               "data.val_fraction": 0.2}  # the study holds 20 % out for TS, so must the entry
     papers = tmp_path / "papers.yaml"
     papers.write_text(yaml.safe_dump({"entries": [
         {**source, "setting": setting, "method": {"loss.name": "balanced_softmax", "stage2.method": None},
