@@ -2,7 +2,7 @@
 
     python benchmarks/zoo.py add RUN_DIR[/stage2_X] cifar100_lt_if100/ce --command "longtail study ..."
     python benchmarks/zoo.py verify            # every entry's sha256 and files
-    python benchmarks/zoo.py table             # the README table
+    python benchmarks/zoo.py table [--readme]  # the README table (--readme: written between its markers)
 
 An entry is a run folder slimmed to what evaluation needs: ``checkpoints/last.pt`` with the model, its
 config, its epoch and its stage-2 heads (no optimizer, scheduler, loss or RNG state: a ResNet-32 is
@@ -94,9 +94,10 @@ def verify(zoo: Path = ZOO) -> list[str]:
 
 
 def table(zoo: Path = ZOO) -> str:
-    """The README's zoo table: entry, data, model, recorded test top-1 / shot groups / ECE, size, sha256."""
-    lines = ["| entry | data | model | top-1 | many | medium | few | ECE | MB | sha256 (first 12) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The README's zoo table: entry, data, model, recorded test top-1 / shot groups / ECE, size, sha256
+    and the command that trained it."""
+    lines = ["| entry | data | model | top-1 | many | medium | few | ECE | MB | sha256 (first 12) | trained by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.2f}"
@@ -106,8 +107,22 @@ def table(zoo: Path = ZOO) -> str:
         lines.append(f"| `zoo/{entry['name']}` | {entry['dataset']} IF {entry['imbalance_factor']} | {entry['model']} | "
                      f"{pct(test['top1'])} | {pct(test['many_top1'])} | {pct(test['medium_top1'])} | "
                      f"{pct(test['few_top1'])} | {pct(test['ece'])} | {entry['bytes'] / 2**20:.1f} | "
-                     f"`{entry['sha256'][:12]}` |")
+                     f"`{entry['sha256'][:12]}` | `{entry['command'].replace('|', '&#124;')}` |")
     return "\n".join(lines)
+
+
+README = ZOO.parent / "README.md"
+TABLE_START, TABLE_END = "<!-- zoo table: python benchmarks/zoo.py table -->", "<!-- end of zoo table -->"
+
+
+def write_readme_table(readme: Path = README, zoo: Path = ZOO) -> None:
+    """Put ``table(zoo)`` between the README's zoo-table markers (the table is generated, never typed)."""
+    text = readme.read_text(encoding="utf-8")
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{readme} lacks the markers {TABLE_START!r} and {TABLE_END!r} around its zoo table")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    readme.write_text(f"{head}{TABLE_START}\n{table(zoo)}\n{TABLE_END}{tail}", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     adding.add_argument("name", help="entry name, e.g. cifar100_lt_if100/ce")
     adding.add_argument("--command", required=True, help="the command that trained it (shown in the README)")
     sub.add_parser("verify", help="check every entry's sha256 and files")
-    sub.add_parser("table", help="print the README table")
+    tabling = sub.add_parser("table", help="print the README table")
+    tabling.add_argument("--readme", type=Path, nargs="?", const=README,
+                         help="write it between the zoo-table markers of this README (default: the repository's)")
     args = parser.parse_args(argv)
     if args.action == "add":
         entry = add(args.run, args.name, args.command, args.zoo)
@@ -128,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = verify(args.zoo)
         print("\n".join(problems) or f"{len(read_manifest(args.zoo)['entries'])} entries intact")
         return 1 if problems else 0
+    elif args.readme:
+        write_readme_table(args.readme, args.zoo)
+        print(f"zoo table written into {args.readme}")
     else:
         print(table(args.zoo))
     return 0

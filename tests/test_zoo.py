@@ -48,7 +48,7 @@ def entries(tmp_path_factory, one_thread):
     return run, zoo
 
 
-def test_an_entry_is_slim_and_scores_what_its_run_recorded(entries):
+def test_an_entry_is_slim_and_scores_what_its_run_recorded(entries, tmp_path):
     run, zoo = entries
     manifest = zoo_tool.read_manifest(zoo)
     assert [e["name"] for e in manifest["entries"]] == ["digits/ce", "digits/ce_lws"]
@@ -64,6 +64,13 @@ def test_an_entry_is_slim_and_scores_what_its_run_recorded(entries):
         assert _eval_top1(zoo / entry["name"]) == recorded  # re-scored exactly, on this machine
     assert zoo_tool.verify(zoo) == []
     assert "| `zoo/digits/ce_lws` | digits_lt IF" in zoo_tool.table(zoo)
+    readme = tmp_path / "README.md"  # the README's table is generated between its markers, the rest kept
+    readme.write_text(f"# Title\n\n{zoo_tool.TABLE_START}\n| old |\n{zoo_tool.TABLE_END}\n\nAfter.\n")
+    zoo_tool.write_readme_table(readme, zoo)
+    text = readme.read_text()
+    assert "| old |" not in text and text.startswith("# Title\n\n") and text.endswith("\n\nAfter.\n")
+    for entry in manifest["entries"]:
+        assert f"`zoo/{entry['name']}`" in text and f"`{entry['command']}`" in text  # what trained it
 
 
 def test_predict_export_and_stage2_take_an_entry_as_they_take_the_run(entries, tmp_path):
