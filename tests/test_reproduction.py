@@ -16,11 +16,16 @@ REQUIRED = {"method", "paper", "paper_top1", "top1", "many", "medium", "few", "e
             "date", "hours", "ece_paper"}
 
 
-def _reproduction_script():
-    spec = importlib.util.spec_from_file_location("reproduction", REPO / "benchmarks" / "reproduction.py")
+def _benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _reproduction_script():
+    return _benchmark_script("reproduction")
 
 
 def test_wall_hours_leave_out_the_time_between_a_stop_and_the_resume(tmp_path):
@@ -141,10 +146,7 @@ def test_report_writes_the_same_records(reproduced, tmp_path):
 
 
 def _parity_script():
-    spec = importlib.util.spec_from_file_location("precision_parity", REPO / "benchmarks" / "precision_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark_script("precision_parity")
 
 
 def test_precision_parity_pairs_each_bf16_row_with_its_fp32_row_of_the_same_stage_and_seed(capsys):
