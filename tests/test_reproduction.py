@@ -165,3 +165,29 @@ def test_precision_parity_pairs_each_bf16_row_with_its_fp32_row_of_the_same_stag
     pooled = rows[("all paths (4 pairs)", "top1")]
     assert pooled[3] == "+1.62" and pooled[5] == "within noise"        # (1 − 0.5 + 3 + 3) / 4
     assert ("ce", "many") not in rows                                   # no value, no row
+
+
+def test_authors_curve_lines_our_stage_1_and_2_epochs_up_with_the_authors_log(reproduced, tmp_path, capsys):
+    """SHIKE's authors keep their training log; our curve, stage 2 counted on from stage 1, is compared
+    epoch by epoch (the per-batch 'Test:' lines are not epoch summaries)."""
+    run, _, _, _ = reproduced
+    stage2 = next(run.glob("stage2_*"))
+    authors = [10.0, 20.0, 30.0, 40.0, 50.0]  # 3 stage-1 epochs, then stage 2's 2 as epochs 4 and 5
+    log = tmp_path / "authors.log"
+    log.write_text("".join(f"Test: [ 0/79]\tTime  0.6\tLoss 2.0e+00\tAcc@1  99.00 ( 99.00)\tAcc@5 99.0\n"
+                           f" * Acc@1 {value:.3f} Acc@5 60.000\n" for value in authors))
+    script = _benchmark_script("authors_curve")
+    assert script.authors_top1(log.read_text()) == authors
+    plot = tmp_path / "curve.png"
+    assert script.main([str(log), str(run), "--stage2", stage2.name, "--plot", str(plot)]) == 0
+    ours = [100 * float(line["test_top1"]) for line in csv.DictReader((run / "metrics.csv").open())]
+    ours.append(100 * json.loads((stage2 / "metrics.json").read_text())["last"]["test"]["top1"])  # scored at its end
+    authors_at = [10.0, 20.0, 30.0, 50.0]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(line.split("|")[1]) for line in rows] == [1, 2, 3, 5]
+    assert [int(line.split("|")[2]) for line in rows] == [1, 1, 1, 2]
+    assert [float(line.split("|")[5]) for line in rows] == pytest.approx(
+        [mine - theirs for mine, theirs in zip(ours, authors_at)], abs=0.006)
+    assert plot.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        script.main([str(log), str(run), "--stage2", "stage2_missing"])
