@@ -82,8 +82,8 @@ def restored_top1(config, run_dir):
 # per name in STAGE2, so a newly registered method fails test_every_registered_stage2_method_has_cases
 # until it has cases here.
 STAGE2_CASES = {
-    "crt": [({}, None), ({}, "cached")],
-    "lws": [({}, "cached")],
+    "crt": [({}, None), ({"bn_shift": False}, None), ({}, "cached")],
+    "lws": [({}, "cached"), ({"bn_shift": False}, None)],
     "tau_norm": [({}, None)],
     "ncm": [({}, None)],
     "ladc": [({"m": 2, "coverage": 0.5}, None)],
@@ -101,7 +101,7 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
     results, run_dir = run_method(stage1, tmp_path, method, params=params, features=features)
     written = json.loads((run_dir / "stage2" / "metrics.json").read_text())
     assert written["method"] == method and written["seconds"] > 0
-    default_mode = {"crt": "images", "mislas": "images", "ladc": "cached", "tau_norm": None, "ncm": None}
+    default_mode = {"crt": "images", "lws": "images", "mislas": "images", "ladc": "cached", "tau_norm": None, "ncm": None}
     assert written["features"] == (features or default_mode[method])
     for split in ("test", "val"):
         assert written["last"][split]["top1"] > 0.5  # ten digit classes: chance is 0.1
@@ -112,8 +112,9 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
 
     before = backbone_tensors(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
     after = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["model"]
-    # images mode runs the backbone's BN in train mode: its running statistics move, nothing else does
-    shifted = bn_statistics(before) if written["features"] == "images" else set()
+    # images mode runs the backbone's BN in train mode (unless bn_shift is off): its running statistics
+    # move, nothing else does
+    shifted = bn_statistics(before) if written["features"] == "images" and params.get("bn_shift", True) else set()
     for name in before.keys() - shifted:
         assert torch.equal(before[name], after[name]), name
     for name in shifted - {n for n in shifted if n.endswith("num_batches_tracked")}:

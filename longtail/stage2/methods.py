@@ -94,22 +94,37 @@ def _ce(ctx: Stage2Context) -> nn.Module:
     return ctx.loss(CrossEntropy(ctx.counts, ctx.num_classes))
 
 
-@STAGE2.register("crt")
-class CRT(Stage2Method):
-    """Classifier re-training: fresh heads of the same kind, trained with the stage-2 sampler
-    (class-balanced by default) and CE (or ``stage2.loss``); by default on augmented images through
-    the backbone with BN in train mode, as Kang et al.'s code."""
+class _NewHeads(Stage2Method):
+    """Kang et al.'s decoupled classifiers: ``head`` (STAGE2_HEADS) in place of each stage-1 head,
+    trained with the stage-2 sampler (class-balanced by default) and CE (or ``stage2.loss``).
+
+    ``bn_shift`` (``stage2.features: images`` only): the frozen backbone's BatchNorm running statistics
+    follow the stage-2 batches (true, the default: Kang et al.'s code puts every network in train mode,
+    facebookresearch/classifier-balancing ``run_networks.py``), or the backbone runs in eval mode
+    (false: how MiSLAS's code trains a stage 2 without its shift learning on BN, ``train_stage2.py``
+    with ``shift_bn: False``, the reading of the cRT / LWS rows in Zhong et al.'s tables)."""
+
+    head = ""
+
+    def __init__(self, bn_shift: bool = True) -> None:
+        self.bn_shift = bn_shift
 
     def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        return {"history": ctx.train(_stage2_heads(ctx.model, "crt"), _ce(ctx))}
+        return {"history": ctx.train(_stage2_heads(ctx.model, self.head), _ce(ctx), bn_train=self.bn_shift)}
+
+
+@STAGE2.register("crt")
+class CRT(_NewHeads):
+    """Classifier re-training: fresh heads of the same kind (Kang et al., ICLR 2020)."""
+
+    head = "crt"
 
 
 @STAGE2.register("lws")
-class LWS(Stage2Method):
-    """Learnable weight scaling: the stage-1 heads stay fixed, one scale per class is learnt."""
+class LWS(_NewHeads):
+    """Learnable weight scaling: the stage-1 heads stay fixed, one scale per class is learnt (Kang et al.)."""
 
-    def run(self, ctx: Stage2Context) -> dict[str, Any]:
-        return {"history": ctx.train(_stage2_heads(ctx.model, "lws"), _ce(ctx))}
+    head = "lws"
 
 
 @STAGE2.register("tau_norm")
