@@ -73,6 +73,19 @@ def test_an_entry_is_slim_and_scores_what_its_run_recorded(entries, tmp_path):
         assert f"`zoo/{entry['name']}`" in text and f"`{entry['command']}`" in text  # what trained it
 
 
+def test_a_recipes_own_stage_2_is_added_with_its_runs_config(tmp_path, one_thread):
+    """`longtail train` with a stage2 section trains it in RUN/stage2, which has no config.yaml of its own."""
+    assert main(["train", f"output_dir={tmp_path / 'runs'}", "name=r", "train.epochs=1", "stage2.method=lws",
+                 "stage2.epochs=1"]) == 0
+    run = tmp_path / "runs" / "r"
+    assert not (run / "stage2" / "config.yaml").exists()
+    entry = zoo_tool.add(run / "stage2", "digits/lws", "longtail train stage2.method=lws", tmp_path / "zoo")
+    assert (tmp_path / "zoo/digits/lws/config.yaml").read_text() == (run / "config.yaml").read_text()
+    recorded = json.loads((run / "stage2" / "metrics.json").read_text())["last"]["test"]["top1"]
+    assert entry["test"]["top1"] == recorded != json.loads((run / "metrics.json").read_text())["last"]["test"]["top1"]
+    assert _eval_top1(tmp_path / "zoo/digits/lws") == recorded
+
+
 def test_predict_export_and_stage2_take_an_entry_as_they_take_the_run(entries, tmp_path):
     run, zoo = entries
     config = load_config(run / "config.yaml")
