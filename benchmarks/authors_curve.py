@@ -48,10 +48,10 @@ def _stage2_curve(folder: Path) -> dict[str, list[float]]:
     test = last.get("test") or {}
     if test.get("top1") is None:
         return curve
+    values = {**test, "ece": (test.get("calibration") or {}).get("ece")}
     curve = {"epoch": [last["epoch"]]}
-    for key in ("top1", "many_top1", "medium_top1", "few_top1"):
-        curve[key] = [100 * test[key] if test.get(key) is not None else np.nan]
-    curve["ece"] = [100 * ((test.get("calibration") or {}).get("ece") or np.nan)]
+    for key in ("top1", "many_top1", "medium_top1", "few_top1", "ece"):
+        curve[key] = [np.nan if values.get(key) is None else 100 * values[key]]  # an ECE of 0 stays 0
     return curve
 
 
