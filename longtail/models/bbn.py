@@ -36,7 +36,7 @@ from torch import nn
 
 from longtail.functional import bbn_alpha
 from longtail.models.cifar_resnet import BasicBlock, cifar_trunk, init_weights
-from longtail.models.classifier import expert_head_logits, global_pool, parameters_outside
+from longtail.models.classifier import expert_head_logits, global_pool, parameters_outside, run_shared_stages
 from longtail.models.heads import make_head
 from longtail.registry import MODELS
 from longtail.types import ModelOutput
@@ -69,12 +69,7 @@ class BBN(nn.Module):
         self.alpha.fill_(bbn_alpha(epoch, total_epochs))
 
     def _shared(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = self.stem(x)
-        maps = []
-        for stage in self.shared:
-            h = stage(h)
-            maps.append(h)
-        return h, maps
+        return run_shared_stages(self.stem, self.shared, x)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         if self.training:

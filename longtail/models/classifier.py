@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from longtail.models.heads import make_head
 from longtail.types import ModelOutput
 
-__all__ = ["AGGREGATES", "Trunk", "StagedBackbone", "Classifier", "single_model", "global_pool",
+__all__ = ["AGGREGATES", "Trunk", "StagedBackbone", "run_shared_stages", "Classifier", "single_model", "global_pool",
            "expert_head_logits", "parameters_outside", "load_pretrained",
            "read_state_file", "load_state_strictly"]
 
@@ -50,6 +50,18 @@ def global_pool(maps: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(maps, 1).flatten(1)
 
 
+def run_shared_stages(stem: nn.Module, stages: Sequence[nn.Module],
+                      x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """stem then each stage in turn: the last map (the branches' input) and every stage's output map
+    (what multi-expert fusions and distillation read), for every model built from shared stages."""
+    h = stem(x)
+    maps = []
+    for stage in stages:
+        h = stage(h)
+        maps.append(h)
+    return h, maps
+
+
 class StagedBackbone(nn.Module):
     """stem -> shared stages -> M branches (each the exclusive stages of one expert) -> optional
     fusion of branch and shared maps -> global average pooling.
@@ -69,12 +81,7 @@ class StagedBackbone(nn.Module):
 
     def shared_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The input of the branches and the output map of every shared stage."""
-        h = self.stem(x)
-        maps = []
-        for stage in self.shared:
-            h = stage(h)
-            maps.append(h)
-        return h, maps
+        return run_shared_stages(self.stem, self.shared, x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h, maps = self.shared_maps(x)
