@@ -42,6 +42,11 @@ class AugmentConfig(Section):
         None, ge=1, description="in-memory sets: the side the resized crops get (LIFT's CIFAR: 224); None: the "
                                 "images' own side. File sets crop to data.image_size")
     flip: bool = Field(False, description="random horizontal flip (CIFAR recipes: true; never for digits)")
+    rotation: float = Field(
+        0.0, ge=0.0, le=180.0,
+        description="random rotation by an angle ~ U(-rotation, rotation) degrees about the centre, nearest, "
+                    "black corners: torchvision's RandomRotation(rotation), as RIDE's and SADE's CIFAR loaders "
+                    "(15); 0 disables")
     autoaugment: Literal["none", "cifar10", "imagenet"] = "none"
     autoaugment_fill: int = Field(
         128, ge=0, le=255, description="pixel value AutoAugment's geometric ops fill with: 128 as the policies in the "

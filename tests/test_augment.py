@@ -148,6 +148,34 @@ def test_flip_mirrors_exactly_the_drawn_images(cifar):
         assert torch.equal(out[i], expected)
 
 
+def test_rotation_is_each_images_own_torchvision_rotation(cifar):
+    """RIDE's and SADE's crop, flip, RandomRotation(15): each image rotated by its own drawn angle
+    exactly as torchvision's rotate (nearest, black corners) after its own crop and flip."""
+    augment = make(crop_padding=4, flip=True, rotation=15.0)
+    params = augment.sample_params(cifar.shape, seeded(5), epoch=0)
+    out = augment.augment_pixels(cifar, params)
+    angles = params.rotation
+    assert angles.shape == (32,) and float(angles.abs().max()) <= 15.0
+    assert float(angles.min()) < -5.0 and float(angles.max()) > 5.0 and len(set(angles.tolist())) == 32
+    for i in range(len(cifar)):
+        cropped = F.crop(cifar[i], int(params.crop_top[i]) - 4, int(params.crop_left[i]) - 4, 32, 32)
+        flipped = F.horizontal_flip(cropped) if params.flip[i] else cropped
+        expected = F.rotate(flipped, float(angles[i]), interpolation=InterpolationMode.NEAREST)
+        assert torch.equal(out[i], expected), f"image {i}, angle {float(angles[i]):.2f}"
+    assert not torch.equal(out, augment.augment_pixels(cifar, replace(params, rotation=None)))
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 20, 36), (1, 28, 28)])
+def test_rotate_equals_torchvision_at_the_edges_of_the_range(shape):
+    """Square and non-square images, the angles 0, +-15, +-90 (torchvision's fast paths) and 37.5."""
+    from longtail.data.augment import rotate
+    images = torch.randint(0, 256, (7, *shape), generator=seeded(0), dtype=torch.uint8)
+    angles = torch.tensor([0.0, 15.0, -15.0, 90.0, -90.0, 37.5, 180.0])
+    out = rotate(images, angles)
+    for image, angle, result in zip(images, angles, out):
+        assert torch.equal(result, F.rotate(image, float(angle), interpolation=InterpolationMode.NEAREST)), float(angle)
+
+
 @pytest.mark.parametrize("policy, fill", [("cifar10", 128), ("imagenet", 128), ("cifar10", 0)])
 def test_autoaugment_equals_per_image_reference(cifar, policy, fill):
     """fill 128 is the default (the seeds' CIFAR10Policy(fillcolor=(128, 128, 128))); 0 is torchvision's."""

@@ -62,6 +62,14 @@ def test_ride_cifar_diversity_factor_is_the_authors_latest(suite):
         "diversity_factor"] == -0.2
 
 
+@pytest.mark.parametrize("suite", ["cifar10_lt/if100", "cifar100_lt/if100"])
+def test_ride_cifar_augmentation_rotates_as_its_loaders(suite):
+    """RIDE's data_loader/cifar_data_loaders.py: RandomCrop(32, 4), flip, RandomRotation(15)."""
+    augment = recipe(f"{suite}/ride.yaml").data.augment
+    assert (augment.crop_padding, augment.flip, augment.rotation) == (4, True, 15.0)
+    assert recipe(f"{suite}/ce.yaml").data.augment.rotation == 0.0  # Cao et al.'s loaders do not rotate
+
+
 def test_shike_recipes_use_the_authors_dkt_form():
     """jinyan-06/SHIKE cifarTrain.py mix_outputs keeps the target column in the DKT softmaxes."""
     for path in ("cifar10_lt/if100/shike.yaml", "cifar100_lt/if100/shike.yaml"):

@@ -5,7 +5,8 @@ Every image draws its own random parameters; the work is done by batched tensor 
 Python loop over images. Order, as the authors' pipelines (SHIKE, MiSLAS, LADC):
 
 1. uint8: random crop from the zero-padded image or a RandomResizedCrop (in-memory sets: LIFT's CIFAR
-   pipeline crops the 32 x 32 images and resizes the crops to 224), horizontal flip, AutoAugment (its geometric ops fill
+   pipeline crops the 32 x 32 images and resizes the crops to 224), horizontal flip, a random rotation
+   (RIDE's and SADE's ``RandomRotation(15)``), AutoAugment (its geometric ops fill
    with ``autoaugment_fill``, 128 as the ``CIFAR10Policy(fillcolor=(128, 128, 128))`` of SHIKE's and
    BALMS's code) or RandAugment;
 2. Cutout (DeVries & Taylor 2017), ``cutout_fill="black"`` (default): the hole is set to 0 before
@@ -32,7 +33,7 @@ from torchvision.transforms.v2 import AutoAugment, AutoAugmentPolicy, RandAugmen
 from longtail.config import AugmentConfig
 from longtail.functional.mixing import remix_label_weight
 
-__all__ = ["AugmentParams", "BatchAugment"]
+__all__ = ["AugmentParams", "BatchAugment", "rotate"]
 
 _AUTOAUGMENT_POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
 _AUTOAUGMENT_BINS = 10  # torchvision's AutoAugment indexes its magnitude tables with 10 bins
@@ -50,6 +51,7 @@ class AugmentParams:
     crop_top / crop_left: (B,) corner of the crop window in the zero-padded image, in [0, 2 * padding].
     rrc_box: (B, 4) RandomResizedCrop's (top, left, height, width) of each image's crop.
     flip: (B,) bool, mirror left-right.
+    rotation: (B,) float, each image's rotation in degrees (counter-clockwise, as torchvision's).
     policy_choice: (B, K) AutoAugment sub-policy (the same for its K = 2 steps) or RandAugment op index
         (one per step, K = randaugment_ops).
     policy_applied: (B, K) bool, the step's op is applied (AutoAugment's per-op probability; always
@@ -62,6 +64,7 @@ class AugmentParams:
     crop_left: torch.Tensor | None = None
     rrc_box: torch.Tensor | None = None
     flip: torch.Tensor | None = None
+    rotation: torch.Tensor | None = None
     policy_choice: torch.Tensor | None = None
     policy_applied: torch.Tensor | None = None
     policy_negative: torch.Tensor | None = None
@@ -87,6 +90,27 @@ def _pad_crop(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch
     cols = left[:, None] + torch.arange(width, device=images.device)
     padded = padded.gather(2, rows[:, None, :, None].expand(batch, channels, height, width + 2 * padding))
     return padded.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of a uint8 batch (B, C, H, W) by its own angle (degrees, counter-clockwise) about
+    its centre, nearest neighbour, pixels from outside the image black: torchvision's ``rotate`` (the
+    kernel of ``RandomRotation``) for every image in one ``grid_sample``. As torchvision, each output
+    pixel centre, in coordinates centred on the image, is mapped back by the inverse rotation and
+    normalised by half the image's size (``align_corners=False``)."""
+    batch, _, height, width = images.shape
+    radians = torch.deg2rad(degrees.double())
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    xs = torch.arange(width, device=images.device, dtype=torch.float64) - (width - 1) / 2
+    ys = torch.arange(height, device=images.device, dtype=torch.float64) - (height - 1) / 2
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    # inverse rotation: the source of output pixel (x, y), with y pointing down the image
+    source_x = cos[:, None, None] * x - sin[:, None, None] * y
+    source_y = sin[:, None, None] * x + cos[:, None, None] * y
+    grid = torch.stack([source_x / (0.5 * width), source_y / (0.5 * height)], dim=-1).float()
+    rotated = torch.nn.functional.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
+                                              align_corners=False)
+    return rotated.round_().to(images.dtype)
 
 
 def sample_resized_crop_boxes(batch: int, height: int, width: int, generator: torch.Generator,
@@ -342,6 +366,9 @@ class BatchAugment:
             params.crop_left = torch.randint(2 * padding + 1, (batch,), generator=generator, device=device)
         if self.cfg.flip:
             params.flip = torch.rand(batch, generator=generator, device=device) < 0.5
+        if self.cfg.rotation > 0:
+            params.rotation = torch.empty(batch, device=device).uniform_(-self.cfg.rotation, self.cfg.rotation,
+                                                                         generator=generator)
         if self.policy is not None:
             params.policy_choice, params.policy_applied, params.policy_negative = self.policy.sample(batch, generator)
         if self.cfg.cutout > 0:
@@ -353,7 +380,7 @@ class BatchAugment:
         return params
 
     def augment_pixels(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-        """The uint8 stage: crop, flip, AutoAugment/RandAugment, a black Cutout hole."""
+        """The uint8 stage: crop, flip, rotation, AutoAugment/RandAugment, a black Cutout hole."""
         _check_uint8(images)
         if params.rrc_box is not None:
             side = self.cfg.random_resized_crop_size
@@ -363,6 +390,8 @@ class BatchAugment:
             images = _pad_crop(images, self.cfg.crop_padding, params.crop_top, params.crop_left)
         if params.flip is not None:
             images = torch.where(params.flip[:, None, None, None], images.flip(-1), images)
+        if params.rotation is not None:
+            images = rotate(images, params.rotation)
         draws = (params.policy_choice, params.policy_applied, params.policy_negative)
         if self.policy is not None and all(draw is not None for draw in draws):
             images = self.policy.apply(images, *draws)
