@@ -1,9 +1,9 @@
 """The seeds' rows reproduced by training: our numbers beside the papers', kept in the repository.
 
-    python benchmarks/reproduction.py runs/studies/cifar100_lt_if100_full_cpu
+    python benchmarks/reproduction.py runs/studies/cifar100_lt_if100_full_cpu [MORE_STUDY_DIRS ...]
     python benchmarks/reproduction.py STUDY_DIR --name precision_parity_cifar10_lt --results benchmarks/results
 
-Reads every finished stage of the study (stage 1, each stage 2, each calibrator), matches each row to
+Reads every finished stage of the studies (stage 1, each stage 2, each calibrator), matches each row to
 the published number of the same setting (benchmarks/paper_numbers.yaml, as ``longtail report``) and
 writes, under ``--results``:
 
@@ -18,6 +18,11 @@ writes, under ``--results``:
 
 and prints the markdown table for RESULTS.md "Full schedules on CPU". Rerun it as runs finish: the
 files are regenerated from the runs (the git diff shows what changed), never edited by hand.
+
+Several study folders make one set of rows (a study continued from a later commit under another name:
+a study refuses runs made by a different version of their recipe). Each record names its ``study`` and
+its ``run`` inside it; two studies may not hold the same ``<recipe>/seed<k>``, whose kept files would
+collide.
 """
 from __future__ import annotations
 
@@ -91,28 +96,54 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
     return copied
 
 
+def study_of(run: Path, studies: Sequence[Path]) -> Path:
+    """The study folder among ``studies`` that holds ``run``."""
+    for study in studies:
+        if run.resolve().is_relative_to(study.resolve()):
+            return study
+    raise ValueError(f"{run} is in none of the study folders {[str(s) for s in studies]}")
+
+
+def check_distinct_runs(runs: Sequence[Path], studies: Sequence[Path]) -> None:
+    """Two studies holding the same ``<recipe>/seed<k>`` would write their kept files over each other."""
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        study = study_of(run, studies)
+        relative = run.resolve().relative_to(study.resolve())
+        if relative in seen and seen[relative] != study:
+            raise SystemExit(f"{relative} is a run of both {seen[relative]} and {study}; their files would collide "
+                             "under the results folder: give one study's recipe another name, or report them apart "
+                             "(--name)")
+        seen[relative] = study
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", type=Path, help="a study folder (runs/studies/<name>)")
+    parser.add_argument("studies", type=Path, nargs="+", metavar="study",
+                        help="study folders (runs/studies/<name>), read as one set of rows")
     parser.add_argument("--name", default="reproduction_cifar100_lt_if100", help="results file name: <name>.json")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="where the results go (default benchmarks/results)")
     parser.add_argument("--papers", type=Path, help="published numbers (default benchmarks/paper_numbers.yaml)")
     args = parser.parse_args(argv)
 
-    runs, partial, untrained = expand_runs([args.study])
+    runs, partial, untrained = expand_runs(args.studies)
     if not runs:
-        print(f"no finished runs in {args.study} ({len(untrained)} not trained yet)", file=sys.stderr)
+        print(f"no finished runs in {', '.join(map(str, args.studies))} ({len(untrained)} not trained yet)",
+              file=sys.stderr)
         return 2
+    check_distinct_runs(runs, args.studies)
     rows = [row for run in runs for row in rows_for(run)]
     results = records(rows, load_paper_numbers(args.papers))
     for result in results:  # paths relative to the study: the results do not name this machine's folders
-        result["run"] = os.path.relpath(result["run"], args.study)
+        study = study_of(Path(result["run"]), args.studies)
+        result["study"] = study.resolve().name
+        result["run"] = os.path.relpath(result["run"], study)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{args.name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     folder = args.results / args.name
-    copied = [file for run in runs for file in keep_run_files(run, args.study, folder)]
+    copied = [file for run in runs for file in keep_run_files(run, study_of(run, args.studies), folder)]
     curves = {f"{row['recipe']} (seed {row['pair'][0]})": learning_curve(row["folder"]) for row in rows
               if row["stage"] == "last"}
     plot = learning_curves(curves, folder / "learning_curves.png")

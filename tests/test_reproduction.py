@@ -3,6 +3,7 @@ own, in percent, beside the published one of the same setting, with the wall tim
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,8 +142,38 @@ def test_report_writes_the_same_records(reproduced, tmp_path):
     reported = json.loads((tmp_path / "report" / "report.json").read_text())
     for record in reported:
         record["run"] = str(Path(record["run"]).relative_to(study))
-    assert reported == records
+    assert reported == [{k: v for k, v in record.items() if k != "study"} for record in records]
     assert (tmp_path / "report" / "learning_curves.png").is_file()
+
+
+def test_two_studies_make_one_set_of_rows_and_colliding_runs_are_refused(reproduced, tmp_path):
+    """A study continued from a later commit under another name is reported with the first; each record
+    names its study, and a run both studies hold (same recipe and seed) is refused, not overwritten."""
+    run, records, _, papers = reproduced
+    first = run.parent.parent
+    later = tmp_path / "later.yaml"
+    later.write_text(yaml.safe_dump({
+        "name": "later", "seeds": [0], "overrides": ["train.epochs=1", "train.eval_every=1", "data.batch_size=64"],
+        "recipes": [{"name": "ce_later", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml")}]}))
+    second = tmp_path / "later_runs"
+    assert main(["study", str(later), "--out", str(second)]) == 0
+    script = _reproduction_script()
+    results = tmp_path / "results"
+    assert script.main([str(first), str(second), "--name", "both", "--results", str(results),
+                        "--papers", str(papers)]) == 0
+    both = {r["method"]: r for r in json.loads((results / "both.json").read_text())}
+    assert set(both) == {"ce", "ce · crt", "ce_later"}
+    assert {(r["study"], r["run"]) for r in both.values()} == {
+        (first.name, "ce/seed0"), (first.name, "ce/seed0/stage2_crt"), (second.name, "ce_later/seed0")}
+    for method in ("ce", "ce · crt"):  # the first study's rows are what it gives alone
+        assert both[method] == next(r for r in records if r["method"] == method)
+    assert (results / "both" / "ce_later" / "seed0" / "metrics.json").read_bytes() == (
+        second / "ce_later" / "seed0" / "metrics.json").read_bytes()
+    copy = tmp_path / "copy_of_first"
+    shutil.copytree(first, copy)
+    with pytest.raises(SystemExit, match="ce/seed0 is a run of both"):
+        script.main([str(first), str(copy), "--name", "clash", "--results", str(results), "--papers", str(papers)])
+    assert not (results / "clash.json").exists()
 
 
 def _parity_script():
