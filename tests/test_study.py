@@ -466,6 +466,38 @@ def test_a_stopped_run_whose_recipe_was_edited_is_refused(tmp_path, capsys, one_
         assert "resumed from epoch 1" in (run.run_dir / "train.log").read_text()
 
 
+def test_runs_made_before_a_setting_existed_are_reused_when_it_keeps_their_value(tmp_path, capsys, one_thread):
+    """A newer longtail that only adds a setting (its default the old behaviour) changes every run's
+    signature; the recorded config re-read with that default still equals the plan, so finished runs
+    are kept, while a recorded value that differs from the plan, or other steps, still refuse."""
+    study = _small_study(tmp_path, seeds=[0], recipes=[
+        {"name": "ce", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml"), "calibrate": [{"method": "ts"}]}])
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    run = out / "ce" / "seed0"
+    marker, config = run / "study_run.json", run / "config.yaml"
+    # as an older version wrote them: no `rotation` setting, so another digest of the config
+    old_marker = {**json.loads(marker.read_text()), "signature": "0123456789abcdef"}
+    marker.write_text(json.dumps(old_marker))
+    lines = config.read_text().splitlines(keepends=True)
+    without = [line for line in lines if line.strip() != "rotation: 0.0"]
+    assert len(without) == len(lines) - 1
+    config.write_text("".join(without))
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    assert _trainings(run) == 1 and json.loads(marker.read_text())["signature"] == "0123456789abcdef"
+    capsys.readouterr()
+    # the recorded value is not the planned one: refused
+    config.write_text("".join(lines).replace("rotation: 0.0", "rotation: 15.0"))
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    assert "made from a different version of their recipe" in capsys.readouterr().err
+    # the config agrees but the run's steps were others (TS planned, another calibration recorded)
+    config.write_text("".join(without))
+    marker.write_text(json.dumps({**old_marker, "steps_signature": "fedcba9876543210"}))
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    assert "made from a different version of their recipe" in capsys.readouterr().err
+    assert _trainings(run) == 1
+
+
 def test_every_step_is_validated_before_training_and_max_runs_is_checked(tmp_path, capsys):
     raw = yaml.safe_load(_small_study(tmp_path).read_text())
     raw["recipes"][1]["calibrate"] = [{"method": "tss"}]

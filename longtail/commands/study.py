@@ -141,6 +141,7 @@ class StudyRun:
     run_dir: Path
     steps: list[Step] = field(default_factory=list)
     signature: str = ""  # what the run is (config and steps, not where it lives); kept in its marker
+    steps_signature: str = ""  # its stage-2 and calibration steps alone (see ``unchanged``)
 
     @property
     def finished(self) -> bool:
@@ -164,13 +165,35 @@ class StudyRun:
     def recorded_signature(self) -> str | None:
         """What the run was made as: its marker's signature when finished, else (when it has progress
         to resume) the one it was started with; None for a run with nothing to keep."""
+        return self._recorded()[0]
+
+    def _recorded(self) -> tuple[str | None, str | None]:
+        """(signature, steps signature) the run was finished or started with (None where not recorded)."""
         if self.finished:
-            return json.loads((self.run_dir / MARKER).read_text()).get("signature")
+            marker = json.loads((self.run_dir / MARKER).read_text())
+            return marker.get("signature"), marker.get("steps_signature")
         if not self.has_progress():
-            return None
+            return None, None
         if self.started_file.is_file():
-            return self.started_file.read_text().strip() or None
-        return self._config_signature()
+            lines = self.started_file.read_text().split()
+            return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
+        return self._config_signature(), None
+
+    def unchanged(self) -> bool:
+        """Whether the run (finished, or stopped with progress) is what the study file plans now.
+
+        The exact signature first. Failing that (the signature digests the whole resolved config, so a
+        longtail version that only adds settings changes it), the run's recorded config.yaml re-read by
+        this version, where a setting it lacks takes its default, must equal the planned config, and its
+        recorded stage-2 and calibration steps the planned ones: a run made before a new setting
+        existed is reused exactly when the new setting's value is the default it was made with. Markers
+        written before steps signatures were kept (December 2026) have only the exact comparison."""
+        signature, steps_signature = self._recorded()
+        if signature in (None, self.signature):
+            return True
+        if steps_signature != self.steps_signature:
+            return False
+        return self._config_signature() == self.signature
 
     def _config_signature(self) -> str | None:
         """A run started outside the study (e.g. from --print-commands): compare its recorded config.
@@ -255,6 +278,7 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
                     run = StudyRun(cell, recipe.name, grid, seed, selection_seed, study_dir / cell / folder)
                     run.steps = _steps(recipe, config_path, overrides, config, run.run_dir, base)
                     run.signature = _signature(config, recipe)
+                    run.steps_signature = _steps_signature(recipe)
                     runs.append(run)
     return runs
 
@@ -288,19 +312,31 @@ def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config:
     return steps
 
 
+def _digest(described: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _steps_described(recipe: StudyRecipe) -> dict[str, Any]:
+    return {"stage2": [step.model_dump() for step in recipe.stage2],
+            "calibrate": [step.model_dump() for step in recipe.calibrate]}
+
+
 def _signature(config: Config, recipe: StudyRecipe) -> str:
     """A digest of the resolved config (less output_dir and name) and the recipe's stage-2 and
     calibration steps: a finished run whose recipe was edited since is not silently reused."""
-    described = {"config": config.model_dump(mode="json", exclude={"output_dir", "name"}),
-                 "stage2": [step.model_dump() for step in recipe.stage2],
-                 "calibrate": [step.model_dump() for step in recipe.calibrate]}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    return _digest({"config": config.model_dump(mode="json", exclude={"output_dir", "name"}),
+                    **_steps_described(recipe)})
+
+
+def _steps_signature(recipe: StudyRecipe) -> str:
+    """A digest of the recipe's stage-2 and calibration steps alone (the config is compared as a config)."""
+    return _digest(_steps_described(recipe))
 
 
 def check_unchanged(runs: list[StudyRun]) -> None:
     """Finished and stopped runs must still be what the study file describes (a stopped run would
     resume with its old settings); else name them and the way out."""
-    changed = [run for run in runs if run.recorded_signature() not in (None, run.signature)]
+    changed = [run for run in runs if not run.unchanged()]
     if changed:
         stopped = sum(not run.finished for run in changed)
         raise UserError(f"{len(changed)} finished or stopped runs ({stopped} stopped) were made from a different "
@@ -327,7 +363,8 @@ def _clear_unresumable(step: Step, run_dir: Path) -> None:
 
 def _mark_finished(run: StudyRun, study: Study) -> None:
     record = {"study": study.name, "cell": run.cell, "recipe": run.recipe, "grid": run.grid, "seed": run.seed,
-              "selection_seed": run.selection_seed, "signature": run.signature, "steps": [step.argv for step in run.steps],
+              "selection_seed": run.selection_seed, "signature": run.signature,
+              "steps_signature": run.steps_signature, "steps": [step.argv for step in run.steps],
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_output(study_marker(run.run_dir), json.dumps(record, indent=2), exist="replace")
 
@@ -374,11 +411,11 @@ def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]],
                     continue
                 if max_runs is not None and ran >= max_runs:
                     continue
-                if run.recorded_signature() not in (None, run.signature):  # edited since check_unchanged
+                if not run.unchanged():  # edited since check_unchanged
                     raise UserError(f"{run.run_dir} was started from a different version of its recipe; give the "
                                     "study a new name (or --out) to rerun it, or restore the file")
                 if not run.has_progress():
-                    write_output(run.started_file, run.signature + "\n", exist="replace")
+                    write_output(run.started_file, f"{run.signature}\n{run.steps_signature}\n", exist="replace")
                 bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
                 _run_steps(run, execute, resume_hint)
                 _mark_finished(run, study)
