@@ -14,6 +14,7 @@ from longtail.losses.terms import batch_loss
 from longtail.losses import CrossEntropy
 from longtail.functional import bbn_alpha
 from longtail.models import BBN, Classifier, CosineHead, LinearHead, LWSHead, TauNormHead, make_head
+from longtail.models.heads import fresh_like
 from longtail.models.cifar_resnet import PadShortcut
 from longtail.registry import MODELS, ConfigError
 from longtail.types import Batch, ModelOutput
@@ -223,6 +224,24 @@ def test_cosine_head_is_bounded_by_its_scale_and_ignores_feature_length():
     torch.testing.assert_close(head(x / 100), logits)
     along_class_2 = head(head.weight[2:3].detach() * 3.0)
     assert along_class_2[0, 2].item() == pytest.approx(30.0, abs=1e-4)
+
+
+def test_cosine_head_class_vectors_start_at_unit_length_as_the_authors_normed_linear():
+    """SHIKE's, RIDE's and LDAM-DRW's NormedLinear: uniform(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5), i.e. every
+    class vector of length 1. The length sets how fast a normalised weight turns (step ~ lr / |w|^2), so
+    it must match theirs, for the stage-1 heads and for cRT's fresh ones alike."""
+    torch.manual_seed(0)
+    authors = torch.empty(64, 100).uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)  # (in, out): columns
+    head = CosineHead(64, 100)
+    for weight in (head.weight, fresh_like(head).weight):
+        torch.testing.assert_close(weight.norm(dim=1), authors.norm(dim=0))
+    # the same first SGD step as NormedLinear from the same direction: the angle each class vector turns
+    x, y = images((32, 64)), torch.arange(32) % 100
+    reference = authors.clone().requires_grad_(True)
+    head.weight.data.copy_(authors.T)
+    (F.cross_entropy(30 * F.normalize(x, dim=1) @ F.normalize(reference, dim=0), y)).backward()
+    F.cross_entropy(head(x), y).backward()
+    torch.testing.assert_close(head.weight.grad, reference.grad.T)
 
 
 def test_tau_norm_head():

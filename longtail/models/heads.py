@@ -82,8 +82,13 @@ class LinearHead(Head, nn.Linear):
 @register_head
 class CosineHead(Head, nn.Module):
     """``scale * cos(f, w_c)``: features and class weights are L2-normalised, so every logit lies in
-    [-scale, scale]. SHIKE and RIDE use it with scale 30 (their ``NormedLinear`` times ``s``); the
-    weights start from the authors' uniform(-1, 1) draw (only their direction matters)."""
+    [-scale, scale]. SHIKE, RIDE and LDAM-DRW use it with scale 30 (their ``NormedLinear`` times ``s``).
+
+    Each class vector starts as a uniform(-1, 1) draw scaled to unit length, as the authors'
+    ``NormedLinear`` (``uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)``). The forward pass sees only the
+    direction, but training does not: the gradient of a normalised weight shrinks as 1 / |w|, so its
+    angular step as lr / |w|^2, and the unrenormed draw (|w| about 4.6 for 64 features) learns ~20x
+    slower. That cost SHIKE's 20-epoch classifier retraining 3.7 points (docs/FIDELITY.md)."""
 
     kind = "cosine"
 
@@ -92,7 +97,7 @@ class CosineHead(Head, nn.Module):
         if scale <= 0:
             raise ValueError(f"cosine head scale must be positive, got {scale}")
         self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1.0, 1.0))
+        self.weight = nn.Parameter(F.normalize(torch.empty(out_features, in_features).uniform_(-1.0, 1.0), dim=1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
