@@ -70,6 +70,19 @@ def test_ride_cifar_augmentation_rotates_as_its_loaders(suite):
     assert recipe(f"{suite}/ce.yaml").data.augment.rotation == 0.0  # Cao et al.'s loaders do not rotate
 
 
+@pytest.mark.parametrize("name", ["ce_sade", "balanced_softmax_sade"])
+def test_sade_recipes_follow_sades_code(name):
+    """Vanint/SADE-AgnosticLT configs/config_cifar100_ir100_sade.json and train.py's CustomLR (per epoch):
+    x(1 + e)/5 for e < 5, x0.1 from 160, x0.01 from 180; Nesterov, wd 5e-4; RandomRotation(15)."""
+    config = recipe(f"cifar100_lt/if100/{name}.yaml")
+    sade = [min(1.0, (1 + e) / 5) * (0.01 if e >= 180 else 0.1 if e >= 160 else 1.0) for e in range(200)]
+    assert [lr_factor(e, 200, config.schedule) for e in range(200)] == pytest.approx(sade)
+    assert (config.optim.lr, config.optim.nesterov, config.optim.weight_decay) == (0.1, True, 5e-4)
+    augment = config.data.augment
+    assert (augment.crop_padding, augment.flip, augment.rotation, config.data.batch_size) == (4, True, 15.0, 128)
+    assert config.model.name == "resnet32" and config.loss.name == name.removesuffix("_sade")
+
+
 def test_shike_recipes_use_the_authors_dkt_form():
     """jinyan-06/SHIKE cifarTrain.py mix_outputs keeps the target column in the DKT softmaxes."""
     for path in ("cifar10_lt/if100/shike.yaml", "cifar100_lt/if100/shike.yaml"):
