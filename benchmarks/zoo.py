@@ -63,8 +63,9 @@ def add(run: Path, name: str, command: str, zoo: Path = ZOO) -> dict[str, Any]:
     slim = {key: state[key] for key in KEPT_STATE if key in state}
     save_checkpoint(slim, target / CHECKPOINT)
     for file in KEPT_FILES:
-        # a recipe's own stage 2 (RUN/stage2) trains under the run's config.yaml, kept one level up
-        source = run / file if (run / file).is_file() or file != CONFIG_FILE else run.parent / file
+        source = run / file
+        if file == CONFIG_FILE and not source.is_file():
+            source = run.parent / file  # a recipe's own stage 2 (RUN/stage2) trains under the run's config.yaml
         shutil.copyfile(source, target / file)
     env = run / ENV_FILE if (run / ENV_FILE).is_file() else run.parent / ENV_FILE
     git = json.loads(env.read_text(encoding="utf-8")).get("git", {}) if env.is_file() else {}

@@ -162,13 +162,9 @@ class StudyRun:
         """Whether any step of the run left something a rerun would keep (results or a checkpoint)."""
         return any(step.done() or step.can_resume() for step in self.steps)
 
-    def recorded_signature(self) -> str | None:
-        """What the run was made as: its marker's signature when finished, else (when it has progress
-        to resume) the one it was started with; None for a run with nothing to keep."""
-        return self._recorded()[0]
-
     def _recorded(self) -> tuple[str | None, str | None]:
-        """(signature, steps signature) the run was finished or started with (None where not recorded)."""
+        """What the run was made as, (signature, steps signature): its marker's when finished, else (when it
+        has progress to resume) the ones it was started with; None where not recorded or nothing to keep."""
         if self.finished:
             marker = json.loads((self.run_dir / MARKER).read_text())
             return marker.get("signature"), marker.get("steps_signature")
