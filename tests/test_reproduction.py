@@ -1,12 +1,14 @@
 """The reproduction records (``report.json``, benchmarks/reproduction.py): each number is the run's
 own, in percent, beside the published one of the same setting, with the wall time the run's log shows."""
 import csv
+import math
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from longtail.cli import main
@@ -222,3 +224,30 @@ def test_authors_curve_lines_our_stage_1_and_2_epochs_up_with_the_authors_log(re
     assert plot.stat().st_size > 0
     with pytest.raises(SystemExit):
         script.main([str(log), str(run), "--stage2", "stage2_missing"])
+
+
+def test_ikl_diagnosis_measures_soft_label_structure_and_prior_shift():
+    """benchmarks/ikl_diagnosis.py's two measures on hand-made inputs: the superclass share of the
+    off-target mass, and top-1 after subtracting t * log prior."""
+    diagnosis = _benchmark_script("ikl_diagnosis")
+    names = [n for fines in diagnosis.SUPERCLASSES.values() for n in fines.split()]
+    same = diagnosis.same_superclass(names)
+    assert same.shape == (100, 100) and same.sum(1).tolist() == [4] * 100 and not same.diagonal().any()
+    assert diagnosis.same_superclass(["cat", "dog"]) is None
+    # uniform smoothing: the share is 4/99, the entropy ln 99
+    uniform = torch.full((100, 100), 0.5 / 99).fill_diagonal_(0.5)
+    row = diagnosis.label_structure(uniform, same)
+    assert row["target_mass"] == pytest.approx(0.5)
+    assert row["same_superclass_share"] == pytest.approx(4 / 99)
+    assert row["off_target_entropy_nats"] == pytest.approx(math.log(99), abs=1e-5)
+    # all off-target mass on the superclass: share 1, entropy ln 4
+    focused = (same.float() * 0.1).fill_diagonal_(0.6)
+    row = diagnosis.label_structure(focused, same)
+    assert row["same_superclass_share"] == pytest.approx(1.0) and row["off_target_entropy_nats"] == pytest.approx(math.log(4))
+    # prior shift: class 0 (count 150) wins by 1 nat on every image; subtracting log(150/10) = 2.7 nats
+    # moves all to class 1, so at t = 1 the class-1 images are right and the class-0 images wrong
+    logits = torch.tensor([[1.0, 0.0]] * 4)
+    targets = torch.tensor([0, 0, 1, 1])
+    rows = diagnosis.prior_shift(logits, targets, [150, 10])
+    assert rows["0"]["top1"] == 50.0 and rows["1"]["top1"] == 50.0
+    assert rows["0"]["few"] == 0.0 and rows["1"]["few"] == 100.0 and rows["1"]["many"] == 0.0
