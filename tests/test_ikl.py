@@ -214,8 +214,9 @@ def test_a_sample_not_drawn_last_epoch_gets_no_iur_from_an_older_prediction():
     assert (residual.abs() > 1e-6).tolist() == [False, False, True, False, True]
 
 
-def _icl_of_one_sample(base, base_params, reading, logits):
-    loss = build(base=base, base_params=base_params, icl_logits=reading, alpha_schedule="equal")
+def _icl_of_one_sample(base, base_params, reading, logits, softened=False):
+    loss = build(base=base, base_params=base_params, icl_logits=reading, alpha_schedule="equal",
+                 icl_softened=softened)
     logits0, features0 = epoch_zero_records()
     record_epoch(loss, logits0, features0)
     loss.soft_labels.copy_(0.5 * torch.eye(C) + 0.125)  # the target keeps 5/8, every other class 1/8
@@ -249,3 +250,15 @@ def test_icl_on_raw_or_on_the_base_loss_adjusted_logits(base, base_params, adjus
     assert _icl_of_one_sample(base, base_params, "adjusted", z) == pytest.approx(_soft_ce(adjusted(z), q), rel=1e-5)
     with pytest.raises(ValueError, match="allowed: raw, adjusted"):
         build(icl_logits="prior")
+
+
+def test_softened_icl_is_the_cross_entropy_of_the_tau_softened_prediction():
+    """icl_softened reads eq. 8's p as eq. 1's softmax(z / tau): the same soft CE on z / tau (tau 2 here),
+    on the raw or the adjusted logits."""
+    z = [1.0, 0.0, -1.0, 0.5]
+    q = [5 / 8, 1 / 8, 1 / 8, 1 / 8]
+    assert _icl_of_one_sample("ce", None, "raw", z, softened=True) == pytest.approx(
+        _soft_ce([v / 2 for v in z], q), rel=1e-5)
+    adjusted = [z[0] + np.log(4), z[1] + np.log(2), z[2], z[3]]  # balanced softmax, n = (4, 2, 1, 1)
+    assert _icl_of_one_sample("balanced_softmax", None, "adjusted", z, softened=True) == pytest.approx(
+        _soft_ce([v / 2 for v in adjusted], q), rel=1e-5)

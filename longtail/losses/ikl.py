@@ -42,12 +42,15 @@ class IKLLoss(nn.Module):
       ``tau``, and the current one, on the samples whose last prediction was right (CKS). The
       per-sample values are scaled by ``B / #selected`` so that their batch mean is eq. 5's mean
       over the selected samples.
-    - ICL (eq. 6-8): cross-entropy of the current (unsoftened) prediction against
+    - ICL (eq. 6-8): cross-entropy of the current prediction (unsoftened by default) against
       ``ikl_correlation_labels`` of last epoch's class-median features. ``icl_logits="raw"`` (the
       paper's eq. 8 as printed) takes the prediction from the raw logits; ``"adjusted"`` from the
       logits the base loss trains (its ``adjust_logits``: + log n_y for balanced softmax, + tau log
       prior for logit adjustment, the target margin and scale for LDAM), so that ICL keeps the base's
-      re-balancing (the paper does not say how ICL meets such a base).
+      re-balancing (the paper does not say how ICL meets such a base). ``icl_softened=True`` softens
+      that prediction with ``tau`` first, reading eq. 8's p as eq. 1 defines it (with the temperature):
+      its optimum then puts the soft label on softmax(z / tau), a prediction much sharper than the
+      label itself at tau = 1, so ICL acts as far milder label smoothing.
     - alpha: ``max_alpha * ikl_alpha(epoch, total_epochs, alpha_schedule)``, 0 in the first epoch
       (no previous predictions yet), so that epoch trains with the base loss only.
 
@@ -81,7 +84,7 @@ class IKLLoss(nn.Module):
                  base: str = "ce", base_params: dict[str, Any] | None = None, tau: float = 2.0,
                  alpha_schedule: str = "parabolic", max_alpha: float = 1.0, topk: int | None = 32,
                  label_topk: int | None = None, median_cap: int | None = 64, median_dim: int | None = None,
-                 seed: int = 0, icl_logits: str = "raw") -> None:
+                 seed: int = 0, icl_logits: str = "raw", icl_softened: bool = False) -> None:
         super().__init__()
         checked_class_counts(class_counts, num_classes)
         if num_samples is None or num_samples < 1:
@@ -103,7 +106,7 @@ class IKLLoss(nn.Module):
         self.num_classes, self.num_samples, self.tau = num_classes, num_samples, tau
         self.alpha_schedule, self.max_alpha = alpha_schedule, max_alpha
         self.median_cap, self.median_dim, self.seed = median_cap, median_dim, seed
-        self.icl_logits = icl_logits
+        self.icl_logits, self.icl_softened = icl_logits, icl_softened
         self.dense = topk is None or topk >= num_classes
         self.k = num_classes if self.dense else topk
         self.label_k = None if label_topk is None or label_topk >= num_classes else label_topk
@@ -193,7 +196,10 @@ class IKLLoss(nn.Module):
         iur = ikl_uncertainty_loss(self.previous_probs(indices), logits, selected, self.tau, reduction="none")
         iur = iur * (len(indices) / selected.sum().clamp_min(1))
         soft = self.soft_label_rows(targets.to(indices.device))
-        icl = soft_target_cross_entropy(self._icl_input(logits, targets), soft, reduction="none")
+        icl_input = self._icl_input(logits, targets)
+        if self.icl_softened:
+            icl_input = icl_input / self.tau
+        icl = soft_target_cross_entropy(icl_input, soft, reduction="none")
         terms = {"base": (1.0 - self.alpha) * base, "iur": self.alpha * iur, "icl": self.alpha * icl}
         return LossTerms(total=terms["base"] + terms["iur"] + terms["icl"], terms=terms)
 
