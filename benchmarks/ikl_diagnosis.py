@@ -31,7 +31,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from longtail.functional import ikl_class_medians, ikl_correlation_labels, shot_groups  # noqa: E402
+from longtail.functional import (ikl_class_medians, ikl_correlation_labels, logit_adjusted_logits,  # noqa: E402
+                                 shot_groups)
+from longtail.metrics import shift_scores  # noqa: E402
 from longtail.runs import load_run  # noqa: E402
 
 PRIOR_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -83,17 +85,13 @@ def label_structure(labels: torch.Tensor, same: torch.Tensor | None) -> dict[str
 
 
 def prior_shift(logits: torch.Tensor, targets: torch.Tensor, train_counts: list[int]) -> dict[str, dict]:
-    counts = torch.tensor(train_counts, dtype=torch.float)
-    log_prior = (counts / counts.sum()).log()
-    groups = shot_groups(train_counts)
-    per_class_total = torch.bincount(targets, minlength=len(counts)).float()
+    """Test top-1 and shot-group top-1 (%) of ``logits - t * log(train prior)`` for each t."""
+    groups = {group: classes for group, classes in shot_groups(train_counts).items() if classes}
     rows = {}
     for strength in PRIOR_STRENGTHS:
-        correct = ((logits - strength * log_prior).argmax(1) == targets).float()
-        per_class = torch.zeros(len(counts)).index_add_(0, targets, correct) / per_class_total
-        rows[f"{strength:g}"] = {"top1": round(100 * correct.mean().item(), 2),
-                                 **{g: round(100 * per_class[torch.tensor(c)].mean().item(), 2)
-                                    for g, c in groups.items() if c}}
+        scores = shift_scores(logit_adjusted_logits(logits, train_counts, -strength), targets, groups)
+        rows[f"{strength:g}"] = {"top1": round(100 * scores["top1"], 2),
+                                 **{group: round(100 * scores[f"{group}_top1"], 2) for group in groups}}
     return rows
 
 

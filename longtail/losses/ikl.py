@@ -196,10 +196,7 @@ class IKLLoss(nn.Module):
         iur = ikl_uncertainty_loss(self.previous_probs(indices), logits, selected, self.tau, reduction="none")
         iur = iur * (len(indices) / selected.sum().clamp_min(1))
         soft = self.soft_label_rows(targets.to(indices.device))
-        icl_input = self._icl_input(logits, targets)
-        if self.icl_softened:
-            icl_input = icl_input / self.tau
-        icl = soft_target_cross_entropy(icl_input, soft, reduction="none")
+        icl = soft_target_cross_entropy(self._icl_input(logits, targets), soft, reduction="none")
         terms = {"base": (1.0 - self.alpha) * base, "iur": self.alpha * iur, "icl": self.alpha * icl}
         return LossTerms(total=terms["base"] + terms["iur"] + terms["icl"], terms=terms)
 
@@ -226,9 +223,11 @@ class IKLLoss(nn.Module):
     # -------------------------------------------------------------------------------- internals
     def _icl_input(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The logits ICL trains: raw, or as the base loss adjusts them (its ``adjust_logits``; a base
-        without one, e.g. ce or focal, trains on the raw logits and has nothing to adjust)."""
+        without one, e.g. ce or focal, trains on the raw logits and has nothing to adjust); divided by
+        ``tau`` when ``icl_softened``."""
         adjust = getattr(self.base, "adjust_logits", None)
-        return adjust(logits, targets) if self.icl_logits == "adjusted" and callable(adjust) else logits
+        chosen = adjust(logits, targets) if self.icl_logits == "adjusted" and callable(adjust) else logits
+        return chosen / self.tau if self.icl_softened else chosen
 
     def _indices(self, output: ModelOutput, batch: Batch) -> torch.Tensor:
         indices = batch.indices.to(self.pred_correct.device)
