@@ -37,6 +37,21 @@ def test_class_distribution(name, expected):
     assert result.pvalue > 1e-3
 
 
+@pytest.mark.parametrize("per, exponent", [("class", -1.2), ("instance", -0.2)])
+def test_ladc_sampler_draws_classes_by_eq13_in_both_readings(per, exponent):
+    import longtail.stage2.samplers  # noqa: F401  (registers ladc)
+    sampler = SAMPLERS.build("ladc", {"tau": 1.2, "per": per, "num_samples": 40_000}, targets=TARGETS,
+                             num_classes=5, seed=3)
+    present = [0, 1, 2, 4]
+    raw = {c: COUNTS[c] ** exponent for c in present}  # class 3 has no images: never drawn
+    expected = [raw.get(c, 0.0) / sum(raw.values()) for c in range(5)]
+    assert sampler.class_probabilities(0, 1).tolist() == pytest.approx(expected, abs=1e-12)
+    observed = torch.bincount(TARGETS[sampler.epoch_indices(0, 1)], minlength=5)
+    assert observed[3] == 0 and chisquare(observed[present].numpy(), [40_000 * expected[c] for c in present]).pvalue > 1e-3
+    with pytest.raises(ConfigError, match="per"):
+        SAMPLERS.build("ladc", {"per": "image"}, targets=TARGETS, num_classes=5, seed=3)
+
+
 def test_images_within_a_class_are_drawn_uniformly():
     sampler = build("class_balanced", num_samples=40_000)
     drawn = sampler.epoch_indices(0, 1)

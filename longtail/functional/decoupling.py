@@ -243,10 +243,22 @@ def ladc_sample_calibrated(means: torch.Tensor, indices: torch.Tensor, weights: 
     return means + math.sqrt(beta / (1 + beta)) * noise
 
 
-def ladc_sampling_probs(class_counts: Counts, tau: float) -> torch.Tensor:
-    """LADC's class sampling probabilities (Wang et al. 2022, eq. 13): ``P_i = (n_1 / n_i^tau) / sum_j (n_1 / n_j^tau)``
-    with n_1 the largest class (it cancels: ``P_i`` is proportional to ``n_i^-tau``). tau = 0 is
-    class-balanced sampling, tau = 1 inverse-frequency; the paper uses 1.2-1.3. (C,) float64."""
+def ladc_sampling_probs(class_counts: Counts, tau: float, per: str = "class") -> torch.Tensor:
+    """LADC's class sampling probabilities (Wang et al. 2022, eq. 13), ``P_i = (n_1 / n_i^tau) / sum_j (n_1 / n_j^tau)``
+    with n_1 the largest class (it cancels). Returns each class's share of the draws, (C,) float64.
+
+    The paper calls P_i "the sampling probability of each class" but leaves open what it is drawn per:
+
+    - ``per="class"`` (as printed): P_i is the class's share, proportional to ``n_i^-tau``. tau = 0 is
+      class-balanced; at the paper's tau = 1.2 a 5-image class is drawn 251 times as often as a 500-image one;
+    - ``per="instance"``: P_i is the weight of each image of class i, so the class's share is
+      ``n_i P_i``, proportional to ``n_i^(1 - tau)``: tau = 0 is instance-balanced, tau = 1 class-balanced,
+      and the paper's 1.2-1.3 a little past balance (``tau - 1`` in the printed reading).
+    """
+    if per not in ("class", "instance"):
+        raise ValueError(f"unknown per={per!r}; allowed: class (eq. 13 as printed), instance (P_i per image)")
     counts = checked_class_counts(class_counts, dtype=torch.float64, device="cpu")
     raw = counts.max() / counts.pow(tau)
+    if per == "instance":
+        raw = raw * counts
     return raw / raw.sum()
