@@ -140,14 +140,14 @@ def test_sampling_probs_match_eq13():
     counts = np.array([500.0, 100.0, 20.0])
     tau = 1.2
     raw = counts[0] / counts ** tau
-    assert ladc_sampling_probs(counts.tolist(), tau).numpy() == pytest.approx(raw / raw.sum())
-    assert ladc_sampling_probs([500, 100, 20], 0.0).tolist() == pytest.approx([1 / 3] * 3)
+    assert ladc_sampling_probs(counts.tolist(), tau, per="class").numpy() == pytest.approx(raw / raw.sum())
+    assert ladc_sampling_probs([500, 100, 20], 0.0, per="class").tolist() == pytest.approx([1 / 3] * 3)
 
 
 def test_sampling_probs_per_instance_weigh_each_image_by_eq13():
     # each image of class i weighs 500 / n_i^1.2, so the class's share is n_i * that: by hand,
     # 500^-0.2 = 0.28854, 100^-0.2 = 0.39811, 20^-0.2 = 0.54928 (sum 1.23593)
-    shares = ladc_sampling_probs([500, 100, 20], 1.2, per="instance")
+    shares = ladc_sampling_probs([500, 100, 20], 1.2)  # the default reading
     assert shares.tolist() == pytest.approx([0.23346, 0.32211, 0.44443], abs=1e-5)
     assert ladc_sampling_probs([500, 100, 20], 1.0, per="instance").tolist() == pytest.approx([1 / 3] * 3)
     assert ladc_sampling_probs([500, 100, 20], 0.0, per="instance").tolist() == pytest.approx([500 / 620, 100 / 620, 20 / 620])
