@@ -82,7 +82,7 @@ def restored_top1(config, run_dir):
 # per name in STAGE2, so a newly registered method fails test_every_registered_stage2_method_has_cases
 # until it has cases here.
 STAGE2_CASES = {
-    "crt": [({}, None), ({"bn_shift": False}, None), ({}, "cached")],
+    "crt": [({}, None), ({"bn_shift": False}, None), ({}, "cached"), ({"reinit": False}, "cached")],
     "lws": [({}, "cached"), ({"bn_shift": False}, None)],
     "tau_norm": [({}, None)],
     "ncm": [({}, None)],
@@ -132,6 +132,18 @@ def test_method_runs_end_to_end_and_keeps_the_backbone(stage1, tmp_path, method,
         assert search[str(written["tau"])] == max(search.values())
         per_class = [a for a in written["last"]["val"]["per_class_top1"] if a is not None]
         assert search[str(written["tau"])] == pytest.approx(sum(per_class) / len(per_class), abs=1e-6)
+
+
+@pytest.mark.parametrize("reinit", [True, False])
+def test_crt_starts_from_a_fresh_head_or_the_stage1_head(stage1, tmp_path, reinit):
+    # with a vanishing learning rate the head stage 2 saves is (to 1e-6) the one it started from
+    from longtail.config import OptimConfig
+    _, run_dir = run_method(stage1, tmp_path, "crt", params={"reinit": reinit}, features="cached",
+                            optim=OptimConfig(name="sgd", lr=1e-9, momentum=0.0, weight_decay=0.0))
+    before = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    after = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["model"]
+    heads = [k for k in before if k.startswith("heads.")]
+    assert heads and all(torch.allclose(before[k], after[k], atol=1e-6) == (not reinit) for k in heads)
 
 
 def test_set_bn_shift_puts_only_batchnorm_in_train_mode():
