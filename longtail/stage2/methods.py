@@ -60,14 +60,14 @@ def _replace_heads(model: nn.Module, heads: Sequence[nn.Module]) -> list[nn.Para
     return [p for head in heads for p in head.parameters() if p.requires_grad]
 
 
-# The classifiers a method's ``head`` option can put in place of each stage-1 head (MiSLAS and LADC
-# each allow a subset): a fresh head (cRT), learnt per-class scales on the frozen head (LWS), scales
-# and biases (LADC's LWS-Plus), or scales with the stage-1 head fine-tuned (MiSLAS's "enhanced").
 def _fine_tuned(head: nn.Module) -> nn.Module:
     """The stage-1 head itself, trained further (cRT with ``reinit: false``)."""
     return head.requires_grad_(True)
 
 
+# The classifiers a method's ``head`` option can put in place of each stage-1 head (MiSLAS and LADC
+# each allow a subset): a fresh head (cRT), learnt per-class scales on the frozen head (LWS), scales
+# and biases (LADC's LWS-Plus), or scales with the stage-1 head fine-tuned (MiSLAS's "enhanced").
 STAGE2_HEADS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "crt": fresh_like,
     "fine_tuned": _fine_tuned,
@@ -125,8 +125,6 @@ class CRT(_NewHeads):
     trains the stage-1 heads further instead of fresh ones — what MiSLAS's stage-2 code does to its
     classifier (``train_stage2.py`` loads it from the stage-1 checkpoint), a candidate reading of the
     cRT rows in Zhong et al.'s tables, whose code is not public."""
-
-    head = "crt"
 
     def __init__(self, bn_shift: bool = True, reinit: bool = True) -> None:
         super().__init__(bn_shift)
