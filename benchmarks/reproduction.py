@@ -3,26 +3,31 @@
     python benchmarks/reproduction.py runs/studies/cifar100_lt_if100_full_cpu [MORE_STUDY_DIRS ...]
     python benchmarks/reproduction.py STUDY_DIR --name precision_parity_cifar10_lt --results benchmarks/results
 
-Reads every finished stage of the studies (stage 1, each stage 2, each calibrator), matches each row to
-the published number of the same setting (benchmarks/paper_numbers.yaml, as ``longtail report``) and
-writes, under ``--results``:
+Keeps every finished stage of the studies (stage 1, each stage 2, each calibrator) in the repository,
+then matches each kept row to the published number of the same setting (benchmarks/paper_numbers.yaml,
+as ``longtail report``) and writes, under ``--results``:
 
-- ``<name>.json`` (default ``reproduction_cifar100_lt_if100.json``): one record per row (method, paper,
-  paper_top1, top1, many, medium, few, ece, ece_paper, ECE after each calibrator, epochs, seed, commit,
-  date, hours, and the best evaluated test epoch — the seeds' code's selection, never our number, kept
-  to size how much of a gap that selection explains; see ``longtail.report.records``);
 - ``<name>/<recipe>/seed<k>/``: each run's metrics.csv, metrics.json, config.yaml, env.json
-  and train.log (and the same for each stage-2 folder and calibrator);
+  and train.log (and the same for each stage-2 folder and calibrator), and ``origin.json`` naming its
+  study;
+- ``<name>.json`` (default ``reproduction_cifar100_lt_if100.json``): one record per kept row (method,
+  paper, paper_top1, top1, many, medium, few, ece, ece_paper, ECE after each calibrator, epochs, seed,
+  commit, date, hours, and the best evaluated test epoch — the seeds' code's selection, never our
+  number, kept to size how much of a gap that selection explains; see ``longtail.report.records``);
 - ``<name>/learning_curves.png``: test top-1 overall and per shot group against epoch,
-  every run on one figure;
+  every kept run on one figure;
 
-and prints the markdown table for RESULTS.md "Full schedules on CPU". Rerun it as runs finish: the
-files are regenerated from the runs (the git diff shows what changed), never edited by hand.
+and prints the markdown table for RESULTS.md "Full schedules on CPU". Rerun it as runs finish, with the
+studies that have new runs: the records are regenerated from the kept copies, the earlier runs' and
+the new ones' alike (the git diff shows what changed), never edited by hand. The copies are what makes
+that possible across sessions — a study folder lives on a machine that may be gone by the next one.
+With no study it only rebuilds (after benchmarks/paper_numbers.yaml changed, say); to drop a row,
+delete its kept folder.
 
 Several study folders make one set of rows (a study continued from a later commit under another name:
 a study refuses runs made by a different version of their recipe). Each record names its ``study`` and
 its ``run`` inside it; two studies may not hold the same ``<recipe>/seed<k>``, whose kept files would
-collide.
+collide (a run kept from the same study before is updated).
 """
 from __future__ import annotations
 
@@ -77,9 +82,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+ORIGIN_FILE = "origin.json"  # beside a kept run: the study it was trained in and its place there
+
+
 def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
     """Copy the small files of a run, its stage-2 folders and its calibrations into ``into``, at the
-    same relative path as in the study."""
+    same relative path as in the study, with ``origin.json`` naming the study."""
     copied = []
     stages = [run_dir, *stage2_dirs(run_dir)]
     folders = [*stages, *(record.parent for stage in stages for record in calibration_records(stage))]
@@ -93,6 +101,8 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target / name)
                 copied.append(target / name)
+    origin = into / run_dir.relative_to(study_dir) / ORIGIN_FILE
+    origin.write_text(json.dumps({"study": study_dir.resolve().name}) + "\n", encoding="utf-8")
     return copied
 
 
@@ -104,52 +114,69 @@ def study_of(run: Path, studies: Sequence[Path]) -> Path:
     raise ValueError(f"{run} is in none of the study folders {[str(s) for s in studies]}")
 
 
-def check_distinct_runs(runs: Sequence[Path], studies: Sequence[Path]) -> None:
-    """Two studies holding the same ``<recipe>/seed<k>`` would write their kept files over each other."""
-    seen: dict[Path, Path] = {}
+def check_distinct_runs(runs: Sequence[Path], studies: Sequence[Path], kept: Path) -> None:
+    """Two studies holding the same ``<recipe>/seed<k>`` would write their kept files over each other,
+    and so would a study whose run of that name is already kept from another study."""
+    seen: dict[Path, str] = {}
     for run in runs:
         study = study_of(run, studies)
         relative = run.resolve().relative_to(study.resolve())
-        if relative in seen and seen[relative] != study:
-            raise SystemExit(f"{relative} is a run of both {seen[relative]} and {study}; their files would collide "
-                             "under the results folder: give one study's recipe another name, or report them apart "
-                             "(--name)")
-        seen[relative] = study
+        name = study.resolve().name
+        origin = kept / relative / ORIGIN_FILE
+        earlier = seen.get(relative) or (json.loads(origin.read_text(encoding="utf-8"))["study"]
+                                         if origin.is_file() else None)
+        if earlier is not None and earlier != name:
+            raise SystemExit(f"{relative} is a run of both {earlier} and {name}; their files would collide under "
+                             f"{kept}: give one study's recipe another name, or report them apart (--name)")
+        seen[relative] = name
+
+
+def kept_runs(kept: Path) -> list[Path]:
+    """The kept stage-1 runs (``<recipe>/seed<k>`` under the results folder)."""
+    return sorted(folder for folder in kept.glob("*/*") if (folder / ORIGIN_FILE).is_file())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("studies", type=Path, nargs="+", metavar="study",
-                        help="study folders (runs/studies/<name>), read as one set of rows")
+    parser.add_argument("studies", type=Path, nargs="*", metavar="study",
+                        help="study folders (runs/studies/<name>) whose finished runs are kept (added, or updated "
+                             "when kept from the same study before); none: rebuild from what is kept")
     parser.add_argument("--name", default="reproduction_cifar100_lt_if100", help="results file name: <name>.json")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="where the results go (default benchmarks/results)")
     parser.add_argument("--papers", type=Path, help="published numbers (default benchmarks/paper_numbers.yaml)")
     args = parser.parse_args(argv)
 
-    runs, partial, untrained = expand_runs(args.studies)
-    if not runs:
+    folder = args.results / args.name
+    runs, partial, untrained = expand_runs(args.studies) if args.studies else ([], [], [])
+    if args.studies and not runs:
         print(f"no finished runs in {', '.join(map(str, args.studies))} ({len(untrained)} not trained yet)",
               file=sys.stderr)
         return 2
-    check_distinct_runs(runs, args.studies)
-    rows = [row for run in runs for row in rows_for(run)]
+    check_distinct_runs(runs, args.studies, folder)
+    copied = [file for run in runs for file in keep_run_files(run, study_of(run, args.studies), folder)]
+    kept = kept_runs(folder)
+    if not kept:
+        print(f"nothing kept under {folder}: give the study folders", file=sys.stderr)
+        return 2
+    # every row from the kept copies, the new and the earlier alike: study folders are often on a machine
+    # that is gone by the next session, the copies are in the repository
+    rows = [row for run in kept for row in rows_for(run, recipe=run.parent.name)]
     results = records(rows, load_paper_numbers(args.papers))
     for result in results:  # paths relative to the study: the results do not name this machine's folders
-        study = study_of(Path(result["run"]), args.studies)
-        result["study"] = study.resolve().name
-        result["run"] = os.path.relpath(result["run"], study)
-    args.results.mkdir(parents=True, exist_ok=True)
+        relative = Path(os.path.relpath(result["run"], folder))
+        result["run"] = str(relative)
+        origin = folder / Path(*relative.parts[:2]) / ORIGIN_FILE
+        result["study"] = json.loads(origin.read_text(encoding="utf-8"))["study"]
     path = args.results / f"{args.name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    folder = args.results / args.name
-    copied = [file for run in runs for file in keep_run_files(run, study_of(run, args.studies), folder)]
     curves = {f"{row['recipe']} (seed {row['pair'][0]})": learning_curve(row["folder"]) for row in rows
               if row["stage"] == "last"}
     plot = learning_curves(curves, folder / "learning_curves.png")
     print(markdown_table(results))
-    print(f"\n{len(results)} rows from {len(runs)} finished runs ({len(partial)} with steps left, {len(untrained)} "
-          f"not trained yet): {path}; {len(copied)} run files under {folder}/" + (f"; curves {plot}" if plot else ""))
+    print(f"\n{len(results)} rows from {len(kept)} kept runs ({len(runs)} finished runs given now, {len(partial)} "
+          f"of them with steps left, {len(untrained)} not trained yet): {path}; {len(copied)} run files copied "
+          f"under {folder}/" + (f"; curves {plot}" if plot else ""))
     return 0
 
 

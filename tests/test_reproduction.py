@@ -171,11 +171,22 @@ def test_two_studies_make_one_set_of_rows_and_colliding_runs_are_refused(reprodu
         assert both[method] == next(r for r in records if r["method"] == method)
     assert (results / "both" / "ce_later" / "seed0" / "metrics.json").read_bytes() == (
         second / "ce_later" / "seed0" / "metrics.json").read_bytes()
+    # one study at a time, into the same results: the rows of a study not given now are kept from its copies,
+    # and with its folder gone (the machine that trained it is) a rebuild from the copies gives them back
+    step_by_step = tmp_path / "step_by_step"
+    assert script.main([str(first), "--name", "both", "--results", str(step_by_step), "--papers", str(papers)]) == 0
+    assert script.main([str(second), "--name", "both", "--results", str(step_by_step), "--papers", str(papers)]) == 0
+    shutil.rmtree(second)
+    assert script.main(["--name", "both", "--results", str(step_by_step), "--papers", str(papers)]) == 0
+    rebuilt = {r["method"]: r for r in json.loads((step_by_step / "both.json").read_text())}
+    assert rebuilt == both
     copy = tmp_path / "copy_of_first"
     shutil.copytree(first, copy)
     with pytest.raises(SystemExit, match="ce/seed0 is a run of both"):
         script.main([str(first), str(copy), "--name", "clash", "--results", str(results), "--papers", str(papers)])
     assert not (results / "clash.json").exists()
+    with pytest.raises(SystemExit, match="ce/seed0 is a run of both"):  # a run kept from another study before
+        script.main([str(copy), "--name", "both", "--results", str(step_by_step), "--papers", str(papers)])
 
 
 def _parity_script():

@@ -135,19 +135,25 @@ def _metrics(results: dict[str, Any], split: str, where: Path) -> dict[str, Any]
     return metrics
 
 
-def rows_for(run_dir: Path, split: str = "test") -> list[dict[str, Any]]:
-    """One row per stage of a run (stage 1 'last', its 'best' if selected, each stage 2), with what
-    grouping needs: the recipe (a study's cell, else the config's name), the seeds, the config.
-    ``split="val"`` reads the validation metrics (for choosing between readings without the test set)."""
-    results = load_run(run_dir)
-    config = _config(run_dir)
+def _recipe(run_dir: Path, config: dict[str, Any]) -> str:
+    """A study run's cell, else the run's config name."""
     marker = study_marker(run_dir)
     if marker.is_file():
-        recipe = read_json(marker).get("cell") or run_dir.parent.name
-    elif study_file(run_dir.parent.parent).is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
-        recipe = run_dir.parent.name
-    else:
-        recipe = config.get("name", run_dir.name)
+        return read_json(marker).get("cell") or run_dir.parent.name
+    if study_file(run_dir.parent.parent).is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
+        return run_dir.parent.name
+    return config.get("name", run_dir.name)
+
+
+def rows_for(run_dir: Path, split: str = "test", recipe: str | None = None) -> list[dict[str, Any]]:
+    """One row per stage of a run (stage 1 'last', its 'best' if selected, each stage 2), with what
+    grouping needs: the recipe (``recipe``, else a study's cell, else the config's name), the seeds, the
+    config. ``split="val"`` reads the validation metrics (for choosing between readings without the test
+    set)."""
+    results = load_run(run_dir)
+    config = _config(run_dir)
+    if recipe is None:
+        recipe = _recipe(run_dir, config)
     pair = (config.get("seed"), (config.get("data") or {}).get("selection_seed"))
     base = {"run": run_dir.name, "recipe": recipe, "pair": pair, "path": run_dir}
     rows = []
