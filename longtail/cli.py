@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--max-runs", type=int, metavar="N",
                        help="train at most N runs, then stop (rerun to continue); 0 only records the runs "
                             "whose steps all finished elsewhere (after --print-commands)")
+    carry = study.add_mutually_exclusive_group()
+    carry.add_argument("--pack", metavar="FILE.tar.gz",
+                       help="write what the study needs to continue on another machine (records, and the "
+                            "checkpoints of unfinished runs) to FILE, then stop; the runs must not be training")
+    carry.add_argument("--unpack", metavar="FILE.tar.gz",
+                       help="put a --pack file into the study folder (never over a file that differs), then stop; "
+                            "run the study again to continue it")
     study.set_defaults(func=_command("study", "cmd_study"), run_command=lambda argv: main(argv))
     return parser
 

@@ -1,6 +1,7 @@
 """`longtail study` and the study report on the embedded Digits-LT: run, interrupt, resume without
 retraining, mean ± std over seeds in report.md and report.html; the statistics and the paper column."""
 import base64
+import csv
 import json
 import math
 import shlex
@@ -537,3 +538,47 @@ def test_ctrl_c_in_a_study_exits_130_with_the_resume_command(tmp_path, capsys, o
     args.run_command = keyboard
     assert args.func(args) == 130
     assert f"longtail study {study} --out {out}" in capsys.readouterr().err
+
+
+def test_a_study_packed_on_one_machine_continues_exactly_from_its_pack_on_another(tmp_path, capsys, one_thread):
+    """Sessions end and cloud machines go away: the pack carries the records and the stopped runs'
+    checkpoints, the unpacked study resumes them (never retrains the finished ones) and ends where the
+    study left on the first machine would have."""
+    import tarfile
+    from longtail.cli import build_parser
+    study = _small_study(tmp_path, seeds=[0], overrides=["train.epochs=2", "data.batch_size=64",
+                                                          "data.val_fraction=0.2", "model.params.hidden=[32]"])
+    here, there = tmp_path / "here", tmp_path / "there"
+    assert main(["study", str(study), "--out", str(here), "--max-runs", "1"]) == 0   # ce finished
+    args = build_parser().parse_args(["study", str(study), "--out", str(here)])
+    args.run_command = lambda argv: main([*argv, "train.stop_at_epoch=1"]) or 130  # bs stopped after epoch 1
+    assert args.func(args) == 130
+    pack = tmp_path / "carry" / "shared.tar.gz"
+    assert main(["study", str(study), "--out", str(here), "--pack", str(pack)]) == 0
+    assert "1 finished runs (records only), 1 to continue" in capsys.readouterr().out
+    with tarfile.open(pack) as tar:
+        names = set(tar.getnames())
+    assert {"bs/seed0/checkpoints/last.pt", "bs/seed0/metrics.csv", "ce/seed0/metrics.json",
+            "ce/seed0/study_run.json", ".claims/bs/seed0.started"} <= names
+    assert not [name for name in names if name.endswith((".lock", ".claim"))]  # this machine's locks stay here
+    assert [name for name in names if name.endswith(".pt")] == ["bs/seed0/checkpoints/last.pt"]  # no finished weights
+    assert main(["study", str(study), "--out", str(here), "--pack", str(pack)]) == 2  # never over a pack
+    assert "exists" in capsys.readouterr().err
+
+    assert main(["study", str(study), "--out", str(there), "--unpack", str(pack)]) == 0
+    assert "1 finished runs, 1 to continue" in capsys.readouterr().out
+    for out in (there, here):  # the carried study, and the original continued where it stands
+        assert main(["study", str(study), "--out", str(out)]) == 0
+    assert _trainings(there / "ce" / "seed0") == 1   # finished: not trained again
+    assert "resumed from epoch 1" in (there / "bs" / "seed0" / "train.log").read_text()
+    def numbers(run):  # the run's results, not the machine's timings
+        with (run / "metrics.csv").open() as handle:
+            epochs = [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
+                      for row in csv.DictReader(handle)]
+        return json.loads((run / "metrics.json").read_text())["last"], epochs
+    assert numbers(there / "bs" / "seed0") == numbers(here / "bs" / "seed0")  # as if it had never moved
+    # the continued study differs from its pack now: unpacking over it is refused, nothing is overwritten
+    before = (there / "bs" / "seed0" / "metrics.csv").read_bytes()
+    assert main(["study", str(study), "--out", str(there), "--unpack", str(pack)]) == 2
+    assert "differ from the ones in" in capsys.readouterr().err
+    assert (there / "bs" / "seed0" / "metrics.csv").read_bytes() == before

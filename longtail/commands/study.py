@@ -35,6 +35,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
 from longtail.commands.common import UserError
+from longtail.commands.study_carry import pack_study, unpack_study
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
 from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
@@ -453,6 +454,19 @@ def print_commands(runs: list[StudyRun]) -> None:
         print(" && ".join(lines) if lines else f"# {run.run_dir}: all steps done")
 
 
+def _carry(args: argparse.Namespace, study_dir: Path, resume: str) -> int:
+    """--pack / --unpack (study_carry.py): the study moved between machines."""
+    if args.pack:
+        carried = pack_study(study_dir, Path(args.pack))
+        print(f"packed {carried.files} files of {study_dir} into {args.pack}: {len(carried.finished)} finished runs "
+              f"(records only), {len(carried.to_continue)} to continue (with their checkpoints)")
+        return 0
+    carried = unpack_study(Path(args.unpack), study_dir)
+    print(f"unpacked {carried.files} files into {study_dir}: {len(carried.finished)} finished runs, "
+          f"{len(carried.to_continue)} to continue; continue with:\n  {resume}")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """``args.run_command(argv)`` runs one ``longtail`` command (the cli passes its own ``main``, so the
     steps run in this process, one after another)."""
@@ -461,6 +475,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     study_file = Path(args.study)
     study = load_study(study_file)
     study_dir = Path(args.out) if args.out else Path(study.output_dir) / study.name
+    resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
+    if args.pack or args.unpack:
+        return _carry(args, study_dir, resume)
     runs = plan_runs(study, study_file, study_dir)
     check_unchanged(runs)
     if args.print_commands:
@@ -468,7 +485,6 @@ def cmd_study(args: argparse.Namespace) -> int:
               "each (NPROC: processes per node, default 1):")
         print_commands(runs)
         return 0
-    resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
     study_dir.mkdir(parents=True, exist_ok=True)
     write_output(study_record(study_dir), yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False),
                  exist="replace")
