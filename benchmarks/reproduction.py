@@ -106,6 +106,12 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
     return copied
 
 
+def kept_study(kept_run: Path) -> str | None:
+    """The study a kept run came from (its ``origin.json``), or None when not kept."""
+    origin = kept_run / ORIGIN_FILE
+    return json.loads(origin.read_text(encoding="utf-8"))["study"] if origin.is_file() else None
+
+
 def study_of(run: Path, studies: Sequence[Path]) -> Path:
     """The study folder among ``studies`` that holds ``run``."""
     for study in studies:
@@ -122,9 +128,7 @@ def check_distinct_runs(runs: Sequence[Path], studies: Sequence[Path], kept: Pat
         study = study_of(run, studies)
         relative = run.resolve().relative_to(study.resolve())
         name = study.resolve().name
-        origin = kept / relative / ORIGIN_FILE
-        earlier = seen.get(relative) or (json.loads(origin.read_text(encoding="utf-8"))["study"]
-                                         if origin.is_file() else None)
+        earlier = seen.get(relative) or kept_study(kept / relative)
         if earlier is not None and earlier != name:
             raise SystemExit(f"{relative} is a run of both {earlier} and {name}; their files would collide under "
                              f"{kept}: give one study's recipe another name, or report them apart (--name)")
@@ -166,8 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for result in results:  # paths relative to the study: the results do not name this machine's folders
         relative = Path(os.path.relpath(result["run"], folder))
         result["run"] = str(relative)
-        origin = folder / Path(*relative.parts[:2]) / ORIGIN_FILE
-        result["study"] = json.loads(origin.read_text(encoding="utf-8"))["study"]
+        result["study"] = kept_study(folder / Path(*relative.parts[:2]))
     path = args.results / f"{args.name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     curves = {f"{row['recipe']} (seed {row['pair'][0]})": learning_curve(row["folder"]) for row in rows

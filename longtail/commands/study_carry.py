@@ -9,14 +9,13 @@ or a copy), and so do the per-machine lock files. Unpacking never overwrites a f
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from longtail.commands.common import UserError
-from longtail.engine.rundir import LOCK_FILE, STUDY_MARKER, lock_holder
+from longtail.engine.rundir import CONFIG_FILE, LOCK_FILE, STUDY_MARKER, lock_holder
 
 CLAIM_SUFFIX = ".claim"  # the study's per-run flock files (study.py): meaningful on this machine only
 
@@ -51,7 +50,7 @@ def _run_of(relative: Path) -> Path | None:
 def _packed(study_dir: Path) -> tuple[list[Path], Carried]:
     """The files of ``study_dir`` a pack holds (relative paths) and what they amount to."""
     finished = {run.parent.relative_to(study_dir) for run in study_dir.glob(f"*/*/{STUDY_MARKER}")}
-    started = {path.parent.relative_to(study_dir) for path in study_dir.glob("*/*/config.yaml")}
+    started = {path.parent.relative_to(study_dir) for path in study_dir.glob(f"*/*/{CONFIG_FILE}")}
     files = []
     for path in sorted(p for p in study_dir.rglob("*") if p.is_file()):
         relative = path.relative_to(study_dir)
@@ -84,10 +83,6 @@ def pack_study(study_dir: Path, archive: Path) -> Carried:
     return carried
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def unpack_study(archive: Path, study_dir: Path) -> Carried:
     """Extract ``archive`` into ``study_dir``; refuse (naming the files) when any file there differs."""
     if not archive.is_file():
@@ -105,7 +100,7 @@ def unpack_study(archive: Path, study_dir: Path) -> Carried:
                 new.append(member)
                 continue
             source = tar.extractfile(member)
-            if source is None or hashlib.sha256(source.read()).hexdigest() != _digest(target):
+            if source is None or source.read() != target.read_bytes():
                 conflicts.append(str(target))
         if conflicts:
             raise UserError(f"{len(conflicts)} file(s) of the pack differ from the ones in {study_dir} (first: "
