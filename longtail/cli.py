@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     carry.add_argument("--unpack", metavar="FILE.tar.gz",
                        help="put a --pack file into the study folder (never over a file that differs), then stop; "
                             "run the study again to continue it")
+    carry.add_argument("--status", action="store_true",
+                       help="print where each run stands (finished; the step and epoch it is at, its pace and "
+                            "time left, who runs it; not started), then stop; changes nothing")
     study.set_defaults(func=_command("study", "cmd_study"), run_command=lambda argv: main(argv))
     return parser
 

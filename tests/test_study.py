@@ -4,6 +4,7 @@ import base64
 import csv
 import json
 import math
+import os
 import shlex
 from html.parser import HTMLParser
 from pathlib import Path
@@ -582,3 +583,46 @@ def test_a_study_packed_on_one_machine_continues_exactly_from_its_pack_on_anothe
     assert main(["study", str(study), "--out", str(there), "--unpack", str(pack)]) == 2
     assert "differ from the ones in" in capsys.readouterr().err
     assert (there / "bs" / "seed0" / "metrics.csv").read_bytes() == before
+
+
+def test_status_tells_where_each_run_stands_from_the_folders_alone(tmp_path, capsys, one_thread):
+    """`--status` on a study with a finished run, a run stopped in its stage-2 step, one stopped in
+    stage 1, one held by a live process, and one not started: each line says which, and at what epoch."""
+    from longtail.cli import build_parser
+    from longtail.engine.rundir import release, try_claim
+    stage2 = [{"overrides": ["stage2.method=crt", "stage2.epochs=3"], "name": "crt"}]
+    study = _small_study(tmp_path, seeds=[0, 1, 2], overrides=[
+        "train.epochs=2", "data.batch_size=64", "data.val_fraction=0.2", "model.params.hidden=[32]"],
+        recipes=[{"name": "ce", "config": str(REPO / "configs" / "digits_lt" / "ce.yaml"), "stage2": stage2}])
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out), "--max-runs", "1"]) == 0        # ce/seed0 finished
+
+    def stop_early(argv):  # seed1 stops after its stage-2 step's first epoch
+        if argv[0] == "stage2":
+            return main([*argv[:2], "stage2.stop_at_epoch=1", *argv[2:]]) or 130
+        return main(argv)
+    args = build_parser().parse_args(["study", str(study), "--out", str(out), "--max-runs", "1"])
+    args.run_command = stop_early
+    assert args.func(args) == 130
+    (seed2,) = [run for run in plan_runs(load_study(study), study, out) if run.seed == 2]
+    assert main([*seed2.steps[0].argv, "train.stop_at_epoch=1"]) == 0                  # seed2 stopped in stage 1
+    capsys.readouterr()
+
+    assert main(["study", str(study), "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"study shared ({out}): 1 of 3 runs finished")
+    assert lines[1].startswith("  ce/seed0: finished 20")
+    assert lines[2].startswith("  ce/seed1: stopped") and "step 2 of 2, stage 2 crt at epoch 1 of 3, " in lines[2]
+    assert " s an epoch, " in lines[2] and "left in it" in lines[2]
+    assert lines[3].startswith("  ce/seed2: stopped") and "step 1 of 2, stage 1 at epoch 1 of 2" in lines[3]
+    assert lines[3].endswith("; 1 step after it")
+    assert not (out / "ce" / "seed2" / "metrics.json").exists()                         # --status changed nothing
+
+    claim = try_claim(seed2.claim_file)  # a study process working on seed2
+    try:
+        assert main(["study", str(study), "--out", str(out), "--status"]) == 0
+        assert f"  ce/seed2: running (pid {os.getpid()} on " in capsys.readouterr().out
+    finally:
+        release(claim)
+    assert main(["study", str(study), "--out", str(out / "fresh"), "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [f"  ce/seed{k}: not started" for k in range(3)]

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from longtail.commands.common import UserError
 from longtail.commands.study_carry import pack_study, unpack_study
+from longtail.commands.study_status import study_status
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
 from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
@@ -479,6 +480,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.pack or args.unpack:
         return _carry(args, study_dir, resume)
     runs = plan_runs(study, study_file, study_dir)
+    if args.status:  # before check_unchanged: a changed run is shown as such, not an error
+        print(study_status(study.name, study_dir, runs))
+        return 0
     check_unchanged(runs)
     if args.print_commands:
         print(f"# {sum(r.finished for r in runs)}/{len(runs)} runs of {study.name} finished; the rest, one line "
