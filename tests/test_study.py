@@ -624,5 +624,12 @@ def test_status_tells_where_each_run_stands_from_the_folders_alone(tmp_path, cap
         assert f"  ce/seed2: running (pid {os.getpid()} on " in capsys.readouterr().out
     finally:
         release(claim)
+    fresh = plan_runs(load_study(study), study, out / "fresh")
     assert main(["study", str(study), "--out", str(out / "fresh"), "--status"]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == [f"  ce/seed{k}: not started" for k in range(3)]
+    claim = try_claim(fresh[0].claim_file)  # claimed, nothing written yet
+    try:
+        assert main(["study", str(study), "--out", str(out / "fresh"), "--status"]) == 0
+        assert "; step 1 of 2, `longtail train` next; 1 step after it" in capsys.readouterr().out.splitlines()[1]
+    finally:
+        release(claim)

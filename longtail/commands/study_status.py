@@ -103,7 +103,11 @@ def run_status(run: StudyRun) -> str:
     if not left:
         return f"{name}: {state}, every step done, not yet recorded{changed}"
     current = _progress(left[0], run.run_dir)
-    where = current.describe() if current else f"`longtail {left[0].argv[0]}` not started"
+    if current is not None:
+        where = current.describe()
+    else:  # a calibration, or a step with no finished epoch yet
+        folder = run.run_dir if left[0].argv[0] == "train" else left[0].output
+        where = f"`longtail {left[0].argv[0]}` " + ("started, no epoch written yet" if folder.exists() else "next")
     after = len(left) - 1
     steps_done = len(run.steps) - len(left)
     return (f"{name}: {state}; step {steps_done + 1} of {len(run.steps)}, {where}"
