@@ -83,7 +83,7 @@ def test_loss_after_one_epoch_matches_numpy():
     np.fill_diagonal(sim, 1.0)
     soft = (np.eye(C) + sim / sim.sum(1, keepdims=True)) / 2
     y = batch.targets.numpy()
-    icl = -(soft[y] * np_log_softmax(logits.numpy())).sum(1)
+    icl = -(soft[y] * np_log_softmax(logits.numpy() / TAU)).sum(1)  # icl_softened (the default): eq. 1's p
     ce = -np_log_softmax(logits.numpy())[np.arange(len(y)), y]
     expected = 0.5 * ce + 0.5 * (iur + icl)
     np.testing.assert_allclose(result.total.numpy(), expected, rtol=1e-4)
@@ -102,7 +102,7 @@ def test_cks_mask_and_unseen_samples():
     idx, logits, batch = second_epoch_batch()
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
     without_iur = (1 - loss.alpha) * F.cross_entropy(logits, batch.targets, reduction="none") + loss.alpha * (
-        -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
+        -(loss.soft_labels[batch.targets] * F.log_softmax(logits / loss.tau, 1)).sum(1))  # ICL softened
     residual = loss(output, batch.targets, batch).total - without_iur
     # samples 5 (wrong), 7 (unseen) and 1 (wrong) get no IUR; 2 and 0 (right last epoch) do
     assert (residual.abs() > 1e-6).tolist() == [False, True, False, False, True]
@@ -210,7 +210,7 @@ def test_a_sample_not_drawn_last_epoch_gets_no_iur_from_an_older_prediction():
     output = ModelOutput(logits=logits, features=torch.zeros(len(idx), D))
     residual = loss(output, batch.targets, batch).total - (1 - loss.alpha) * F.cross_entropy(
         logits, batch.targets, reduction="none") - loss.alpha * (
-        -(loss.soft_labels[batch.targets] * F.log_softmax(logits, 1)).sum(1))
+        -(loss.soft_labels[batch.targets] * F.log_softmax(logits / loss.tau, 1)).sum(1))
     assert (residual.abs() > 1e-6).tolist() == [False, False, True, False, True]
 
 
