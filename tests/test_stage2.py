@@ -293,11 +293,11 @@ def test_stage2_recipes_build_their_methods():
     for path in STAGE2_RECIPES:
         config = load_config(path)
         assert config.stage2.method == path.stem.split("_resnet")[0], path
-        counts = lt_counts(10, 500, 100)
+        counts = lt_counts(100, 500, 100)  # 100 classes: enough head classes for LADC's m (3 at CIFAR-100-LT IF 100)
         STAGE2.build(config.stage2.method, config.stage2.params, where="stage2.params", class_counts=counts,
-                     num_classes=10)
+                     num_classes=100)
         SAMPLERS.build(config.stage2.sampler or "instance", config.stage2.sampler_params,
-                       targets=torch.repeat_interleave(torch.arange(10), torch.tensor(counts)), num_classes=10, seed=0,
+                       targets=torch.repeat_interleave(torch.arange(100), torch.tensor(counts)), num_classes=100, seed=0,
                        batch_size=config.stage2.batch_size or config.data.batch_size)  # as engine.builders
 
 

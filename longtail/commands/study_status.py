@@ -12,14 +12,40 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, Sequence
 
 import yaml
 
-from longtail.engine.rundir import CONFIG_FILE, METRICS_CSV, STUDY_MARKER, lock_holder, recipe_stage2_dir
+from longtail.engine.rundir import (CONFIG_FILE, METRICS_CSV, STUDY_MARKER, lock_holder, recipe_stage2_dir,
+                                    stage2_label)
 
-if TYPE_CHECKING:  # study.py imports this module
-    from longtail.commands.study import Step, StudyRun
+
+class Step(Protocol):
+    """What this module reads of a study step (``study.Step``; study.py imports this module, so not it)."""
+
+    argv: list[str]
+    output: Path
+    config: Any
+
+    def done(self) -> bool: ...
+
+
+class StudyRun(Protocol):
+    """What this module reads of a planned run (``study.StudyRun``)."""
+
+    cell: str
+    run_dir: Path
+    steps: Sequence[Step]
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def claim_file(self) -> Path: ...
+
+    def unchanged(self) -> bool: ...
+
+    def has_progress(self) -> bool: ...
 
 PACE_EPOCHS = 5  # the pace is the mean of this many last epochs (every 5th epoch evaluates, so one cycle)
 
@@ -83,7 +109,7 @@ def _progress(step: Step, run_dir: Path) -> StepProgress | None:
         return StepProgress("stage 1", done, config.train.epochs if config else None, pace) if done else None
     if step.argv[0] == "stage2":
         done, pace = _epochs_in_csv(step.output)
-        label = f"stage 2 {step.output.name.removeprefix('stage2_')}"
+        label = f"stage 2 {stage2_label(step.output)}"
         return StepProgress(label, done, _stage2_epochs(step.output), pace) if done else None
     return None
 
