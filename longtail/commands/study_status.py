@@ -47,6 +47,7 @@ class StudyRun(Protocol):
 
     def has_progress(self) -> bool: ...
 
+
 PACE_EPOCHS = 5  # the pace is the mean of this many last epochs (every 5th epoch evaluates, so one cycle)
 
 
@@ -85,7 +86,7 @@ def _epochs_in_csv(folder: Path) -> tuple[int, float | None]:
     if not rows:
         return 0, None
     seconds = [float(row["epoch_seconds"]) for row in rows[-PACE_EPOCHS:] if row.get("epoch_seconds")]
-    return int(float(rows[-1]["epoch"])), (sum(seconds) / len(seconds) if seconds else None)
+    return int(rows[-1]["epoch"]), (sum(seconds) / len(seconds) if seconds else None)
 
 
 def _stage2_epochs(folder: Path) -> int | None:
