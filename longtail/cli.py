@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="CONFIG|key=value",
                        help="a YAML recipe, then overrides such as optim.lr=0.05 data.imbalance_factor=50")
     train.add_argument("--resume", metavar="RUN_OR_CHECKPOINT", help="continue a run exactly where it stopped")
+    train.add_argument("--start-from", metavar="CHECKPOINT",
+                       help="a new run that begins at another run's kept checkpoint (RUN/checkpoints/epoch<k>.pt, "
+                            "train.keep_epochs): for readings that differ only after epoch k, e.g. an lr decay")
     train.add_argument("--print-json", action="store_true", help="print the final test metrics as JSON")
     train.set_defaults(func=_command("train", "cmd_train"))
 

@@ -220,6 +220,10 @@ class TrainConfig(Section):
     stop_at_epoch: int | None = Field(
         None, ge=1, description="stop after this epoch with a checkpoint (split a long run into jobs); "
                                 "`longtail train --resume RUN` continues exactly")
+    keep_epochs: list[int] = Field(
+        default_factory=list, description="also keep the checkpoint of the end of these epochs "
+        "(RUN/checkpoints/epoch<N>.pt), where another run may start from it with `longtail train --start-from` "
+        "(readings that differ only after that epoch, e.g. an lr decay)")
     deterministic: bool = False
     scale_schedule: bool = Field(
         False, exclude=True, description="scale every setting counted in epochs (schedule milestones and warm-up, "
@@ -230,6 +234,14 @@ class TrainConfig(Section):
     @classmethod
     def _yes_no(cls, value: Any) -> Any:
         return yes_no(value)
+
+    @model_validator(mode="after")
+    def _kept_epochs_inside(self) -> "TrainConfig":
+        outside = [epoch for epoch in self.keep_epochs if not 1 <= epoch <= self.epochs]
+        if outside:
+            raise ValueError(f"train.keep_epochs {outside} are outside the run's epochs 1-{self.epochs}: "
+                             "an epoch the run never ends keeps nothing")
+        return self
 
 
 class Stage2Config(Section):

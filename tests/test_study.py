@@ -10,11 +10,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from longtail.cli import main
 from longtail.commands.study import load_study, plan_runs
 from longtail.config import apply_overrides
+from longtail.engine.checkpoint import load_checkpoint
 from longtail.report.aggregate import paired_difference
 from longtail.report.compare import format_mean_std
 from longtail.report import papers as papers_module
@@ -633,3 +635,37 @@ def test_status_tells_where_each_run_stands_from_the_folders_alone(tmp_path, cap
         assert "; step 1 of 2, `longtail train` next; 1 step after it" in capsys.readouterr().out.splitlines()[1]
     finally:
         release(claim)
+
+
+def test_a_recipe_started_from_another_trains_only_the_epochs_after_it(tmp_path, capsys, one_thread):
+    """Two lr decays that part at epoch 2 of 3: the second recipe starts from the first's kept epoch 2
+    and ends with the weights it would have trained whole; a source finished before the start was
+    planned is kept (the kept epochs change no result) but cannot serve it, which is said by name."""
+    decay = ["train.epochs=3", "data.batch_size=64", "model.params.hidden=[32]", "optim.lr=0.05",
+             "schedule.name=step", "schedule.milestones=[2]"]
+    ce = str(REPO / "configs" / "digits_lt" / "ce.yaml")
+    first = {"name": "decay10", "config": ce}
+    second = {"name": "decay100", "config": ce, "overrides": ["schedule.gamma=0.01"],
+              "start_from": {"recipe": "decay10", "epoch": 2}}
+    study = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[first, second])
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out)]) == 0
+    source, started = out / "decay10" / "seed0", out / "decay100" / "seed0"
+    assert (source / "checkpoints" / "epoch2.pt").is_file()
+    assert json.loads((started / "started_from.json").read_text())["checkpoint"] == str(source / "checkpoints" / "epoch2.pt")
+    log = (started / "train.log").read_text()
+    assert "stage 1 epoch 3/3" in log and "stage 1 epoch 1/3" not in log
+    assert main(["train", ce, *decay, "schedule.gamma=0.01", f"output_dir={tmp_path / 'whole'}", "name=run"]) == 0
+    whole = load_checkpoint(tmp_path / "whole" / "run")["model"]
+    assert all(torch.equal(whole[k], v) for k, v in load_checkpoint(started)["model"].items())
+    # a start from a recipe listed after it is refused before anything trains
+    later = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[second, first])
+    assert main(["study", str(later), "--out", str(tmp_path / "later")]) == 2
+    assert "start_from.recipe 'decay10' must name a recipe listed before it" in capsys.readouterr().err
+    # the source trained before the start was planned: kept as it is, and the start says why it cannot begin
+    alone = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[first])
+    assert main(["study", str(alone), "--out", str(tmp_path / "old")]) == 0
+    both = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[first, second])
+    assert main(["study", str(both), "--out", str(tmp_path / "old")]) == 2
+    assert "which " + str(tmp_path / "old" / "decay10" / "seed0") + " did not keep" in capsys.readouterr().err
+    assert _trainings(tmp_path / "old" / "decay10" / "seed0") == 1

@@ -98,6 +98,51 @@ def test_resume_from_the_best_checkpoint_replays_the_epochs_after_it(tmp_path):
     assert best[0]["epoch"] == best[1]["epoch"] and best[0]["test"]["top1"] == best[1]["test"]["top1"]
 
 
+# a step decay at epoch 3 (0-based) of 4 and mixup until epoch 3: both act after the first two epochs
+DECAY = [*FAST, *AUGMENTED, "optim.lr=0.05", "schedule.name=step", "schedule.milestones=[3]"]
+
+
+def test_a_run_started_from_a_kept_checkpoint_equals_the_run_trained_whole(tmp_path):
+    # Exact: a start that loses the optimiser's momentum, or whose loader draws are not those of (seed,
+    # epoch), gives other weights; the first two epochs' rows come from the checkpoint's history.
+    assert main(["train", f"output_dir={tmp_path / 'source'}", *DECAY, "data.augment.mix_until_epoch=3",
+                 "train.keep_epochs=[2]"]) == 0
+    (source,) = run_dirs(tmp_path / "source")
+    kept = source / "checkpoints" / "epoch2.pt"
+    assert load_checkpoint(kept)["epoch"] == 1
+    reading = [*DECAY, "schedule.gamma=0.01", "data.augment.mix_until_epoch=2"]  # differs from epoch 2 on only
+    assert main(["train", f"output_dir={tmp_path / 'started'}", *reading, "--start-from", str(kept)]) == 0
+    assert main(["train", f"output_dir={tmp_path / 'whole'}", *reading]) == 0
+    (started,), (whole,) = run_dirs(tmp_path / "started"), run_dirs(tmp_path / "whole")
+    assert_same_weights(whole, started)
+    whole_weights, source_weights = load_checkpoint(whole)["model"], load_checkpoint(source)["model"]
+    assert any(not torch.equal(whole_weights[k], source_weights[k]) for k in whole_weights)  # the reading matters
+    rows = [line.split(",")[:2] for line in (started / "metrics.csv").read_text().splitlines()[1:]]
+    source_rows = [line.split(",")[:2] for line in (source / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] and rows[:2] == source_rows[:2]
+    record = json.loads((started / "started_from.json").read_text())
+    assert record["epochs_done"] == 2 and record["checkpoint"] == str(kept)
+    assert set(record["changed"]) == {"schedule.gamma", "data.augment.mix_until_epoch", "train.keep_epochs"}
+    log = (started / "train.log").read_text()
+    assert f"started from {kept}, epoch 2; continuing at epoch 3" in log and "stage 1 epoch 1/4" not in log
+
+
+def test_a_start_refuses_a_difference_that_acted_before_it(tmp_path, capsys):
+    assert main(["train", f"output_dir={tmp_path / 'source'}", *DECAY, "data.augment.mix_until_epoch=3",
+                 "train.keep_epochs=[2]"]) == 0
+    (source,) = run_dirs(tmp_path / "source")
+    start = ["--start-from", str(source / "checkpoints" / "epoch2.pt")]
+    out = f"output_dir={tmp_path / 'refused'}"
+    assert main(["train", out, *DECAY, "data.augment.mix_until_epoch=3", "schedule.milestones=[1]", *start]) == 2
+    assert "the lr schedules differ inside the 2 epochs the checkpoint holds, at step 8 (epoch 2)" in capsys.readouterr().err
+    assert main(["train", out, *DECAY, "data.augment.mix_until_epoch=1", "seed=1", *start]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment.mix_until_epoch (3 there, 1 here), seed (0 there, 1 here), which acted" in err
+    assert main(["train", out, *DECAY, *start[:1], str(source)]) == 2
+    assert "takes a checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     # epoch 1 trains normally at lr 0.05, then the lr jumps to 5e8 and the loss blows up
     code = main(["train", f"output_dir={tmp_path}", *FAST, "optim.lr=0.05", "schedule.name=step",

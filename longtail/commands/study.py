@@ -13,6 +13,9 @@ Several processes may work on one study at once: a process claims a run (the ``f
 before it looks into, clears or trains the run, and skips runs another live process holds, so each
 run is trained exactly once. The signature of what a run was started as is kept beside the claim
 (``seed<k>.started``), so a stopped run whose recipe was edited since is refused like a finished one.
+
+A recipe with ``start_from: {recipe, epoch}`` begins each run at the same seed's run of an earlier
+recipe, from the checkpoint that run keeps at the end of ``epoch`` (``longtail train --start-from``).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ from longtail.commands.study_carry import pack_study, unpack_study
 from longtail.commands.study_status import study_status
 from longtail.config import (Config, Section, apply_overrides, check_epochs, check_folder_name, config_from_dict,
                              format_validation_error, load_config, read_recipe)
-from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, last_checkpoint,
-                                    lock_holder, recipe_stage2_dir, release, stage2_dir_name)
+from longtail.engine.rundir import (STUDY_MARKER, calibration_dir, config_file, is_finished, kept_checkpoint,
+                                    last_checkpoint, lock_holder, recipe_stage2_dir, release, stage2_dir_name)
 from longtail.engine.rundir import study_file as study_record  # study_file names the study's YAML below
 from longtail.engine.rundir import study_marker, try_claim, write_output
 from longtail.registry import CALIBRATORS, ConfigError, load_all
@@ -72,10 +75,19 @@ class CalibrateStep(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class StartFrom(Section):
+    """Begin each run at the same seed's (and grid cell's) run of an earlier recipe, at the end of ``epoch``
+    (``longtail train --start-from``): for a reading that differs from it only after that epoch."""
+
+    recipe: str = Field(description="an earlier recipe of the study; it keeps that epoch's checkpoint for this one")
+    epoch: int = Field(ge=1, description="the epochs taken over from it (1-based: its checkpoint at that epoch's end)")
+
+
 class StudyRecipe(Section):
     name: str = Field(description="folder name of the recipe's cells; also its row in the report")
     config: str = Field(description="the recipe YAML, relative to the study file")
     overrides: list[str] = Field(default_factory=list)
+    start_from: StartFrom | None = None
     stage2: list[Stage2Step] = Field(default_factory=list)
     calibrate: list[CalibrateStep] = Field(default_factory=list)
 
@@ -113,6 +125,10 @@ class Study(Section):
         empty = [key for key, values in self.grid.items() if not values]
         if empty:
             raise ValueError(f"grid keys without values: {', '.join(empty)}")
+        for index, recipe in enumerate(self.recipes):
+            if recipe.start_from is not None and recipe.start_from.recipe not in names[:index]:
+                raise ValueError(f"recipe {recipe.name}: start_from.recipe {recipe.start_from.recipe!r} must name a "
+                                 f"recipe listed before it (listed: {', '.join(names[:index]) or 'none'})")
         last = [key.split(".")[-1] for key in self.grid]
         if len(set(last)) != len(last):  # cell folders are named by the last part of each key
             raise ValueError(f"grid keys must end differently (cell folders use the last part): {list(self.grid)}")
@@ -144,6 +160,7 @@ class StudyRun:
     steps: list[Step] = field(default_factory=list)
     signature: str = ""  # what the run is (config and steps, not where it lives); kept in its marker
     steps_signature: str = ""  # its stage-2 and calibration steps alone (see ``unchanged``)
+    start: tuple[Path, Path] | None = None  # (the run it starts from, that run's kept checkpoint) for start_from
 
     @property
     def finished(self) -> bool:
@@ -207,6 +224,7 @@ class StudyRun:
             return "unreadable"
         for config in (planned, found):
             config.train.stop_at_epoch = None
+            config.train.keep_epochs = []  # bookkeeping: which checkpoints a later start_from needs
             if config.stage2 is not None:
                 config.stage2.stop_at_epoch = None
         return self.signature if found == planned else "different config"
@@ -258,6 +276,10 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
     before anything trains."""
     base = _shown(study_file.parent)
     keys = list(study.grid)
+    kept: dict[str, list[int]] = {}  # recipe -> the epochs later recipes start from
+    for recipe in study.recipes:
+        if recipe.start_from is not None:
+            kept.setdefault(recipe.start_from.recipe, []).append(recipe.start_from.epoch)
     runs = []
     # seed-major: a study cut short has every recipe on the first seeds rather than some recipes on all
     for selection_seed in study.selection_seeds:
@@ -268,13 +290,18 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
                 for values in itertools.product(*(study.grid[k] for k in keys)):
                     grid = dict(zip(keys, values))
                     cell = "__".join([recipe.name, *(f"{k.split('.')[-1]}={_value_text(v)}" for k, v in grid.items())])
-                    overrides = [*study.overrides, *recipe.overrides,
-                                 *(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in grid.items()),
+                    grid_items = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in grid.items()]
+                    keep = [f"train.keep_epochs={json.dumps(sorted(set(kept[recipe.name])))}"] if recipe.name in kept else []
+                    overrides = [*study.overrides, *recipe.overrides, *grid_items, *keep,
                                  f"seed={seed}", f"data.selection_seed={selection_seed}",
                                  f"output_dir={study_dir / cell}", f"name={folder}"]
                     config = load_config(config_path, overrides)
                     run = StudyRun(cell, recipe.name, grid, seed, selection_seed, study_dir / cell / folder)
-                    run.steps = _steps(recipe, config_path, overrides, config, run.run_dir, base)
+                    if recipe.start_from is not None:
+                        source_cell = "__".join([recipe.start_from.recipe, *cell.split("__")[1:]])
+                        source = study_dir / source_cell / folder
+                        run.start = (source, kept_checkpoint(source, recipe.start_from.epoch))
+                    run.steps = _steps(recipe, config_path, overrides, config, run.run_dir, base, run.start, keep)
                     run.signature = _signature(config, recipe)
                     run.steps_signature = _steps_signature(recipe)
                     runs.append(run)
@@ -282,10 +309,12 @@ def plan_runs(study: Study, study_file: Path, study_dir: Path) -> list[StudyRun]
 
 
 def _steps(recipe: StudyRecipe, config_path: Path, overrides: list[str], config: Config, run_dir: Path,
-           base: Path) -> list[Step]:
+           base: Path, start: tuple[Path, Path] | None = None, keep: list[str] | None = None) -> list[Step]:
     final = recipe_stage2_dir(run_dir) if config.stage2 is not None else run_dir
-    train = Step(["train", str(config_path), *overrides], final,
-                 resume_argv=["train", "--resume", str(run_dir)],
+    start_argv = ["--start-from", str(start[1])] if start is not None else []
+    # a source stopped before a later recipe asked for its checkpoints keeps them from its resume on
+    train = Step(["train", str(config_path), *overrides, *start_argv], final,
+                 resume_argv=["train", "--resume", str(run_dir), *(keep or [])],
                  can_resume=lambda: last_checkpoint(run_dir).is_file(), config=config)
     steps = [train]
     names = [step.name or _stage2_method(step, base, config) for step in recipe.stage2]
@@ -320,10 +349,13 @@ def _steps_described(recipe: StudyRecipe) -> dict[str, Any]:
 
 
 def _signature(config: Config, recipe: StudyRecipe) -> str:
-    """A digest of the resolved config (less output_dir and name) and the recipe's stage-2 and
-    calibration steps: a finished run whose recipe was edited since is not silently reused."""
-    return _digest({"config": config.model_dump(mode="json", exclude={"output_dir", "name"}),
-                    **_steps_described(recipe)})
+    """A digest of the resolved config (less output_dir, name and the kept checkpoints, which change no
+    result), where the run starts from, and the recipe's stage-2 and calibration steps: a finished run
+    whose recipe was edited since is not silently reused."""
+    start = {"start_from": recipe.start_from.model_dump()} if recipe.start_from is not None else {}
+    return _digest({"config": config.model_dump(mode="json", exclude={"output_dir": True, "name": True,
+                                                                        "train": {"keep_epochs"}}),
+                    **start, **_steps_described(recipe)})
 
 
 def _steps_signature(recipe: StudyRecipe) -> str:
@@ -412,6 +444,10 @@ def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]],
                 if not run.unchanged():  # edited since check_unchanged
                     raise UserError(f"{run.run_dir} was started from a different version of its recipe; give the "
                                     "study a new name (or --out) to rerun it, or restore the file")
+                waits = _waits_for_start(run)
+                if waits is not None:
+                    held.append(f"{run.run_dir} ({waits})")
+                    continue
                 if not run.has_progress():
                     write_output(run.started_file, f"{run.signature}\n{run.steps_signature}\n", exist="replace")
                 bar.set_postfix_str(f"{run.cell}/{run.run_dir.name}")
@@ -422,6 +458,20 @@ def run_study(study: Study, runs: list[StudyRun], execute: Callable[[list[str]],
             finally:
                 release(claim)
     return ran, held
+
+
+def _waits_for_start(run: StudyRun) -> str | None:
+    """Why a run with ``start_from`` cannot begin yet (its source has not kept the checkpoint), or None."""
+    if run.start is None or run.has_progress():
+        return None
+    source, checkpoint = run.start
+    if checkpoint.is_file():
+        return None
+    if (source / MARKER).is_file():
+        raise UserError(f"{run.run_dir} starts from {checkpoint}, which {source} did not keep: it was trained before "
+                        "the start was planned. Give the study a new name (or --out) to train both again, or drop "
+                        "the recipe's start_from to train it from the first epoch")
+    return f"waits for {source} to keep {checkpoint.name}; rerun the study when it has"
 
 
 def _run_steps(run: StudyRun, execute: Callable[[list[str]], int], resume_hint: str) -> None:

@@ -15,6 +15,7 @@ from longtail.commands.calibrate import calibrate_run
 from longtail.commands.common import (RESUMABLE_KEYS, UserError, as_trained, changed_keys, run_dir_of,
                                       split_config_and_overrides)
 from longtail.commands.results import write_results
+from longtail.commands.start_from import check_start, read_start_point, record_start
 from longtail.config import Config, check_epochs, config_notes, dump_config, load_config
 from longtail.engine import builders, distributed
 from longtail.engine.distributed import DistInfo
@@ -29,9 +30,12 @@ from longtail.stage2 import run_stage2
 __all__ = ["cmd_train", "train_stage1", "train_stage2"]
 
 
-def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from: Path | None = None) -> dict[str, Any]:
+def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from: Path | None = None,
+                 start_from: Path | None = None) -> dict[str, Any]:
     """Stage 1 of ``config`` in ``run_dir``; writes metrics.json and plots at the end. Returns the
-    results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it)."""
+    results (``stopped_at_epoch`` when ``train.stop_at_epoch`` stopped it). ``start_from``: a new run
+    that begins at another run's kept checkpoint (``longtail.commands.start_from``)."""
+    start = read_start_point(start_from, dist_info.device) if start_from is not None else None
     seed_everything(config.seed, config.train.deterministic)
     bundle = builders.build_bundle(config)
     if bundle.image_size_note:
@@ -39,7 +43,11 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
         LOG.info(f"image size: {bundle.image_size_note}")
     for line in config_notes(config):
         LOG.info(line)
-    job = builders.stage1_job(config, bundle, dist_info, resuming=resume_from is not None)
+    job = builders.stage1_job(config, bundle, dist_info, resuming=resume_from is not None or start is not None)
+    if start is not None:
+        changes = check_start(start, config, len(job.loader))
+        if dist_info.is_main:
+            record_start(run_dir, start, changes)
     counts = parameter_counts(job.model)
     LOG.info(f"run {run_dir} | {len(bundle.train.targets)} training images in {bundle.num_classes} classes "
              f"(largest {max(bundle.train_counts)}, smallest {min(bundle.train_counts)}) | images "
@@ -48,7 +56,7 @@ def train_stage1(config: Config, run_dir: Path, dist_info: DistInfo, resume_from
              f"{f' x{dist_info.world_size}' if dist_info.distributed else ''} | "
              f"{builders.precision(config, dist_info.device).label} | parameters: {counts['trainable']:,} trainable "
              f"of {counts['total']:,}{f' (model.finetune={config.model.finetune})' if config.model.finetune != 'full' else ''}")
-    fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from).fit()
+    fit = Trainer(config, job, bundle, run_dir, dist_info, resume_from, start_from).fit()
     if fit.stopped_at_epoch is None and dist_info.is_main:
         fit.results["parameters"] = counts
         write_results(run_dir, fit.results, fit.test_outputs, bundle.train_counts, fit.results["last"]["test"])
@@ -111,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = run_dir_of(resume_from)
         if config_path is not None:
             raise UserError("--resume continues a run with its own config.yaml; give overrides only")
+        if getattr(args, "start_from", None):
+            raise UserError("--resume continues a run that exists, --start-from begins a new one: give one of them")
         config, changes = _resume_config(run_dir, overrides)
         if resume_from.is_dir():
             resume_from = last_checkpoint(run_dir)
@@ -159,7 +169,8 @@ def _train_steps(args: argparse.Namespace, config: Config, run_dir: Path, dist_i
         LOG.info(f"stage 1 of {run_dir} is finished; continuing with the steps after it")
         results = json.loads(metrics_file(run_dir).read_text())
     else:
-        results = train_stage1(config, run_dir, dist_info, resume_from)
+        results = train_stage1(config, run_dir, dist_info, resume_from,
+                               Path(args.start_from) if getattr(args, "start_from", None) else None)
         if "stopped_at_epoch" in results:
             return 0
     final = run_dir

@@ -188,7 +188,7 @@ def stage1_job(config: Config, bundle: DataBundle, dist_info: DistInfo, resuming
                       scheduler=scheduler, epochs=train.epochs, precision=run_precision,
                       evaluation=eval_settings(config, bundle, run_precision), batch_size=data.batch_size,
                       grad_clip=train.grad_clip, compile=train.compile, log_interval=train.log_interval,
-                      stop_at_epoch=train.stop_at_epoch,
+                      stop_at_epoch=train.stop_at_epoch, keep_epochs=tuple(train.keep_epochs),
                       select=train.select, eval_every=train.eval_every, checkpoint_every=train.checkpoint_every,
                       hooked=[model, loss_fn, *samplers])
     return use_cached_features(config, bundle, dist_info, job)  # a linear probe trains on cached features

@@ -87,6 +87,11 @@ def best_checkpoint(folder: Path) -> Path:
     return checkpoints_dir(folder) / BEST_CHECKPOINT
 
 
+def kept_checkpoint(folder: Path, epoch: int) -> Path:
+    """The checkpoint kept at the end of ``epoch`` (1-based, ``train.keep_epochs``)."""
+    return checkpoints_dir(folder) / f"epoch{epoch}.pt"
+
+
 def is_checkpoint_file(path: Path) -> bool:
     """A checkpoint inside a run folder (``RUN/checkpoints/*.pt``)."""
     return path.suffix == CHECKPOINT_SUFFIX and path.parent.name == CHECKPOINTS_DIR

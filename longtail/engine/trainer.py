@@ -32,7 +32,7 @@ from longtail.engine.distributed import DistInfo, all_reduce_sum, barrier
 from longtail.engine.evaluation import EvalSettings, evaluate, final_scores
 from longtail.engine.logging import LOG, RunLogger
 from longtail.engine.precision import Precision
-from longtail.engine.rundir import best_checkpoint, last_checkpoint
+from longtail.engine.rundir import best_checkpoint, kept_checkpoint, last_checkpoint
 from longtail.losses.terms import batch_loss
 from longtail.metrics import summary
 from longtail.types import Batch, ModelOutput
@@ -102,6 +102,7 @@ class TrainingJob:
     compile: bool = False
     log_interval: int = 50
     stop_at_epoch: int | None = None
+    keep_epochs: tuple[int, ...] = ()  # also keep the checkpoint of these epochs' ends (1-based)
     select: str = "last"
     eval_every: int = 1
     checkpoint_every: int = 1
@@ -127,7 +128,7 @@ class Trainer:
     the training comes from the job."""
 
     def __init__(self, config: Config, job: TrainingJob, bundle: DataBundle, run_dir: Path, dist_info: DistInfo,
-                 resume_from: Path | None = None) -> None:
+                 resume_from: Path | None = None, started_from: Path | None = None) -> None:
         self.config, self.job, self.bundle = config, job, bundle
         self.run_dir, self.dist, self.device = run_dir, dist_info, dist_info.device
         self.counts = bundle.train_counts
@@ -144,9 +145,14 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.best_weights: dict[str, torch.Tensor] | None = None
-        if resume_from is not None:
-            self._load_state(load_checkpoint(resume_from, map_location=self.device))
+        if resume_from is not None or started_from is not None:
+            self._load_state(load_checkpoint(resume_from or started_from, map_location=self.device),
+                             "resumed from" if resume_from is not None else f"started from {started_from},")
         self.logger = RunLogger(run_dir, enabled=dist_info.is_main)
+        if started_from is not None:  # a new run begun from another's checkpoint: its epochs are this run's too
+            self._lr_from_this_schedule()
+            for row in self.history:
+                self.logger.log_epoch(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
 
     # ------------------------------------------------------------- checkpoint
     def _state(self, epoch: int) -> dict[str, Any]:
@@ -156,7 +162,7 @@ class Trainer:
                               loss=job.loss_fn.state_dict(), history=self.history, best=self.best,
                               **job.checkpoint_extra())
 
-    def _load_state(self, state: dict[str, Any]) -> None:
+    def _load_state(self, state: dict[str, Any], how: str) -> None:
         job = self.job
         job.model.load_state_dict(state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
@@ -166,15 +172,28 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.best = dict(state.get("best", {}))
         self.start_epoch = int(state["epoch"]) + 1
-        LOG.info(f"{job.label}: resumed from epoch {state['epoch'] + 1}; continuing at epoch {self.start_epoch + 1}")
+        LOG.info(f"{job.label}: {how} epoch {state['epoch'] + 1}; continuing at epoch {self.start_epoch + 1}")
 
-    def _save(self, epoch: int, is_best: bool) -> None:
+    def _lr_from_this_schedule(self) -> None:
+        """The optimiser state of a start holds the lr the *source's* schedule set for the next step (a
+        decay at the start epoch would be the source's for a whole epoch): set it from this run's schedule."""
+        scheduler = self.job.scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise TypeError(f"a start needs a per-step LambdaLR schedule, not {type(scheduler).__name__}")
+        lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(self.job.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() reports, as a step would have set it
+
+    def _save(self, epoch: int, is_best: bool, keep: bool = False) -> None:
         if not self.dist.is_main:
             return
         state = self._state(epoch)
         save_checkpoint(state, last_checkpoint(self.run_dir))
         if is_best:
             save_checkpoint(state, best_checkpoint(self.run_dir))
+        if keep:
+            save_checkpoint(state, kept_checkpoint(self.run_dir, epoch + 1))
 
     # ------------------------------------------------------------------ loop
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -286,8 +305,9 @@ class Trainer:
                                if k in EPOCH_LOG_KEYS and v is not None}}
             self.history.append({"epoch": epoch + 1, **row})
             self.logger.log_epoch(epoch + 1, row)
-            if (epoch + 1) % job.checkpoint_every == 0 or epoch + 1 == job.epochs or is_best:
-                self._save(epoch, is_best)
+            keep = epoch + 1 in job.keep_epochs
+            if (epoch + 1) % job.checkpoint_every == 0 or epoch + 1 == job.epochs or is_best or keep:
+                self._save(epoch, is_best, keep)
             terms = " ".join(f"{k.removeprefix('train_')} {v:.4f}" for k, v in stats.items()
                              if k.startswith("train_") and k != "train_loss")
             line = (f"{job.label} epoch {epoch + 1}/{job.epochs} loss {stats['train_loss']:.4f}"
