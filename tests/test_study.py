@@ -669,3 +669,25 @@ def test_a_recipe_started_from_another_trains_only_the_epochs_after_it(tmp_path,
     assert main(["study", str(both), "--out", str(tmp_path / "old")]) == 2
     assert "which " + str(tmp_path / "old" / "decay10" / "seed0") + " did not keep" in capsys.readouterr().err
     assert _trainings(tmp_path / "old" / "decay10" / "seed0") == 1
+
+
+def test_a_pack_carries_the_checkpoint_a_later_recipe_starts_from(tmp_path, capsys, one_thread):
+    """The source finished on one machine, the recipe that starts from it not begun: the pack keeps the
+    source's kept epoch (its other weights stay out), and the unpacked study starts the second recipe."""
+    import tarfile
+    decay = ["train.epochs=2", "data.batch_size=64", "model.params.hidden=[32]", "schedule.name=step",
+             "schedule.milestones=[1]"]
+    ce = str(REPO / "configs" / "digits_lt" / "ce.yaml")
+    study = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[
+        {"name": "decay10", "config": ce},
+        {"name": "decay100", "config": ce, "overrides": ["schedule.gamma=0.01"],
+         "start_from": {"recipe": "decay10", "epoch": 1}}])
+    here, there, pack = tmp_path / "here", tmp_path / "there", tmp_path / "carry.tar.gz"
+    assert main(["study", str(study), "--out", str(here), "--max-runs", "1"]) == 0
+    assert main(["study", str(study), "--out", str(here), "--pack", str(pack)]) == 0
+    with tarfile.open(pack) as tar:
+        assert [name for name in tar.getnames() if name.endswith(".pt")] == ["decay10/seed0/checkpoints/epoch1.pt"]
+    assert main(["study", str(study), "--out", str(there), "--unpack", str(pack)]) == 0
+    assert main(["study", str(study), "--out", str(there)]) == 0
+    assert "started from" in (there / "decay100" / "seed0" / "train.log").read_text()
+    assert _trainings(there / "decay10" / "seed0") == 1

@@ -3,13 +3,15 @@
 A study of long runs outlives the machine it started on (a session that ends, a preempted cloud VM).
 The pack holds what ``longtail study`` needs to go on elsewhere exactly where it stopped: every run's
 records (config, metrics, logs, markers), the signatures the study started its runs with, and the
-checkpoints of the runs not finished yet (a stopped run resumes from its ``last.pt``). Finished runs'
+checkpoints of the runs not finished yet (a stopped run resumes from its ``last.pt``) and those a
+finished run kept for a later recipe to start from (``train.keep_epochs``). Finished runs' other
 weights stay out (a ResNet-32's checkpoint is ~4 MB; keep the ones you want with ``benchmarks/zoo.py``
 or a copy), and so do the per-machine lock files. Unpacking never overwrites a file that differs.
 """
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from longtail.commands.common import UserError
 from longtail.engine.rundir import CONFIG_FILE, LOCK_FILE, STUDY_MARKER, lock_holder
 
 CLAIM_SUFFIX = ".claim"  # the study's per-run flock files (study.py): meaningful on this machine only
+KEPT_CHECKPOINT = re.compile(r"epoch\d+\.pt")  # rundir.kept_checkpoint's names
 
 
 @dataclass
@@ -56,7 +59,9 @@ def _packed(study_dir: Path) -> tuple[list[Path], Carried]:
         relative = path.relative_to(study_dir)
         if path.name == LOCK_FILE or path.name.endswith((CLAIM_SUFFIX, ".tmp")):
             continue
-        if path.suffix == ".pt" and _run_of(relative) in finished:
+        # a finished run's weights stay out, except the checkpoints it kept (train.keep_epochs) for a
+        # later recipe to start from (study start_from): those are what that recipe will need
+        if path.suffix == ".pt" and _run_of(relative) in finished and not KEPT_CHECKPOINT.fullmatch(path.name):
             continue
         files.append(relative)
     to_continue = sorted(str(run) for run in started - finished)
