@@ -140,6 +140,8 @@ def test_a_start_refuses_a_difference_that_acted_before_it(tmp_path, capsys):
     assert "data.augment.mix_until_epoch (3 there, 1 here), seed (0 there, 1 here), which acted" in err
     assert main(["train", out, *DECAY, *start[:1], str(source)]) == 2
     assert "takes a checkpoint file" in capsys.readouterr().err
+    assert main(["train", out, *DECAY, "data.augment.mix_until_epoch=3", "train.select=test", *start]) == 2
+    assert "the best epoch may lie among the 2 taken over" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
 
 

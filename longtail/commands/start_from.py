@@ -75,6 +75,10 @@ def check_start(start: StartPoint, config: Config, steps_per_epoch: int) -> dict
     if k >= config.train.epochs:
         raise UserError(f"{start.path} holds {k} epochs and this run has train.epochs={config.train.epochs}: "
                         "nothing would be left to train")
+    if config.train.select != "last":
+        raise UserError(f"--start-from with train.select={config.train.select}: the best epoch may lie among the "
+                        f"{k} taken over, whose weights this run does not have; start with train.select=last (the "
+                        "default, the papers' protocol) or train this reading from the start")
     changes = changed_keys(start.config.model_dump(mode="json"), config.model_dump(mode="json"))
     late = set(epoch_settings(config, "train")) | set(epoch_settings(start.config, "train"))
     refused = []
