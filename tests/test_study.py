@@ -655,6 +655,10 @@ def test_a_recipe_started_from_another_trains_only_the_epochs_after_it(tmp_path,
     assert json.loads((started / "started_from.json").read_text())["checkpoint"] == str(source / "checkpoints" / "epoch2.pt")
     log = (started / "train.log").read_text()
     assert "stage 1 epoch 3/3" in log and "stage 1 epoch 1/3" not in log
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    records = {r["recipe"]: r for r in json.loads((tmp_path / "report" / "report.json").read_text())}
+    assert records["decay100"]["started_from"] == {"run": str(source), "epochs": 2}
+    assert records["decay10"]["started_from"] is None
     assert main(["train", ce, *decay, "schedule.gamma=0.01", f"output_dir={tmp_path / 'whole'}", "name=run"]) == 0
     whole = load_checkpoint(tmp_path / "whole" / "run")["model"]
     assert all(torch.equal(whole[k], v) for k, v in load_checkpoint(started)["model"].items())

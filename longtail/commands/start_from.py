@@ -20,11 +20,10 @@ from longtail.commands.common import RESUMABLE_KEYS, UserError, changed_keys
 from longtail.config import Config, config_from_dict, epoch_settings
 from longtail.engine.checkpoint import load_run_checkpoint
 from longtail.engine.optim import build_scheduler
-from longtail.engine.rundir import folder_of_checkpoint, write_output
+from longtail.engine.rundir import STARTED_FROM_FILE, folder_of_checkpoint, write_output
 
 __all__ = ["StartPoint", "read_start_point", "check_start", "record_start"]
 
-START_FILE = "started_from.json"
 # what a start may change besides the schedule and late epoch settings: where the data is and how it is
 # read, logging and stop points (--resume's list, less the run's length, which moves a cosine schedule and
 # is checked with the schedule), and the bookkeeping of the new run
@@ -112,4 +111,4 @@ def record_start(run_dir: Path, start: StartPoint, changes: dict[str, tuple[Any,
     record = {**start.describe(),
               "changed": {key: {"there": old, "here": new} for key, (old, new) in changes.items()
                           if not key.startswith(("output_dir", "name"))}}
-    write_output(run_dir / START_FILE, json.dumps(record, indent=2), exist="replace")
+    write_output(run_dir / STARTED_FROM_FILE, json.dumps(record, indent=2), exist="replace")

@@ -45,6 +45,7 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.json"
 METRICS_CSV = "metrics.csv"  # one row per epoch (engine/logging.py)
 LOG_FILE = "train.log"
+STARTED_FROM_FILE = "started_from.json"  # a run begun at another run's kept checkpoint (commands/start_from.py)
 PLOTS_DIR = "plots"
 RELIABILITY_PLOT = "reliability.png"  # in plots/: the test predictions' reliability diagram
 RELIABILITY_BY_GROUP_PLOT = "reliability_by_group.png"  # in plots/: one diagram per shot group

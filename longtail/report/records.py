@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from longtail.engine.rundir import ENV_FILE, LOG_FILE, METRICS_CSV
+from longtail.engine.rundir import ENV_FILE, LOG_FILE, METRICS_CSV, STARTED_FROM_FILE
 from longtail.report.aggregate import config_value
 from longtail.report.papers import paper_entry_for
 
@@ -144,7 +144,18 @@ def record_for(row: dict[str, Any], entries: Sequence[dict[str, Any]] | None) ->
         "date": finished_at(row["folder"]),
         "hours": None if hours is None else round(hours, 6),
         "stage2_hours": None if own_hours is None else round(own_hours, 6),
+        "started_from": _started_from(row["path"]),
     }
+
+
+def _started_from(run: Path) -> dict[str, Any] | None:
+    """Where a run started at another run's kept checkpoint began ({run, epochs}): its ``hours`` count
+    only the epochs it trained itself."""
+    record = run / STARTED_FROM_FILE
+    if not record.is_file():
+        return None
+    start = json.loads(record.read_text())
+    return {"run": start["run"], "epochs": start["epochs_done"]}
 
 
 def records(rows: Sequence[dict[str, Any]], entries: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]]:
