@@ -651,6 +651,11 @@ def test_a_recipe_started_from_another_trains_only_the_epochs_after_it(tmp_path,
     out = tmp_path / "out"
     assert main(["study", str(study), "--out", str(out)]) == 0
     source, started = out / "decay10" / "seed0", out / "decay100" / "seed0"
+    assert main(["study", str(study), "--out", str(out), "--status"]) == 0
+    assert "decay100/seed0: finished" in capsys.readouterr().out
+    pending = _small_study(tmp_path, seeds=[0], overrides=decay, recipes=[first, second])
+    assert main(["study", str(pending), "--out", str(tmp_path / "pending"), "--status"]) == 0
+    assert "decay100/seed0: not started; starts from decay10/seed0's epoch2.pt (not kept yet)" in capsys.readouterr().out
     assert (source / "checkpoints" / "epoch2.pt").is_file()
     assert json.loads((started / "started_from.json").read_text())["checkpoint"] == str(source / "checkpoints" / "epoch2.pt")
     log = (started / "train.log").read_text()

@@ -43,6 +43,9 @@ class StudyRun(Protocol):
     @property
     def claim_file(self) -> Path: ...
 
+    @property
+    def start(self) -> tuple[Path, Path] | None: ...  # (source run, its kept checkpoint) for start_from
+
     def unchanged(self) -> bool: ...
 
     def has_progress(self) -> bool: ...
@@ -124,7 +127,12 @@ def run_status(run: StudyRun) -> str:
     holder = lock_holder(run.claim_file)
     changed = "" if run.unchanged() else " (made from another version of its recipe: the study refuses it)"
     if holder is None and not run.has_progress():
-        return f"{name}: not started{changed}"
+        starts = ""
+        if run.start is not None:  # begins at another run's kept checkpoint (start_from)
+            source, checkpoint = run.start
+            kept = "kept" if checkpoint.is_file() else "not kept yet"
+            starts = f"; starts from {source.parent.name}/{source.name}'s {checkpoint.name} ({kept})"
+        return f"{name}: not started{starts}{changed}"
     state = f"running ({holder})" if holder else "stopped (the next `longtail study` resumes it)"
     left = [step for step in run.steps if not step.done()]
     if not left:
