@@ -34,7 +34,7 @@ class StartPoint:
     """A checkpoint another run starts from: its file, the epochs it holds, the config it was trained with."""
 
     def __init__(self, path: Path, state: dict[str, Any]) -> None:
-        self.path, self.state = path, state
+        self.path = path  # the Trainer loads the weights and optimiser state from it; only these are read here
         self.epochs_done = int(state["epoch"]) + 1
         self.config = config_from_dict(state["config"], f"the config recorded in {path}")
 
