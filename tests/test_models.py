@@ -2,6 +2,7 @@
 aggregation, heads (cosine, LWS, tau-norm), BBN's paired batch and alpha, pretrained loading."""
 from collections import OrderedDict
 from functools import cache
+import math
 
 import numpy as np
 import pytest
@@ -325,6 +326,21 @@ def test_bbn_training_mixes_the_two_halves_with_alpha(shared_pass):
 
     with pytest.raises(ValueError, match="pair_sampler"):
         model(images((3, 3, 32, 32)))
+
+
+def test_bbn_classifier_keeps_torchs_linear_initialisation():
+    """megvii-research/BBN builds its classifier (nn.Linear(128, C)) in lib/net/network.py, outside the
+    backbone whose _weights_init draws He-normal: so it keeps torch's uniform(-1/sqrt(128), 1/sqrt(128))."""
+    torch.manual_seed(0)
+    model = MODELS.build("bbn_resnet32", {}, where="model.params", num_classes=100, in_channels=3)
+    head = model.heads[0]
+    bound = 1 / math.sqrt(128)
+    for tensor in (head.weight, head.bias):
+        assert tensor.abs().max() <= bound
+        assert tensor.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # a uniform draw's std
+    # the branches' convolutions keep the backbone's He-normal draw (std sqrt(2 / fan_in))
+    conv = model.rebalancing.conv1.weight
+    assert conv.std().item() == pytest.approx(math.sqrt(2 / conv[0].numel()), rel=0.1)
 
 
 def test_bbn_evaluates_one_batch_with_an_equal_mix():

@@ -126,7 +126,8 @@ def bbn_resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", h
     rebalancing.apply(init_weights)
     if pretrained_path is not None:
         rebalancing.load_state_dict(conventional.state_dict())
+    # The classifier keeps torch's own nn.Linear initialisation (uniform, bound 1/sqrt(128)): BBN's code builds
+    # it in Network, outside the backbone whose _weights_init draws He-normal (std sqrt(2/128), 2.4x wider).
     head_module = make_head(head, 2 * width, num_classes, head_scale)
-    head_module.apply(init_weights)
     return BBN(trunk.stem, [*trunk.stages[:-1], last_stage[:-1]], conventional, rebalancing, head_module,
                shared_pass)
