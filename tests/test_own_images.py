@@ -146,8 +146,8 @@ def test_a_shortened_recipe_is_refused_unless_scaled_and_then_trains_on_the_scal
     assert recorded["schedule"]["milestones"] == [8, 9] and recorded["loss"]["params"]["drw_epoch"] == 8
     assert recorded["schedule"]["warmup_epochs"] == 0.25
     lrs = [float(row["lr"]) for row in csv.DictReader((run / "metrics.csv").open())]
-    # the lr logged after each epoch is the next step's: x0.01 from the start of (0-based) epoch 8, x0.0001 from 9
-    assert lrs == pytest.approx([0.1] * 7 + [1e-3, 1e-5, 1e-5])
+    # the lr each epoch trained with: x0.01 in (0-based) epoch 8, x0.0001 in epoch 9
+    assert lrs == pytest.approx([0.1] * 8 + [1e-3, 1e-5])
 
 
 def test_a_run_trained_before_the_size_was_recorded_is_read_at_224_as_it_was_trained():

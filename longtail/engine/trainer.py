@@ -213,6 +213,7 @@ class Trainer:
                    desc=f"{job.label} epoch {epoch + 1}/{job.epochs}", disable=not self.dist.is_main,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
         start = time.perf_counter()
+        step_lr = job.optimizer.param_groups[0]["lr"]
         for step, batch in enumerate(job.loader):
             images = batch.images
             if self.channels_last and images.dim() == 4:
@@ -230,6 +231,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.grad_clip)
             self.scaler.step(job.optimizer)
             self.scaler.update()
+            step_lr = job.optimizer.param_groups[0]["lr"]  # what this step trained with; the scheduler moves on
             job.scheduler.step()
             loss_sum += loss.detach()
             for name, value in terms.items():
@@ -243,7 +245,7 @@ class Trainer:
                 mean_loss = float(loss_sum) / (step + 1)
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(self._nan_message(mean_loss, epoch, step))
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4g}",
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{step_lr:.4g}",
                                 **{name: f"{float(value) / (step + 1):.4f}" for name, value in term_sums.items()})
         bar.close()
         elapsed = time.perf_counter() - start
@@ -252,7 +254,8 @@ class Trainer:
         row = {"train_loss": float(all_reduce_sum(loss_sum.clone())) / world / denominator}
         for name, value in term_sums.items():
             row[f"train_{name}"] = float(all_reduce_sum(value.clone())) / world / denominator
-        return {**row, "lr": job.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed,
+        # the lr of the epoch's last step (a step schedule's lr of the whole epoch), not the next step's
+        return {**row, "lr": step_lr, "epoch_seconds": elapsed,
                 "images_per_second": images_seen / max(elapsed, 1e-9)}
 
     def _images_per_step(self) -> int:
