@@ -144,12 +144,22 @@ def learning_curves(curves: dict[str, dict[str, list[float]]], path: str | Path,
     if not curves:
         return None
     panels = [("top1", "overall"), ("many_top1", "many"), ("medium_top1", "medium"), ("few_top1", "few")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8), sharex=True)
+    # a colour per run (tab10 repeats after ten; past twenty the line style changes too), and one legend
+    # below the panels, where it hides no curve
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    columns = min(len(curves), 6)
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.8 + 0.22 * rows), sharex=True)
     for ax, (key, title) in zip(axes, panels):
-        for label, curve in curves.items():
-            ax.plot(curve["epoch"], curve.get(key, [np.nan] * len(curve["epoch"])), label=label, linewidth=1.2)
+        for index, (label, curve) in enumerate(curves.items()):
+            ax.plot(curve["epoch"], curve.get(key, [np.nan] * len(curve["epoch"])), label=label, linewidth=1.2,
+                    color=colours[index % len(colours)], linestyle="-" if index < len(colours) else "--")
         ax.set_title(f"{title} ({split} top-1, %)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(frameon=False, fontsize=7)
-    return _save(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
