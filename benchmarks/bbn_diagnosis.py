@@ -12,18 +12,14 @@ checkpoint) this prints:
 - **the test-time mix**: test top-1 and many/medium/few of ``W [2 a f_c ; 2 (1 - a) f_r] + b`` for a in
   0 (the re-balancing branch alone), 0.25, 0.5 (BBN's test), 0.75 and 1 (the conventional branch alone).
   A diagnostic on the test set, not a selection: every a is printed, and the run's number stays a = 1/2.
-- **logit scale per branch**: the mean standard deviation over classes of ``W_c f_c`` and ``W_r f_r``
-  per test image, the mean feature norms, and the classifier's row norms per shot group for each half.
+- **logit scale and offset per branch**: the mean standard deviation over classes of ``W_c f_c`` and
+  ``W_r f_r`` per test image, the mean feature norms, the classifier's row norms per shot group for each
+  half, and each branch's mean logit (and the bias) per shot group: the class offset each branch learnt.
 - **precision**: test top-1 of the same checkpoint evaluated in bfloat16 (as trained on this CPU) and in
   float32 (``train.amp=none``).
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,6 +32,8 @@ from longtail.functional import shot_groups  # noqa: E402
 from longtail.metrics import shift_scores  # noqa: E402
 from longtail.runs import load_run  # noqa: E402
 
+from benchmarks.diagnosis_cli import run_diagnosis  # noqa: E402
+
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -45,11 +43,19 @@ def scores(logits: torch.Tensor, targets: torch.Tensor, groups: dict[str, list[i
             **{group: round(100 * result[f"{group}_top1"], 2) for group in groups}}
 
 
+def mixed_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mix: float) -> torch.Tensor:
+    """BBN's logits ``W [2 a f_c ; 2 (1 - a) f_r] + b`` for the features ``[f_c ; f_r]`` of the equal mix
+    (N, 2D) and the head's weight (C, 2D) and bias (C,): a = 1/2 is BBN's test, 1 and 0 a branch alone."""
+    width = features.shape[1] // 2
+    return (2 * mix * features[:, :width] @ weight[:, :width].T
+            + 2 * (1 - mix) * features[:, width:] @ weight[:, width:].T + bias)
+
+
 def diagnose(run_path: Path) -> dict:
     run = load_run(run_path)
     if run.config.model.name != "bbn_resnet32" or run.config.model.params.get("head", "linear") != "linear":
         raise SystemExit(f"{run_path}: not a BBN run with a linear head")
-    test = run.evaluate(run.bundle.test, keep_features=True, metrics=False, test_time_augment=False)
+    test = run.evaluate(run.bundle.test, keep_features=True, test_time_augment=False)
     features, targets = test.outputs["features"].float(), test.outputs["targets"]
     width = features.shape[1] // 2
     f_c, f_r = features[:, :width], features[:, width:]  # the equal mix: features = [f_c ; f_r]
@@ -57,8 +63,7 @@ def diagnose(run_path: Path) -> dict:
     weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
     w_c, w_r = weight[:, :width], weight[:, width:]
     groups = {group: classes for group, classes in shot_groups(run.bundle.train_counts).items() if classes}
-    mixes = {f"{a:g}": scores(2 * a * f_c @ w_c.T + 2 * (1 - a) * f_r @ w_r.T + bias, targets, groups)
-             for a in MIXES}
+    mixes = {f"{a:g}": scores(mixed_logits(features, weight, bias, a), targets, groups) for a in MIXES}
     logit_c, logit_r = f_c @ w_c.T, f_r @ w_r.T
     row_norms = {group: {"conventional": w_c[classes].norm(dim=1).mean().item(),
                          "rebalancing": w_r[classes].norm(dim=1).mean().item()}
@@ -71,27 +76,17 @@ def diagnose(run_path: Path) -> dict:
                                 "rebalancing": logit_r.std(dim=1).mean().item()},
         "feature_norm": {"conventional": f_c.norm(dim=1).mean().item(), "rebalancing": f_r.norm(dim=1).mean().item()},
         "classifier_row_norm": row_norms,
-        "test_top1_bfloat16": mixes["0.5"]["top1"],
+        # each branch's logits averaged over the test images and the group's classes: a class offset
+        "mean_logit_by_group": {group: {"conventional": logit_c[:, classes].mean().item(),
+                                        "rebalancing": logit_r[:, classes].mean().item(),
+                                        "bias": bias[classes].mean().item()} for group, classes in groups.items()},
+        "test_top1_bfloat16": round(100 * test.metrics["top1"], 2),
         "test_top1_float32": round(100 * float32.evaluate(float32.bundle.test).metrics["top1"], 2),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = [diagnose(path) for path in args.runs]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    document = {"command": "python benchmarks/bbn_diagnosis.py " + " ".join(str(p) for p in args.runs),
-                "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-                "commit": commit, "runs": results}
-    text = json.dumps(document, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    run_diagnosis("bbn_diagnosis.py", __doc__, diagnose)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,7 @@ For every run (its last checkpoint):
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +30,8 @@ from longtail.functional import (ikl_class_medians, ikl_correlation_labels, logi
                                  shot_groups)
 from longtail.metrics import shift_scores  # noqa: E402
 from longtail.runs import load_run  # noqa: E402
+
+from benchmarks.diagnosis_cli import run_diagnosis  # noqa: E402
 
 PRIOR_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 # CIFAR-100's 20 superclasses (Krizhevsky 2009), by fine-class folder name
@@ -122,21 +119,7 @@ def diagnose(run_path: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    results = [diagnose(path) for path in args.runs]
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    document = {"command": "python benchmarks/ikl_diagnosis.py " + " ".join(str(p) for p in args.runs),
-                "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-                "commit": commit, "runs": results}
-    text = json.dumps(document, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    run_diagnosis("ikl_diagnosis.py", __doc__, diagnose)
 
 
 if __name__ == "__main__":

@@ -237,6 +237,25 @@ def test_authors_curve_lines_our_stage_1_and_2_epochs_up_with_the_authors_log(re
         script.main([str(log), str(run), "--stage2", "stage2_missing"])
 
 
+def test_bbn_diagnosis_mixes_the_branches_as_bbn_trains_and_tests():
+    """benchmarks/bbn_diagnosis.py: a = 1/2 is the model's own test logits W [f_c ; f_r] + b, a = 1 and
+    a = 0 leave one branch alone (its features doubled, as BBN trains with 2 a f_c)."""
+    diagnosis = _benchmark_script("bbn_diagnosis")
+    generator = torch.Generator().manual_seed(0)
+    features, weight, bias = (torch.randn(6, 8, generator=generator), torch.randn(3, 8, generator=generator),
+                              torch.randn(3, generator=generator))
+    torch.testing.assert_close(diagnosis.mixed_logits(features, weight, bias, 0.5),
+                               torch.nn.functional.linear(features, weight, bias))
+    torch.testing.assert_close(diagnosis.mixed_logits(features, weight, bias, 1.0),
+                               2 * features[:, :4] @ weight[:, :4].T + bias)
+    torch.testing.assert_close(diagnosis.mixed_logits(features, weight, bias, 0.0),
+                               2 * features[:, 4:] @ weight[:, 4:].T + bias)
+    # by hand: f_c votes for class 0, f_r for class 1; the branch with the larger weight wins
+    features, weight = torch.tensor([[1.0, 0.0, 1.5, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert diagnosis.mixed_logits(features, weight, torch.zeros(2), 0.25).tolist() == [[0.5, 2.25]]
+    assert diagnosis.mixed_logits(features, weight, torch.zeros(2), 0.75).tolist() == [[1.5, 0.75]]
+
+
 def test_ikl_diagnosis_measures_soft_label_structure_and_prior_shift():
     """benchmarks/ikl_diagnosis.py's two measures on hand-made inputs: the superclass share of the
     off-target mass, and top-1 after subtracting t * log prior."""
