@@ -9,25 +9,32 @@ import json
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_diagnosis(script: str, description: str, diagnose: Callable[[Path], dict[str, Any]]) -> None:
-    """``python benchmarks/<script> RUN [RUN ...] [--json FILE]``: ``diagnose`` on each run, one thread
-    (these machines run one torch process at a time beside the studies)."""
+def run_diagnosis(script: str, description: str, diagnose: Callable[..., dict[str, Any]],
+                  options: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+    """``python benchmarks/<script> RUN [RUN ...] [OPTIONS] [--json FILE]``: ``diagnose(run, **options)``
+    on each run, one thread (these machines run one torch process at a time beside the studies).
+    ``options``: (flag, ``add_argument`` keywords) pairs, e.g. ``("--epoch", {"type": int, "default": 0})``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
+    for flag, spec in options:
+        parser.add_argument(flag, **spec)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = [diagnose(path) for path in args.runs]
+    extra = {flag.lstrip("-").replace("-", "_"): None for flag, _ in options}
+    extra = {name: getattr(args, name) for name in extra}
+    results = [diagnose(path, **extra) for path in args.runs]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    document = {"command": f"python benchmarks/{script} " + " ".join(str(p) for p in args.runs),
+    flags = "".join(f" --{name.replace('_', '-')} {value}" for name, value in extra.items())
+    document = {"command": f"python benchmarks/{script} " + " ".join(str(p) for p in args.runs) + flags,
                 "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                 "commit": commit, "runs": results}
     text = json.dumps(document, indent=2)

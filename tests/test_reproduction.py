@@ -256,6 +256,19 @@ def test_bbn_diagnosis_mixes_the_branches_as_bbn_trains_and_tests():
     assert diagnosis.mixed_logits(features, weight, torch.zeros(2), 0.75).tolist() == [[1.5, 0.75]]
 
 
+def test_grad_precision_compares_each_parameters_two_gradients_per_module():
+    """benchmarks/grad_precision.py: cosine and norm ratio of the bfloat16 gradient against float32's,
+    grouped by top-level module (each head on its own)."""
+    script = _benchmark_script("grad_precision")
+    assert [script.module_of(n) for n in ("stem.0.weight", "shared.1.0.conv1.weight", "heads.2.weight")] == [
+        "stem", "shared", "heads.2"]
+    float32 = {"stem.0.weight": torch.tensor([1.0, 0.0]), "heads.0.weight": torch.tensor([[3.0, 4.0]])}
+    bfloat16 = {"stem.0.weight": torch.tensor([0.0, 2.0]), "heads.0.weight": torch.tensor([[6.0, 8.0]])}
+    rows = script.compare(float32, bfloat16)
+    assert rows["stem"] == [(pytest.approx(0.0), pytest.approx(2.0))]  # orthogonal, twice as long
+    assert rows["heads.0"] == [(pytest.approx(1.0), pytest.approx(2.0))]  # same direction, doubled
+
+
 def test_ikl_diagnosis_measures_soft_label_structure_and_prior_shift():
     """benchmarks/ikl_diagnosis.py's two measures on hand-made inputs: the superclass share of the
     off-target mass, and top-1 after subtracting t * log prior."""
