@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", help="study folder (default: the file's output_dir/name)")
     study.add_argument("--print-commands", action="store_true",
                        help="print the torchrun command lines of the unfinished runs instead of running them")
+    study.add_argument("--recipes", metavar="NAME[,NAME]",
+                       help="train (or print) only these recipes' runs, in the study's order; the others are left "
+                            "to other processes or a later call (e.g. to let one recipe go first on a free core)")
     study.add_argument("--max-runs", type=int, metavar="N",
                        help="train at most N runs, then stop (rerun to continue); 0 only records the runs "
                             "whose steps all finished elsewhere (after --print-commands)")

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from longtail.cli import main
-from longtail.commands.study import load_study, plan_runs
+from longtail.commands.study import MARKER, load_study, plan_runs
 from longtail.config import apply_overrides
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.report.aggregate import paired_difference
@@ -521,6 +521,22 @@ def test_every_step_is_validated_before_training_and_max_runs_is_checked(tmp_pat
     assert not (tmp_path / "out").exists()
     assert main(["study", str(_small_study(tmp_path)), "--out", str(tmp_path / "out"), "--max-runs", "-1"]) == 2
     assert "--max-runs must be >= 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_recipes_trains_only_the_named_recipes_and_leaves_the_rest(tmp_path, capsys, one_thread):
+    study, out = _small_study(tmp_path, seeds=[0]), tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out), "--recipes", "bs"]) == 0
+    said = capsys.readouterr().out
+    assert (out / "bs" / "seed0" / MARKER).is_file() and not (out / "ce").exists()
+    assert "the runs of --recipes bs are finished (1 of them here); 1 runs of other recipes are left" in said
+    assert f"`longtail study {study} --out {out}` continues them" in said
+    assert main(["study", str(study), "--out", str(out)]) == 0  # the rest, without retraining bs
+    assert (out / "ce" / "seed0" / MARKER).is_file() and _trainings(out / "bs" / "seed0") == 1
+    assert "study shared finished (2 runs, 1 of them here)" in capsys.readouterr().out
+    assert main(["study", str(study), "--out", str(out), "--recipes", "bs,cee"]) == 2
+    assert "cee is not a recipe of the study; its recipes are ce, bs" in capsys.readouterr().err
+    assert main(["study", str(study), "--out", str(out), "--recipes", "bs", "--status"]) == 2
+    assert "leave --recipes out" in capsys.readouterr().err
 
 
 def test_ctrl_c_in_a_study_exits_130_with_the_resume_command(tmp_path, capsys, one_thread):

@@ -518,6 +518,19 @@ def _carry(args: argparse.Namespace, study_dir: Path, resume: str) -> int:
     return 0
 
 
+def selected_recipes(runs: list[StudyRun], names: list[str], selection: str | None) -> list[StudyRun]:
+    """The runs of the recipes named in ``selection`` (``--recipes a,b``; all when None): this process
+    trains those, in the study's order, and leaves the rest to other processes or a later call."""
+    if selection is None:
+        return runs
+    chosen = [name.strip() for name in selection.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in names]
+    if unknown or not chosen:
+        raise UserError(f"--recipes {selection!r}: {', '.join(unknown) or 'no name given'} is not a recipe of the "
+                        f"study; its recipes are {', '.join(names)}")
+    return [run for run in runs if run.recipe in chosen]
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """``args.run_command(argv)`` runs one ``longtail`` command (the cli passes its own ``main``, so the
     steps run in this process, one after another)."""
@@ -527,6 +540,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = load_study(study_file)
     study_dir = Path(args.out) if args.out else Path(study.output_dir) / study.name
     resume = shlex.join(["longtail", "study", str(study_file), *(["--out", str(args.out)] if args.out else [])])
+    resume_all = resume
+    if args.recipes is not None:
+        resume += " " + shlex.join(["--recipes", args.recipes])
+    if args.recipes is not None and (args.pack or args.unpack or args.status):
+        raise UserError("--recipes chooses what this process trains; --pack, --unpack and --status act on the "
+                        "whole study: leave --recipes out")
     if args.pack or args.unpack:
         return _carry(args, study_dir, resume)
     runs = plan_runs(study, study_file, study_dir)
@@ -534,6 +553,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(study_status(study.name, study_dir, runs))
         return 0
     check_unchanged(runs)
+    every_run, runs = runs, selected_recipes(runs, [recipe.name for recipe in study.recipes], args.recipes)
     if args.print_commands:
         print(f"# {sum(r.finished for r in runs)}/{len(runs)} runs of {study.name} finished; the rest, one line "
               "each (NPROC: processes per node, default 1):")
@@ -553,6 +573,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"{len(held)} runs are being worked on by other processes and were left to them (first: {held[0]})")
     if left:
         print(f"ran {ran} runs; {left} left: rerun `{resume}` to continue")
+    elif any(not r.finished for r in every_run):
+        print(f"the runs of --recipes {args.recipes} are finished ({ran} of them here); "
+              f"{sum(not r.finished for r in every_run)} runs of other recipes are left: `{resume_all}` continues them")
     else:
         print(f"study {study.name} finished ({len(runs)} runs, {ran} of them here); compare with "
               f"`longtail report {study_dir}`")
