@@ -24,11 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from longtail.functional import shot_groups  # noqa: E402
+from longtail.functional import bbn_mixed_features, shot_groups  # noqa: E402
 from longtail.metrics import shift_scores  # noqa: E402
 from longtail.runs import load_run  # noqa: E402
 
@@ -46,9 +47,8 @@ def scores(logits: torch.Tensor, targets: torch.Tensor, groups: dict[str, list[i
 def mixed_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mix: float) -> torch.Tensor:
     """BBN's logits ``W [2 a f_c ; 2 (1 - a) f_r] + b`` for the features ``[f_c ; f_r]`` of the equal mix
     (N, 2D) and the head's weight (C, 2D) and bias (C,): a = 1/2 is BBN's test, 1 and 0 a branch alone."""
-    width = features.shape[1] // 2
-    return (2 * mix * features[:, :width] @ weight[:, :width].T
-            + 2 * (1 - mix) * features[:, width:] @ weight[:, width:].T + bias)
+    conventional, rebalancing = features.chunk(2, dim=1)
+    return F.linear(bbn_mixed_features(conventional, rebalancing, mix), weight, bias)
 
 
 def diagnose(run_path: Path) -> dict:

@@ -28,8 +28,7 @@ def run_diagnosis(script: str, description: str, diagnose: Callable[..., dict[st
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    extra = {flag.lstrip("-").replace("-", "_"): None for flag, _ in options}
-    extra = {name: getattr(args, name) for name in extra}
+    extra = {dest: getattr(args, dest) for dest in (flag.lstrip("-").replace("-", "_") for flag, _ in options)}
     results = [diagnose(path, **extra) for path in args.runs]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

@@ -11,7 +11,7 @@ from longtail.cli import main
 from longtail.config import load_config
 from longtail.engine.checkpoint import load_checkpoint
 from longtail.engine.optim import lr_factor
-from longtail.functional import bbn_alpha
+from longtail.functional import bbn_alpha, bbn_mixed_features
 from longtail.models.bbn import BBN
 from longtail.registry import LOSSES, MODELS, SAMPLERS, STAGE2, load_all
 
@@ -126,6 +126,14 @@ def test_bbn_alpha_is_a_parabolic_decay():
     assert bbn_alpha(3, 7) == pytest.approx(40 / 49)
     with pytest.raises(ValueError, match="epoch"):
         bbn_alpha(11, 10)
+
+
+def test_bbn_mixed_features_weigh_the_branches_by_twice_alpha():
+    """By hand: 2 [alpha f_c ; (1 - alpha) f_r]; alpha = 1/2 is the plain pair the evaluation uses."""
+    conventional, rebalancing = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -4.0]])
+    assert bbn_mixed_features(conventional, rebalancing, 0.25).tolist() == [[0.5, 1.0, 4.5, -6.0]]
+    assert bbn_mixed_features(conventional, rebalancing, 0.5).tolist() == [[1.0, 2.0, 3.0, -4.0]]
+    assert bbn_mixed_features(conventional, rebalancing, torch.tensor(1.0)).tolist() == [[2.0, 4.0, 0.0, -0.0]]
 
 
 # ---------------------------------------------------------------------------------- end to end

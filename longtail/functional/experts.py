@@ -10,7 +10,7 @@ from longtail.functional.data import checked_class_counts
 from longtail.functional.losses import Counts, _reduce, _upcast
 
 __all__ = ["DKT_FORMS", "SHIKE_MASKED_LOGIT", "shike_mutual_loss", "shike_grand_teacher", "shike_dkt_loss",
-           "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha"]
+           "ride_diversity_loss", "ride_class_temperatures", "bbn_alpha", "bbn_mixed_features"]
 
 
 def _check_experts(expert_logits: torch.Tensor, minimum: int) -> None:
@@ -156,3 +156,17 @@ def bbn_alpha(epoch: int, total_epochs: int) -> float:
     if total_epochs < 1 or not 0 <= epoch <= total_epochs:
         raise ValueError(f"need 0 <= epoch <= total_epochs and total_epochs >= 1, got {epoch} of {total_epochs}")
     return 1.0 - (epoch / total_epochs) ** 2
+
+
+def bbn_mixed_features(conventional: torch.Tensor, rebalancing: torch.Tensor,
+                       alpha: float | torch.Tensor) -> torch.Tensor:
+    """BBN's classifier input ``2 [alpha f_c ; (1 - alpha) f_r]`` (N, 2D) from the two branches' pooled
+    features (N, D each), so one linear head gives ``2 (alpha W_c f_c + (1 - alpha) W_r f_r) + b``.
+
+    BBN (Zhou et al., CVPR 2020), Fig. 3 (cumulative learning: ``alpha W_c f_c + (1 - alpha) W_r f_r``);
+    the factor 2 is the authors' code (megvii-research/BBN ``lib/core/combiner.py``: ``mixed_feature =
+    2 * cat(l * feature_a, (1 - l) * feature_b)``), so alpha = 1/2 is the plain pair ``[f_c ; f_r]`` their
+    evaluation feeds the head, and alpha = 1 or 0 one branch alone (doubled).
+    """
+    return 2 * torch.cat([alpha * conventional, (1 - alpha) * rebalancing], dim=1)
+

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longtail.functional import bbn_alpha
+from longtail.functional import bbn_alpha, bbn_mixed_features
 from longtail.models.cifar_resnet import BasicBlock, cifar_trunk, init_weights
 from longtail.models.classifier import expert_head_logits, global_pool, parameters_outside, run_shared_stages
 from longtail.models.heads import make_head
@@ -90,7 +90,7 @@ class BBN(nn.Module):
             weight = 0.5
         conventional_map, rebalancing_map = self.conventional(uniform), self.rebalancing(reversed_)
         f_c, f_r = global_pool(conventional_map), global_pool(rebalancing_map)
-        features = 2 * torch.cat([weight * f_c, (1 - weight) * f_r], dim=1)
+        features = bbn_mixed_features(f_c, f_r, weight)
         logits = self.heads[0](features)
         zeros = torch.zeros_like(f_c)
         extras = {

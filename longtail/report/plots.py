@@ -66,8 +66,9 @@ def _class_size_axes(ax: Any) -> None:
     ax.set_ylabel("test accuracy (%)")
 
 
-def _save(fig: Any, path: str | Path) -> Path:
-    fig.tight_layout()
+def _save(fig: Any, path: str | Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out (within ``rect`` of the figure, when room is kept for a figure legend), write, close."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
@@ -158,8 +159,5 @@ def learning_curves(curves: dict[str, dict[str, list[float]]], path: str | Path,
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.07 * rows, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, rect=(0, 0.07 * rows, 1, 1))
