@@ -12,6 +12,9 @@ checkpoint) this prints:
 - **the test-time mix**: test top-1 and many/medium/few of ``W [2 a f_c ; 2 (1 - a) f_r] + b`` for a in
   0 (the re-balancing branch alone), 0.25, 0.5 (BBN's test), 0.75 and 1 (the conventional branch alone).
   A diagnostic on the test set, not a selection: every a is printed, and the run's number stays a = 1/2.
+- **the mix it trained under**: the same at a = alpha of the checkpoint's last epoch, the weights the
+  classifier saw in training. Before alpha reaches 1/2 (epoch 141 of 200), the equal test mix weighs the
+  re-balancing branch more than training did; this says how much of a checkpoint's test top-1 that costs.
 - **logit scale and offset per branch**: the mean standard deviation over classes of ``W_c f_c`` and
   ``W_r f_r`` per test image, the mean feature norms, the classifier's row norms per shot group for each
   half, and each branch's mean logit (and the bias) per shot group: the class offset each branch learnt.
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from longtail.functional import bbn_mixed_features, shot_groups  # noqa: E402
+from longtail.functional import bbn_alpha, bbn_mixed_features, shot_groups  # noqa: E402
 from longtail.metrics import shift_scores  # noqa: E402
 from longtail.runs import load_run  # noqa: E402
 
@@ -51,6 +54,12 @@ def mixed_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.linear(bbn_mixed_features(conventional, rebalancing, mix), weight, bias)
 
 
+def trained_alpha(checkpoint: dict, total_epochs: int) -> float:
+    """The alpha the checkpoint's last epoch trained with: its ``"epoch"`` is that epoch's 0-based index,
+    the number ``BBN.on_epoch_start`` was given for it."""
+    return bbn_alpha(int(checkpoint["epoch"]), total_epochs)
+
+
 def diagnose(run_path: Path) -> dict:
     run = load_run(run_path)
     if run.config.model.name != "bbn_resnet32" or run.config.model.params.get("head", "linear") != "linear":
@@ -64,6 +73,7 @@ def diagnose(run_path: Path) -> dict:
     w_c, w_r = weight[:, :width], weight[:, width:]
     groups = {group: classes for group, classes in shot_groups(run.bundle.train_counts).items() if classes}
     mixes = {f"{a:g}": scores(mixed_logits(features, weight, bias, a), targets, groups) for a in MIXES}
+    trained = trained_alpha(run.state, run.config.train.epochs)
     logit_c, logit_r = f_c @ w_c.T, f_r @ w_r.T
     row_norms = {group: {"conventional": w_c[classes].norm(dim=1).mean().item(),
                          "rebalancing": w_r[classes].norm(dim=1).mean().item()}
@@ -71,7 +81,10 @@ def diagnose(run_path: Path) -> dict:
     float32 = load_run(run_path, overrides=["train.amp=none"])
     return {
         "run": str(run_path),
+        "epoch": int(run.state["epoch"]) + 1,
         "test_top1_by_mix": mixes,
+        "test_top1_at_trained_mix": {"alpha": round(trained, 4),
+                                     **scores(mixed_logits(features, weight, bias, trained), targets, groups)},
         "logit_std_per_image": {"conventional": logit_c.std(dim=1).mean().item(),
                                 "rebalancing": logit_r.std(dim=1).mean().item()},
         "feature_norm": {"conventional": f_c.norm(dim=1).mean().item(), "rebalancing": f_r.norm(dim=1).mean().item()},

@@ -254,6 +254,8 @@ def test_bbn_diagnosis_mixes_the_branches_as_bbn_trains_and_tests():
     features, weight = torch.tensor([[1.0, 0.0, 1.5, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     assert diagnosis.mixed_logits(features, weight, torch.zeros(2), 0.25).tolist() == [[0.5, 2.25]]
     assert diagnosis.mixed_logits(features, weight, torch.zeros(2), 0.75).tolist() == [[1.5, 0.75]]
+    # a checkpoint written after the 100th epoch (index 99) of 200 trained its last epoch at 1 - (99/200)^2
+    assert diagnosis.trained_alpha({"epoch": 99}, 200) == pytest.approx(0.754975)
 
 
 def test_grad_precision_compares_each_parameters_two_gradients_per_module():
