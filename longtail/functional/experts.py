@@ -169,4 +169,3 @@ def bbn_mixed_features(conventional: torch.Tensor, rebalancing: torch.Tensor,
     evaluation feeds the head, and alpha = 1 or 0 one branch alone (doubled).
     """
     return 2 * torch.cat([alpha * conventional, (1 - alpha) * rebalancing], dim=1)
-
