@@ -269,6 +269,11 @@ class Stage2Config(Section):
                           "None: the method's default")
     stop_at_epoch: int | None = Field(
         None, ge=1, description="stop stage 2 after this epoch with a checkpoint; --resume continues exactly")
+    eval_every: int = Field(
+        0, ge=0, description="also score test (and val) every N stage-2 epochs, for stage 2's learning curve in "
+                             "its metrics.csv (the seeds' code reports its best epoch on test: this sizes that); "
+                             "0: only the final evaluation. With several ranks shifting BN, each scores its "
+                             "shard with its own statistics until they are averaged at the end")
 
 
 class CalibrateConfig(Section):

@@ -1,5 +1,6 @@
 """Stage 2 end to end on Digits-LT: every method trains/sets the heads on a frozen stage-1 backbone,
 writes metrics, plots and a checkpoint that loads back; BN shift moves running statistics only."""
+import csv
 import json
 import os
 import shutil
@@ -144,6 +145,22 @@ def test_crt_starts_from_a_fresh_head_or_the_stage1_head(stage1, tmp_path, reini
     after = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pt")["model"]
     heads = [k for k in before if k.startswith("heads.")]
     assert heads and all(torch.allclose(before[k], after[k], atol=1e-6) == (not reinit) for k in heads)
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_stage2_eval_every_writes_its_learning_curve(stage1, tmp_path, eval_every):
+    # images mode with BN shift: each mid-run evaluation must hand the backbone back in train-mode BN
+    results, run_dir = run_method(stage1, tmp_path, "crt", features="images", eval_every=eval_every)
+    with (run_dir / "stage2" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    curve = [row.get("test_top1", "") for row in rows]
+    if not eval_every:
+        assert curve == ["", ""]  # scored once, at the end, as before the key existed
+        return
+    assert all(curve) and all(row["val_top1"] for row in rows)
+    # the curve's last point is the model stage 2 reports and saves
+    assert float(curve[-1]) == pytest.approx(results["last"]["test"]["top1"], abs=1e-6)
 
 
 def test_set_bn_shift_puts_only_batchnorm_in_train_mode():

@@ -17,7 +17,8 @@ __all__ = ["UserError", "as_trained", "split_config_and_overrides", "run_dir_of"
 RESUMABLE_KEYS = ("device", "data.root", "data.train_list", "data.val_list", "data.test_list", "data.cache_dir",
                   "data.in_memory", "data.num_workers", "data.decode_on_device", "data.eval_batch_size",
                   "train.epochs", "train.stop_at_epoch", "train.log_interval", "train.eval_every",
-                  "train.checkpoint_every", "train.keep_epochs", "stage2.epochs", "stage2.stop_at_epoch", "stage2.log_interval")
+                  "train.checkpoint_every", "train.keep_epochs", "stage2.epochs", "stage2.stop_at_epoch", "stage2.log_interval",
+                  "stage2.eval_every")
 
 
 def folder_name(value: str, what: str) -> str:

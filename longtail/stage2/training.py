@@ -292,7 +292,7 @@ class Stage2Context:
             optimizer=optimizer, scheduler=scheduler, epochs=cfg.epochs, precision=self.precision,
             evaluation=self.evaluation, batch_size=self.batch_size, grad_clip=self.grad_clip, compile=self.compile,
             log_interval=self.log_interval, stop_at_epoch=cfg.stop_at_epoch,
-            select="last", eval_every=0, evaluate_at_end=False, hooked=[sampler, loss_fn],
+            select="last", eval_every=cfg.eval_every, evaluate_at_end=False, hooked=[sampler, loss_fn],
             checkpoint_extra=lambda: {"heads": [head_spec(h) for h in self.model.heads],
                                       "stage2": {"method": cfg.method, "features": self.feature_mode}},
             broadcast_buffers=False)  # each rank shifts BN on its own batches; averaged at the end
