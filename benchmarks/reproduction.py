@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from longtail.engine.rundir import (CONFIG_FILE, ENV_FILE, LOG_FILE, METRICS_CSV, METRICS_FILE, calibration_records,
-                                    stage2_dirs)
+                                    kept_origin, kept_runs, stage2_dirs)
 from longtail.report.compare import expand_runs, rows_for
 from longtail.report.papers import load_paper_numbers
 from longtail.report.plots import learning_curves
@@ -82,9 +82,6 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-ORIGIN_FILE = "origin.json"  # beside a kept run: the study it was trained in and its place there
-
-
 def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
     """Copy the small files of a run, its stage-2 folders and its calibrations into ``into``, at the
     same relative path as in the study, with ``origin.json`` naming the study."""
@@ -101,14 +98,14 @@ def keep_run_files(run_dir: Path, study_dir: Path, into: Path) -> list[Path]:
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target / name)
                 copied.append(target / name)
-    origin = into / run_dir.relative_to(study_dir) / ORIGIN_FILE
+    origin = kept_origin(into / run_dir.relative_to(study_dir))
     origin.write_text(json.dumps({"study": study_dir.resolve().name}) + "\n", encoding="utf-8")
     return copied
 
 
 def kept_study(kept_run: Path) -> str | None:
     """The study a kept run came from (its ``origin.json``), or None when not kept."""
-    origin = kept_run / ORIGIN_FILE
+    origin = kept_origin(kept_run)
     return json.loads(origin.read_text(encoding="utf-8"))["study"] if origin.is_file() else None
 
 
@@ -133,11 +130,6 @@ def check_distinct_runs(runs: Sequence[Path], studies: Sequence[Path], kept: Pat
             raise SystemExit(f"{relative} is a run of both {earlier} and {name}; their files would collide under "
                              f"{kept}: give one study's recipe another name, or report them apart (--name)")
         seen[relative] = name
-
-
-def kept_runs(kept: Path) -> list[Path]:
-    """The kept stage-1 runs (``<recipe>/seed<k>`` under the results folder)."""
-    return sorted(folder for folder in kept.glob("*/*") if (folder / ORIGIN_FILE).is_file())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

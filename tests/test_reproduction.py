@@ -148,6 +148,29 @@ def test_report_writes_the_same_records(reproduced, tmp_path):
     assert (tmp_path / "report" / "learning_curves.png").is_file()
 
 
+def test_report_reads_kept_runs_as_the_seeds_of_their_recipe(reproduced, tmp_path, capsys):
+    """The kept copies outlive their study folders (another session's machine): `longtail report` on
+    the results folder groups them by recipe, so mean ± std over seeds needs no study folder."""
+    _, _, kept, papers = reproduced
+    results = tmp_path / "kept"
+    shutil.copytree(kept / "ce" / "seed0", results / "ce" / "seed0")
+    second = results / "ce" / "seed1"  # a second seed: the same files, seed 1, 10 points lower
+    shutil.copytree(kept / "ce" / "seed0", second)
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    (second / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 1}))
+    metrics = json.loads((second / "metrics.json").read_text())
+    first_top1 = metrics["last"]["test"]["top1"]
+    metrics["last"]["test"]["top1"] = first_top1 - 0.1
+    (second / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(results), "--out", str(tmp_path / "report"), "--papers", str(papers)]) == 0
+    summary = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| ce | "))
+    assert row.startswith(f"| ce | 2 | {100 * first_top1 - 5:.2f} ± 7.07 |")
+    assert "| ce · crt | 2 |" in summary
+    assert main(["report", str(tmp_path / "report"), "--out", str(tmp_path / "nothing")]) != 0
+    assert "nor a folder of kept runs" in capsys.readouterr().err
+
+
 def test_two_studies_make_one_set_of_rows_and_colliding_runs_are_refused(reproduced, tmp_path):
     """A study continued from a later commit under another name is reported with the first; each record
     names its study, and a run both studies hold (same recipe and seed) is refused, not overwritten."""

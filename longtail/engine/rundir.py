@@ -68,6 +68,9 @@ SHIFTS_PREFIX = "shifts_"
 STUDY_MARKER = "study_run.json"
 # a study folder: STUDY/study.yaml (the study as run), STUDY/<cell>/seed<k>/ (its runs)
 STUDY_FILE = "study.yaml"
+# a run's small files kept in the repository by benchmarks/reproduction.py: KEPT/<recipe>/seed<k>/, with
+# origin.json naming the study it was trained in (the study folder itself lives on one machine)
+KEPT_ORIGIN_FILE = "origin.json"
 
 
 def checkpoints_dir(folder: Path) -> Path:
@@ -110,6 +113,15 @@ def config_file(folder: Path) -> Path:
 
 def metrics_file(folder: Path) -> Path:
     return folder / METRICS_FILE
+
+
+def kept_origin(run_dir: Path) -> Path:
+    return run_dir / KEPT_ORIGIN_FILE
+
+
+def kept_runs(folder: Path) -> list[Path]:
+    """The runs kept under ``folder`` (``<recipe>/seed<k>`` with an origin.json), sorted."""
+    return sorted(run for run in folder.glob("*/*") if kept_origin(run).is_file())
 
 
 def is_finished(folder: Path) -> bool:

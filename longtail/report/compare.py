@@ -10,8 +10,8 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from longtail.engine.rundir import (PLOTS_DIR, RELIABILITY_PLOT, STUDY_MARKER, calibration_records, config_file,
-                                    is_finished, metrics_file, stage2_dirs, stage2_label, study_file, study_marker,
-                                    write_output)
+                                    is_finished, kept_origin, kept_runs, metrics_file, stage2_dirs, stage2_label,
+                                    study_file, study_marker, write_output)
 from longtail.report.aggregate import METRICS, Group, group_rows, mean_std, pairwise
 from longtail.report.html import write_html
 from longtail.report.papers import PAPER_NUMBERS_ENV, PaperNumbersNotFound, load_paper_numbers, paper_entry_for
@@ -28,7 +28,8 @@ SPLITS = tuple(PAIRED_METRICS)
 
 def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Path]]:
     """(runs to report, study runs still missing steps, study runs not trained yet): a run directory
-    stands for itself; a study folder for its runs (``<cell>/seed<k>``). A study run whose training
+    stands for itself; a study folder for its runs (``<cell>/seed<k>``), and so does a folder of runs
+    kept by benchmarks/reproduction.py (``<recipe>/seed<k>``, the copies outliving the study). A study run whose training
     finished is reported even while some of its stage-2 or calibration steps are still to run (a
     study is often read while it runs): every stage it reports is finished, and ``n`` says how many."""
     runs: list[Path] = []
@@ -39,8 +40,13 @@ def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Pat
             runs.append(path)
             continue
         if not study_file(path).is_file():
-            raise FileNotFoundError(f"{path} is neither a finished run (metrics.json) nor a study folder (study.yaml, "
-                                    "written by `longtail study`); give finished `longtail train` runs or a study")
+            kept = [run for run in kept_runs(path) if is_finished(run)]
+            if kept:
+                runs.extend(kept)
+                continue
+            raise FileNotFoundError(f"{path} is neither a finished run (metrics.json), a study folder (study.yaml, "
+                                    "written by `longtail study`) nor a folder of kept runs (benchmarks/reproduction.py); "
+                                    "give finished `longtail train` runs or a study")
         for cell in sorted(p for p in path.glob("*/*") if config_file(p).is_file()):
             if study_marker(cell).is_file():
                 runs.append(cell)
@@ -136,11 +142,13 @@ def _metrics(results: dict[str, Any], split: str, where: Path) -> dict[str, Any]
 
 
 def _recipe(run_dir: Path, config: dict[str, Any]) -> str:
-    """A study run's cell, else the run's config name."""
+    """A study run's cell (also when kept: KEPT/<recipe>/seed<k>), else the run's config name."""
     marker = study_marker(run_dir)
     if marker.is_file():
         return read_json(marker).get("cell") or run_dir.parent.name
     if study_file(run_dir.parent.parent).is_file():  # a study run with steps still to run: STUDY/<cell>/seed<k>
+        return run_dir.parent.name
+    if kept_origin(run_dir).is_file():  # kept without the study's marker: the folder names the recipe
         return run_dir.parent.name
     return config.get("name", run_dir.name)
 
