@@ -29,9 +29,10 @@ SPLITS = tuple(PAIRED_METRICS)
 def expand_runs(paths: Sequence[Path]) -> tuple[list[Path], list[Path], list[Path]]:
     """(runs to report, study runs still missing steps, study runs not trained yet): a run directory
     stands for itself; a study folder for its runs (``<cell>/seed<k>``), and so does a folder of runs
-    kept by benchmarks/reproduction.py (``<recipe>/seed<k>``, the copies outliving the study). A study run whose training
-    finished is reported even while some of its stage-2 or calibration steps are still to run (a
-    study is often read while it runs): every stage it reports is finished, and ``n`` says how many."""
+    kept by benchmarks/reproduction.py (``<recipe>/seed<k>``, the copies outliving the study). A study
+    run whose training finished is reported even while some of its stage-2 or calibration steps are
+    still to run (a study is often read while it runs): every stage it reports is finished, and ``n``
+    says how many."""
     runs: list[Path] = []
     partial: list[Path] = []
     untrained: list[Path] = []
