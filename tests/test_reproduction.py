@@ -146,6 +146,9 @@ def test_report_writes_the_same_records(reproduced, tmp_path):
         record["run"] = str(Path(record["run"]).relative_to(study))
     assert reported == [{k: v for k, v in record.items() if k != "study"} for record in records]
     assert (tmp_path / "report" / "learning_curves.png").is_file()
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "2 comparison(s) (a pair of groups on one metric) rest on a single shared seed" in text
+    assert "| ce | ce · crt |" not in text and "cannot tell (" not in text
 
 
 def test_report_reads_kept_runs_as_the_seeds_of_their_recipe(reproduced, tmp_path, capsys):
@@ -167,6 +170,8 @@ def test_report_reads_kept_runs_as_the_seeds_of_their_recipe(reproduced, tmp_pat
     row = next(line for line in summary.splitlines() if line.startswith("| ce | "))
     assert row.startswith(f"| ce | 2 | {100 * first_top1 - 5:.2f} ± 7.07 |")
     assert "| ce · crt | 2 |" in summary
+    # two shared seeds: the paired difference is listed; with one (the study alone) it is counted, not listed
+    assert "| ce | ce · crt | top-1 | 2 |" in summary and "comparison(s)" not in summary
     assert main(["report", str(tmp_path / "report"), "--out", str(tmp_path / "nothing")]) != 0
     assert "nor a folder of kept runs" in capsys.readouterr().err
 

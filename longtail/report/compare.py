@@ -229,19 +229,35 @@ def _source(entry: dict[str, Any] | None) -> str:
 
 
 def pairwise_rows(groups: Sequence[Group], baselines: Sequence[str] = (),
-                  split: str = "test") -> tuple[list[str], list[list[str]]]:
+                  split: str = "test") -> tuple[list[str], list[list[str]], int]:
+    """Header and cells of the paired differences with two shared seeds or more, and how many pairs
+    share only one: their difference is the recipes table's, and one run each says nothing of a
+    1–2 point gap, so a report of many one-seed recipes does not list them."""
     header = ["A", "B", "metric", "n seeds", "A − B (mean)", "95% interval", "p (paired t)", "verdict"]
     unknown = sorted(set(baselines) - {g.label for g in groups})
     if unknown:
         raise ValueError(f"--baseline {unknown[0]!r} is not a group of this report; the groups are: "
                          + ", ".join(g.label for g in groups))
-    cells = []
+    cells, single_seed = [], 0
     for metric in PAIRED_METRICS[split]:
         for item in pairwise(groups, metric, baselines=baselines):
-            interval = "–" if item["n"] < 2 else f"[{100 * item['low']:+.2f}, {100 * item['high']:+.2f}]"
+            if item["n"] < 2:
+                single_seed += 1
+                continue
             cells.append([item["a"], item["b"], dict(METRICS)[metric], str(item["n"]), f"{100 * item['mean']:+.2f}",
-                          interval, "–" if item["n"] < 2 else f"{item['p']:.3f}", item["verdict"]])
-    return header, cells
+                          f"[{100 * item['low']:+.2f}, {100 * item['high']:+.2f}]", f"{item['p']:.3f}",
+                          item["verdict"]])
+    return header, cells, single_seed
+
+
+def differences_note(cells: Sequence[Sequence[str]], single_seed: int) -> str:
+    """What the differences section says besides its table."""
+    if not cells and not single_seed:
+        return "No two groups share a data setting and seeds."
+    if not single_seed:
+        return ""
+    return (f"{single_seed} comparison(s) (a pair of groups on one metric) rest on a single shared seed: not listed, "
+            "as one run each cannot tell a difference from seed noise (train more seeds: `seeds` in the study).")
 
 
 def markdown(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
@@ -274,7 +290,9 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
             if papers is not None or os.environ.get(PAPER_NUMBERS_ENV):
                 raise  # a file the user named is missing
             entries, papers_missing = [], f" No paper numbers were read: {error}."  # an installed package
-    paired = pairwise_rows(groups, baselines, split)
+    paired_header, paired_cells, single_seed = pairwise_rows(groups, baselines, split)
+    paired = (paired_header, paired_cells)
+    paired_note = differences_note(paired_cells, single_seed)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(groups, entries)
     runs_table = runs_rows(rows)
@@ -300,13 +318,13 @@ def write_report(paths: Sequence[Path], out: Path, papers: str | Path | None = N
             f"{len(runs)} runs in {len(groups)} groups (recipe · stage); mean ± sample std over the seeds, n = runs. "
             + note, "", "## Recipes", "", markdown(*summary), "", papers_line, "",
             "## Differences (paired over shared seeds)", "",
-            markdown(*paired) if paired[1] else "No two groups share a data setting and seeds.", "",
+            *([markdown(*paired), ""] if paired[1] else []), *([paired_note, ""] if paired_note else []),
             "*within noise*: the 95% interval of the mean paired difference contains 0 (paired t-test, p ≥ 0.05).",
             "", "## Runs", "", markdown(*runs_table), "",
             *(f"![{title}]({path.name})" for title, path in plots.items()), ""]
     write_output(out / "report.md", "\n".join(text))
     write_output(out / "report.json", json.dumps(records(rows, entries), indent=2))
-    write_html(out / "report.html", summary, paired, runs_table, plots, reliability, note)
+    write_html(out / "report.html", summary, paired, runs_table, plots, reliability, note, paired_note)
     return out / "report.md"
 
 

@@ -37,7 +37,7 @@ def _table(table: Table, table_id: str) -> str:
 
 
 def write_html(path: Path, summary: Table, differences: Table, runs: Table, plots: Mapping[str, Path],
-               reliability: Mapping[str, Path], note: str = "") -> Path:
+               reliability: Mapping[str, Path], note: str = "", differences_note: str = "") -> Path:
     """The recipes' table, paired differences, every run, the plots and each recipe's reliability
     diagram (its first run's test predictions) side by side."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>longtail report</title>',
@@ -45,7 +45,9 @@ def write_html(path: Path, summary: Table, differences: Table, runs: Table, plot
              f"<p>Mean ± sample std over seeds; n = runs. {html.escape(note)}</p>",
              "<h2>Recipes</h2>", _table(summary, "recipes"),
              "<p>Paper values only where dataset, imbalance factor, backbone, schedule length and method match.</p>",
-             "<h2>Differences (paired over shared seeds)</h2>", _table(differences, "differences"),
+             "<h2>Differences (paired over shared seeds)</h2>",
+             *([_table(differences, "differences")] if differences[1] else []),
+             *([f"<p>{html.escape(differences_note)}</p>"] if differences_note else []),
              "<p><i>within noise</i>: the 95% interval of the mean paired difference contains 0 "
              "(paired t-test, p ≥ 0.05).</p>", "<h2>Plots</h2>"]
     parts += [f"<figure>{_image(file, title)}<figcaption>{html.escape(title)}</figcaption></figure>"
